@@ -1,0 +1,76 @@
+"""Summaries and exports of a store for people and other tools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .store import Store
+
+
+def _nbytes(store: Store, group: str) -> int:
+    total = 0
+    for key in store.backend.children(group):
+        shape, dtype = store.backend.array_info(f"{group}/{key}")
+        total += int(np.prod(shape)) * dtype.itemsize
+    return total
+
+
+def summary(store: Store) -> dict:
+    """Counts, arrays, sizes, feature sets and prediction groups of a store."""
+    seg, cls = store.segments, store.classes
+    m = store.manifest
+    out = {
+        "path": str(store.path),
+        "backend": store.backend.name,
+        "schema_version": m["schema_version"],
+        "created": m["created"],
+        "dataset": m.get("dataset"),
+        "classes": {"actions": cls.num_actions, "verbs": cls.num_verbs, "nouns": cls.num_nouns,
+                    "many_shot": cls.many_shot_verbs is not None},
+        "segments": {"total": len(seg), "videos": len(seg.videos), "fps": seg.fps,
+                     "splits": {s: int((seg.split == i).sum()) for i, s in enumerate(seg.splits)}},
+        "video": {},
+        "predictions": {},
+    }
+    for name in store.feature_sets():
+        fs = store.video(name)
+        out["video"][name] = {
+            "frames": len(fs), "dim": fs.dim, "dtype": fs.features.dtype.name, "videos": len(fs.videos),
+            "frame_rate": fs.frame_rate, "backbone": fs.attrs.get("backbone"),
+            "bytes": _nbytes(store, f"video/{name}"),
+            "segments_without_features": int((fs.video_index(seg.videos)[seg.video] < 0).sum()),
+        }
+    for name in store.predictions():
+        p = store.teacher(name)
+        out["predictions"][name] = {
+            "kind": p.kind, "uids": len(p), "topk": p.topk,
+            "features": None if p.features is None else p.features.shape[1],
+            "metrics": p.metrics, "bytes": _nbytes(store, f"teacher/{name}"),
+        }
+    return out
+
+
+def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None = None, k: int = 5) -> Path:
+    """Write a prediction group to JSONL (one UID a line, top-``k``) or NPZ (all arrays)."""
+    out = Path(out)
+    fmt = fmt or out.suffix.lstrip(".").lower()
+    p = store.teacher(name)
+    if fmt == "npz":
+        arrays = {"uids": p.uids, "logits": np.asarray(p.logits), "topk_values": np.asarray(p.topk_values),
+                  "topk_indices": np.asarray(p.topk_indices)}
+        for key in ("features", "verb_logits", "noun_logits"):
+            if getattr(p, key) is not None:
+                arrays[key] = np.asarray(getattr(p, key))
+        with open(out, "wb") as f:
+            np.savez(f, **arrays)
+    elif fmt == "jsonl":
+        with open(out, "w") as f:
+            for uid in p.uids:
+                f.write(json.dumps(p.predict(int(uid), k=k)) + "\n")
+    else:
+        raise DataError(f"{out}: unknown export format {fmt!r} (jsonl or npz)")
+    return out

@@ -1,0 +1,621 @@
+"""The kdstore store: classes, segments, video features and per-UID predictions.
+
+Logical layout (identical in both backends, see ``schemas/`` and the README)::
+
+    /                   manifest (schema version, creation, provenance)
+    classes/            names (attrs), action_verb [A], action_noun [A], many-shot masks
+    segments/           uid, video, start_frame, end_frame, verb, noun, action, split  [N]
+    video/<name>/       features [F, D], timestamps [F], offsets [V+1]; attrs: videos, rate
+    teacher/<name>/     uids [P], logits [P, A], topk_values/indices [P, K], lse [P, nT],
+                        features [P, H], verb_logits, noun_logits; attrs: config, metrics
+
+The store knows nothing of models: it checks and keeps arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .annotations import ClassTable, SegmentTable
+from .backends import Backend, Concatenated, HDF5Backend, ZarrBackend, _write_json
+from .errors import DataError, MissingError, StoreFormatError
+
+SCHEMA_VERSION = 1
+FORMAT = "kdstore"
+DEFAULT_LSE_TEMPERATURES = (1.0, 2.0, 4.0, 10.0)
+# Predictions groups keep student predictions too: ``kind`` tells them apart.
+PREDICTION_KINDS = ("teacher", "student", "baseline")
+
+
+def _backend_for(path: Path, backend: str | None) -> type[Backend]:
+    if backend is None:
+        backend = "hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "zarr"
+    if backend not in ("zarr", "hdf5"):
+        raise StoreFormatError(f"{path}: unknown backend {backend!r} (zarr or hdf5)")
+    return ZarrBackend if backend == "zarr" else HDF5Backend
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, for provenance."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def segments_fingerprint(uids: np.ndarray) -> str:
+    """A hash of the segment UIDs: ties prediction groups to the segments they describe."""
+    return hashlib.sha256(np.sort(np.asarray(uids, np.int64)).astype("<i8").tobytes()).hexdigest()
+
+
+def provenance_entry(action: str, inputs: Iterable[str | Path] = (), **extra) -> dict:
+    """One provenance record: what was done, by which command and package, from which files."""
+    return {
+        "action": action,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "package_version": __version__,
+        "inputs": {str(p): file_sha256(p) for p in inputs},
+        **extra,
+    }
+
+
+class Store:
+    """A kdstore store on disk (Zarr directory or HDF5 file)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.path = backend.path
+        self._classes: ClassTable | None = None
+        self._segments: SegmentTable | None = None
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing store; raises StoreFormatError if ``path`` is not one."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreFormatError(f"{path}: no such store")
+        if ZarrBackend.is_store(path):
+            backend: Backend = ZarrBackend(path)
+        elif HDF5Backend.is_store(path):
+            backend = HDF5Backend(path)
+        else:
+            found = "a directory without zarr.json" if path.is_dir() else "a file that is not HDF5"
+            raise StoreFormatError(f"{path}: not a kdstore store (found {found})")
+        manifest = backend.attrs("")
+        if manifest.get("format") != FORMAT:
+            raise StoreFormatError(f"{path}: not a kdstore store (manifest format {manifest.get('format')!r})")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreFormatError(
+                f"{path}: schema version {manifest.get('schema_version')}, this kdstore reads {SCHEMA_VERSION}"
+            )
+        return cls(backend)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        classes: ClassTable,
+        segments: SegmentTable,
+        backend: str | None = None,
+        overwrite: bool = False,
+        provenance: dict | None = None,
+        dataset: str | None = None,
+    ) -> "Store":
+        """Create a store holding the class table and the segment table."""
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
+            Store.open(path)  # refuse to delete something that is not a store
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _check_segments(classes, segments)
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "package_version": __version__,
+            "dataset": dataset,
+            "segments_sha256": segments_fingerprint(segments.uid),
+            "provenance": [provenance or provenance_entry("create")],
+        }
+        b = _backend_for(path, backend).create(path, manifest)
+        class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
+        if classes.many_shot_verbs is not None:
+            class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
+        b.write_group(
+            "classes",
+            class_arrays,
+            {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
+        )
+        b.write_group(
+            "segments",
+            {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
+            {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
+        )
+        return cls(b)
+
+    # -- metadata --------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        return self.backend.attrs("")
+
+    def add_provenance(self, entry: dict) -> None:
+        """Append a provenance record to the manifest."""
+        m = self.manifest
+        m["provenance"] = [*m.get("provenance", []), entry]
+        self.backend.set_attrs("", m)
+
+    @property
+    def classes(self) -> ClassTable:
+        if self._classes is None:
+            b = self.backend
+            a = b.attrs("classes")
+            ms = b.has("classes/many_shot_verbs")
+            self._classes = ClassTable(
+                action_names=a["action_names"],
+                verb_names=a["verb_names"],
+                noun_names=a["noun_names"],
+                action_verb=np.array(b.memmap("classes/action_verb")),
+                action_noun=np.array(b.memmap("classes/action_noun")),
+                many_shot_verbs=np.array(b.memmap("classes/many_shot_verbs")) if ms else None,
+                many_shot_nouns=np.array(b.memmap("classes/many_shot_nouns")) if ms else None,
+            )
+        return self._classes
+
+    @property
+    def segments(self) -> SegmentTable:
+        if self._segments is None:
+            a = self.backend.attrs("segments")
+            cols = {c: np.array(self.backend.memmap(f"segments/{c}")) for c in SegmentTable.COLUMNS}
+            self._segments = SegmentTable(**cols, videos=a["videos"], splits=a["splits"], fps=a["fps"])
+        return self._segments
+
+    # -- predictions (teachers, students) -------------------------------------------
+
+    def predictions(self, kind: str | None = None) -> list[str]:
+        """Names of the complete prediction groups (optionally of one kind)."""
+        names = self.backend.children("teacher")
+        if kind is None:
+            return names
+        return [n for n in names if self.backend.attrs(f"teacher/{n}").get("kind") == kind]
+
+    def teachers(self) -> list[str]:
+        return self.predictions("teacher")
+
+    def teacher(self, name: str) -> "Predictions":
+        """The prediction group ``teacher/<name>`` (a teacher's or a student's)."""
+        if not self.backend.has(f"teacher/{name}"):
+            raise MissingError(f"{self.path}: no predictions named {name!r} (have: {', '.join(self.predictions()) or 'none'})")
+        return Predictions(self, name)
+
+    def write_predictions(
+        self,
+        name: str,
+        uids: Sequence[int] | np.ndarray,
+        logits: np.ndarray,
+        *,
+        features: np.ndarray | None = None,
+        verb_logits: np.ndarray | None = None,
+        noun_logits: np.ndarray | None = None,
+        topk: int = 50,
+        lse_temperatures: Sequence[float] = DEFAULT_LSE_TEMPERATURES,
+        kind: str = "teacher",
+        config: dict | None = None,
+        metrics: dict | None = None,
+        log: list | None = None,
+        overwrite: bool = False,
+        provenance: dict | None = None,
+    ) -> "Predictions":
+        """Check and atomically write per-UID predictions as ``teacher/<name>``.
+
+        Only UIDs with a prediction are stored; any other segment is absent. The top-K
+        logits, their class indices and the full log-sum-exp at each temperature in
+        ``lse_temperatures`` are derived here, so top-K distillation reads K numbers a UID.
+        """
+        if kind not in PREDICTION_KINDS:
+            raise DataError(f"predictions {name!r}: kind must be one of {PREDICTION_KINDS}, found {kind!r}")
+        _check_name(name)
+        uids = np.asarray(uids, dtype=np.int64)
+        logits = np.asarray(logits)
+        rows = self.segments.row_of(uids)  # MissingError names an unknown UID
+        if len(np.unique(uids)) != len(uids):
+            u, c = np.unique(uids, return_counts=True)
+            raise DataError(f"predictions {name!r}: UID {u[c > 1][0]} given more than once")
+        A = self.classes.num_actions
+        expect = {"logits": (logits, A)}
+        if verb_logits is not None:
+            expect["verb_logits"] = (np.asarray(verb_logits), self.classes.num_verbs)
+        if noun_logits is not None:
+            expect["noun_logits"] = (np.asarray(noun_logits), self.classes.num_nouns)
+        if features is not None:
+            expect["features"] = (np.asarray(features), None)
+        for key, (arr, width) in expect.items():
+            if arr.ndim != 2 or arr.shape[0] != len(uids) or (width is not None and arr.shape[1] != width):
+                want = f"[{len(uids)}, {width if width is not None else 'H'}]"
+                raise DataError(f"predictions {name!r}: {key} has shape {list(arr.shape)}, expected {want} (store has {A} actions)")
+            _check_finite(arr, uids, f"predictions {name!r}: {key}")
+        order = np.argsort(rows, kind="stable")  # keep groups in segment-table order
+        uids, logits = uids[order], logits[order].astype(np.float32)
+        k = min(int(topk), A)
+        if k < 1:
+            raise DataError(f"predictions {name!r}: topk must be >= 1, found {topk}")
+        idx = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < A else np.tile(np.arange(A), (len(uids), 1))
+        vals = np.take_along_axis(logits, idx, axis=1)
+        sort = np.argsort(-vals, axis=1, kind="stable")
+        idx, vals = np.take_along_axis(idx, sort, 1), np.take_along_axis(vals, sort, 1)
+        temps = [float(t) for t in lse_temperatures]
+        lse = np.stack([_logsumexp(logits / t) for t in temps], axis=1) if len(uids) else np.zeros((0, len(temps)))
+        arrays = {
+            "uids": uids,
+            "logits": logits.astype(np.float16),
+            "topk_values": vals.astype(np.float32),
+            "topk_indices": idx.astype(np.int32),
+            "lse": lse.astype(np.float32),
+        }
+        for key in ("features", "verb_logits", "noun_logits"):
+            if key in expect:
+                arrays[key] = expect[key][0][order].astype(np.float16)
+        attrs = {
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "num_classes": A,
+            "topk": k,
+            "lse_temperatures": temps,
+            "segments_sha256": self.manifest["segments_sha256"],
+            "config": config or {},
+            "metrics": metrics or {},
+            "log": log or [],
+        }
+        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite)
+        self.add_provenance(provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
+        return Predictions(self, name)
+
+    def delete_predictions(self, name: str) -> None:
+        self.teacher(name)
+        self.backend.delete_group(f"teacher/{name}")
+
+    # -- video features -------------------------------------------------------------
+
+    def feature_sets(self) -> list[str]:
+        """Names of the complete ``video/<name>`` feature sets."""
+        return self.backend.children("video")
+
+    def video(self, name: str) -> "FeatureSet":
+        if not self.backend.has(f"video/{name}"):
+            raise MissingError(f"{self.path}: no video features named {name!r} (have: {', '.join(self.feature_sets()) or 'none'})")
+        return FeatureSet(self, name)
+
+    def video_writer(
+        self, name: str, dim: int, dtype: str = "float16", frame_rate: float | None = None, attrs: dict | None = None
+    ) -> "VideoWriter":
+        """A resumable writer of per-video features into ``video/<name>``."""
+        _check_name(name)
+        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {})
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith((".", "_")) or "/" in name or name != name.strip():
+        raise DataError(f"group name {name!r}: must be non-empty, without '/', not starting with '.' or '_'")
+
+
+def _check_segments(classes: ClassTable, seg: SegmentTable) -> None:
+    bad = np.flatnonzero((seg.action < 0) | (seg.action >= classes.num_actions))
+    if len(bad):
+        raise DataError(f"UID {seg.uid[bad[0]]}: unknown action id {seg.action[bad[0]]} (classes: 0..{classes.num_actions - 1})")
+    if len(np.unique(seg.uid)) != len(seg.uid):
+        u, c = np.unique(seg.uid, return_counts=True)
+        raise DataError(f"UID {u[c > 1][0]}: appears more than once in the segment table")
+    bad = np.flatnonzero(seg.end_frame < seg.start_frame)
+    if len(bad):
+        raise DataError(f"UID {seg.uid[bad[0]]}: ends at frame {seg.end_frame[bad[0]]} before it starts at {seg.start_frame[bad[0]]}")
+
+
+def _check_finite(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=tuple(range(1, arr.ndim))))[0])
+        raise DataError(f"{what}: UID {uids[row]} has NaN or inf")
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Readers
+
+
+class Predictions:
+    """A ``teacher/<name>`` group: per-UID logits, top-K, LSE and features, memory-mapped."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name = store, name
+        self.key = f"teacher/{name}"
+        self.attrs = store.backend.attrs(self.key)
+        if self.attrs.get("segments_sha256") != store.manifest.get("segments_sha256"):
+            raise StoreFormatError(
+                f"{store.path}: predictions {name!r} were made for other segments"
+                f" (segments sha256 {str(self.attrs.get('segments_sha256'))[:12]}, store {store.manifest.get('segments_sha256', '')[:12]})"
+            )
+        self.uids = np.array(self._array("uids"))
+        # segment row -> prediction row (-1: absent), for vectorised gathers by segment row
+        seg_uid = store.segments.uid
+        order = np.argsort(self.uids)
+        pos = np.searchsorted(self.uids, seg_uid, sorter=order).clip(0, max(len(self.uids) - 1, 0))
+        hit = (self.uids[order[pos]] == seg_uid) if len(self.uids) else np.zeros(len(seg_uid), bool)
+        self.row_of_segment = np.where(hit, order[pos] if len(self.uids) else -1, -1).astype(np.int64)
+
+    def _array(self, key: str) -> np.ndarray:
+        return self.store.backend.memmap(f"{self.key}/{key}")
+
+    def _optional(self, key: str) -> np.ndarray | None:
+        return self._array(key) if self.store.backend.has(f"{self.key}/{key}") else None
+
+    kind = property(lambda self: self.attrs["kind"])
+    config = property(lambda self: self.attrs.get("config", {}))
+    metrics = property(lambda self: self.attrs.get("metrics", {}))
+    topk = property(lambda self: self.attrs["topk"])
+    lse_temperatures = property(lambda self: self.attrs["lse_temperatures"])
+    logits = property(lambda self: self._array("logits"))  # [P, A] fp16
+    topk_values = property(lambda self: self._array("topk_values"))  # [P, K] fp32
+    topk_indices = property(lambda self: self._array("topk_indices"))  # [P, K] int32
+    lse = property(lambda self: self._array("lse"))  # [P, nT] fp32
+    features = property(lambda self: self._optional("features"))  # [P, H] fp16
+    verb_logits = property(lambda self: self._optional("verb_logits"))
+    noun_logits = property(lambda self: self._optional("noun_logits"))
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    @property
+    def present(self) -> np.ndarray:
+        """[N] bool over the store's segments: which have a prediction."""
+        return self.row_of_segment >= 0
+
+    def lse_column(self, temperature: float) -> int:
+        for i, t in enumerate(self.lse_temperatures):
+            if abs(t - temperature) < 1e-9:
+                return i
+        raise MissingError(
+            f"predictions {self.name!r}: no log-sum-exp stored at T={temperature} (have {self.lse_temperatures});"
+            " rewrite the group with that temperature in lse_temperatures"
+        )
+
+    def gather_topk(self, segment_rows: np.ndarray, temperature: float | None = None) -> dict:
+        """Top-K of a batch of segment rows in one gather; absent rows are masked, not faked.
+
+        Returns ``present [B] bool``, ``values [B, K] f32``, ``indices [B, K] i32`` and,
+        with a temperature, ``lse [B] f32`` (the full log-sum-exp of logits / T).
+        Rows without a prediction hold zeros and must be ignored through ``present``.
+        """
+        prow = self.row_of_segment[np.asarray(segment_rows)]  # [B]
+        present = prow >= 0
+        take = np.where(present, prow, 0)
+        out = {
+            "present": present,
+            "values": np.where(present[:, None], self.topk_values[take], 0).astype(np.float32),
+            "indices": np.where(present[:, None], self.topk_indices[take], 0).astype(np.int32),
+        }
+        if temperature is not None:
+            out["lse"] = np.where(present, self.lse[take, self.lse_column(temperature)], 0).astype(np.float32)
+        return out
+
+    def predict(self, uid: int, k: int = 5) -> dict:
+        """The top-``k`` actions for one UID with names and probabilities, and the true label."""
+        seg = self.store.segments
+        row = int(seg.row_of([uid])[0])
+        prow = int(self.row_of_segment[row])
+        cls = self.store.classes
+        true = int(seg.action[row])
+        result = {
+            "uid": int(uid),
+            "predictions": self.name,
+            "kind": self.kind,
+            "split": seg.splits[seg.split[row]],
+            "video": seg.videos[seg.video[row]],
+            "true": {"action": true, "name": cls.action_names[true]},
+            "present": prow >= 0,
+        }
+        if prow < 0:
+            return result
+        logits = self.logits[prow].astype(np.float64)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        top = np.argsort(-p, kind="stable")[:k]
+        result["top"] = [{"action": int(a), "name": cls.action_names[a], "prob": float(p[a])} for a in top]
+        result["true"]["prob"] = float(p[true])
+        result["true"]["rank"] = int((p > p[true]).sum()) + 1
+        feats = self.features
+        if feats is not None:
+            result["feature_norm"] = float(np.linalg.norm(feats[prow].astype(np.float32)))
+        return result
+
+
+class FeatureSet:
+    """A ``video/<name>`` group: per-frame features of all videos, contiguous, memory-mapped."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name = store, name
+        self.key = f"video/{name}"
+        self.attrs = store.backend.attrs(self.key)
+        self.videos: list[str] = self.attrs["videos"]
+        self.offsets = np.array(store.backend.memmap(f"{self.key}/offsets"))  # [V+1]
+        self.features = store.backend.memmap(f"{self.key}/features")  # [F, D]
+        self.timestamps = np.array(store.backend.memmap(f"{self.key}/timestamps"))  # [F] seconds
+        self._video_index = {v: i for i, v in enumerate(self.videos)}
+        # one sorted key over all frames so that frame lookups are one searchsorted call
+        counts = np.diff(self.offsets)
+        self._stride = float(2 ** np.ceil(np.log2(max(self.timestamps.max(initial=0.0), 1.0) + 2)))
+        self._key = self.timestamps + np.repeat(np.arange(len(self.videos)), counts) * self._stride
+
+    dim = property(lambda self: self.features.shape[1])
+    frame_rate = property(lambda self: self.attrs.get("frame_rate"))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def video_index(self, names: Iterable[str]) -> np.ndarray:
+        """Index of each video name in this feature set (-1 where it has no features)."""
+        return np.array([self._video_index.get(v, -1) for v in names], dtype=np.int64)
+
+    def frames(self, video: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features [n, D], timestamps [n]) of one video."""
+        i = self._video_index.get(video)
+        if i is None:
+            raise MissingError(f"video/{self.name}: no features for video {video!r}")
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.features[lo:hi], self.timestamps[lo:hi]
+
+    def frames_at(self, video_idx: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """[B, T] global frame indices: the last frame at or before each time.
+
+        Times before a video's first frame map to that first frame (AVT pads a window
+        that starts before the video by repeating its first frame).
+        """
+        video_idx = np.asarray(video_idx, dtype=np.int64)  # [B]
+        if (video_idx < 0).any():
+            raise MissingError(f"video/{self.name}: a segment's video has no features")
+        key = np.asarray(times, dtype=np.float64) + (video_idx * self._stride)[:, None]  # [B, T]
+        idx = np.searchsorted(self._key, key, side="right") - 1  # [B, T]
+        lo, hi = self.offsets[video_idx][:, None], self.offsets[video_idx + 1][:, None] - 1
+        return np.clip(idx, lo, hi)
+
+    def gather(self, frame_idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[B, T, D] features of a batch of windows in one vectorised gather."""
+        frame_idx = np.asarray(frame_idx)
+        shape = (*frame_idx.shape, self.dim)
+        if out is None:
+            return self.features[frame_idx.reshape(-1)].reshape(shape)
+        np.take(self.features, frame_idx.reshape(-1), axis=0, out=out.reshape(-1, self.dim))
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Resumable feature writer
+
+
+@dataclass
+class _Staged:
+    video: str
+    frames: int
+
+
+class VideoWriter:
+    """Stage per-video features beside the store, then commit them as one contiguous group.
+
+    ``put`` writes each video to its own ``.npy`` file atomically, so a crashed build
+    resumes at the next video without ``done`` ones; ``commit`` concatenates them (and
+    any videos already in ``video/<name>`` that were not replaced) and swaps the group in.
+    Several processes may ``put`` different videos into one writer directory at once.
+    """
+
+    def __init__(self, store: Store, name: str, dim: int, dtype: np.dtype, frame_rate: float | None, attrs: dict):
+        if dtype not in (np.float16, np.float32):
+            raise DataError(f"video/{name}: dtype must be float16 or float32, found {dtype}")
+        self.store, self.name, self.dim, self.dtype = store, name, int(dim), dtype
+        self.frame_rate, self.attrs = frame_rate, attrs
+        if name in store.feature_sets():
+            existing = store.video(name)
+            if existing.dim != self.dim:
+                raise DataError(f"video/{name}: feature dimension {self.dim} differs from the stored {existing.dim}")
+        self.dir = store.backend.staging_dir() / f"video-{name}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"dim": self.dim, "dtype": dtype.name, "frame_rate": frame_rate}
+        meta_file = self.dir / "writer.json"
+        if meta_file.exists():
+            old = json.loads(meta_file.read_text())
+            if old != meta:
+                raise DataError(f"{self.dir}: a partial build with {old} exists, this one is {meta}; remove it or match it")
+        else:
+            _write_json(meta_file, meta)
+
+    def _stem(self, video: str) -> Path:
+        return self.dir / hashlib.sha1(video.encode()).hexdigest()[:20]
+
+    def done(self, video: str) -> bool:
+        """Whether ``video`` was already staged (by this or an earlier, crashed run)."""
+        return self._stem(video).with_suffix(".json").exists()
+
+    def put(self, video: str, features: np.ndarray, timestamps: np.ndarray) -> None:
+        """Stage one video's ``[n, D]`` features with their timestamps in seconds."""
+        features, timestamps = np.asarray(features), np.asarray(timestamps, dtype=np.float64)
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(features.shape)}, expected [n, {self.dim}]")
+        if len(features) == 0:
+            raise DataError(f"video/{self.name}, video {video!r}: no frames")
+        if timestamps.shape != (len(features),):
+            raise DataError(f"video/{self.name}, video {video!r}: {len(timestamps)} timestamps for {len(features)} frames")
+        if not np.isfinite(features).all():
+            bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
+            raise DataError(f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has NaN or inf")
+        if not np.isfinite(timestamps).all() or (np.diff(timestamps) <= 0).any():
+            raise DataError(f"video/{self.name}, video {video!r}: timestamps must be finite and increasing")
+        stem = self._stem(video)
+        for suffix, arr in ((".feat.npy", features.astype(self.dtype)), (".ts.npy", timestamps)):
+            tmp = stem.with_name(f".{stem.name}{suffix}.{uuid.uuid4().hex}")
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            tmp.replace(stem.with_name(stem.name + suffix))
+        _write_json(stem.with_suffix(".json"), {"video": video, "frames": len(features)})
+
+    def staged(self) -> list[_Staged]:
+        out = [json.loads(p.read_text()) for p in self.dir.glob("*.json") if p.name != "writer.json"]
+        return sorted((_Staged(d["video"], d["frames"]) for d in out), key=lambda s: s.video)
+
+    def commit(self, provenance: dict | None = None) -> FeatureSet:
+        """Write every staged video (plus untouched stored ones) as ``video/<name>``."""
+        staged = {s.video: s for s in self.staged()}
+        if not staged:
+            raise DataError(f"video/{self.name}: nothing to commit (no video was staged)")
+        kept: list[tuple[str, np.ndarray, np.ndarray]] = []
+        if self.name in self.store.feature_sets():
+            old = self.store.video(self.name)
+            kept = [(v, *old.frames(v)) for v in old.videos if v not in staged]
+        items = sorted(
+            [(v, f, t) for v, f, t in kept]
+            + [(v, self._stem(v).with_name(self._stem(v).name + ".feat.npy"), self._stem(v).with_name(self._stem(v).name + ".ts.npy")) for v in staged],
+            key=lambda x: x[0],
+        )
+        counts = [len(f) if isinstance(f, np.ndarray) else staged[v].frames for v, f, _ in items]
+        n = int(sum(counts))
+        feats = _Mixed([f for _, f, _ in items], (n, self.dim), self.dtype)
+        ts = np.concatenate([t if isinstance(t, np.ndarray) else np.load(t, allow_pickle=False) for _, _, t in items])
+        attrs = {
+            **self.attrs,
+            "videos": [v for v, _, _ in items],
+            "frame_rate": self.frame_rate,
+            "dim": self.dim,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        arrays = {"features": feats, "timestamps": ts, "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
+        self.store.backend.write_group(f"video/{self.name}", arrays, attrs, overwrite=True)
+        self.store.add_provenance(provenance or provenance_entry("write_video_features", group=f"video/{self.name}"))
+        shutil.rmtree(self.dir)
+        return self.store.video(self.name)
+
+
+class _Mixed(Concatenated):
+    """Concatenation of stored memmap slices and staged ``.npy`` files."""
+
+    def __init__(self, parts: list, shape: tuple[int, ...], dtype: np.dtype):
+        super().__init__(parts, shape, dtype)
+
+    def blocks(self):
+        for p in self.paths:
+            yield np.asarray(p if isinstance(p, np.ndarray) else np.load(p, mmap_mode="r", allow_pickle=False), dtype=self.dtype)
