@@ -56,7 +56,8 @@ def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3, sync: Ca
         if sync:
             sync()
         times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    # inclusive: percentiles stay within the measured range even with few repeats
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return {"median_s": statistics.median(times), "p20_s": q[1], "p80_s": q[7], "repeat": repeat}
 
 

@@ -1,0 +1,141 @@
+"""AVT-h, the head of the Anticipative Video Transformer (Girdhar & Grauman, ICCV 2021).
+
+A causal GPT-2 over precomputed per-frame features. Position t sees frames 0..t and predicts
+the feature of frame t+1; the prediction at the last position is "the future", which a linear
+classifier maps to the anticipated action. As in AVT, the classifiers read the decoded
+(feature-space) predictions, after a strong dropout.
+"""
+
+import math
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kdstore.errors import ConfigError, DataError, DependencyError
+from trainers.student.config import StudentConfig
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError as e:
+        raise DependencyError(
+            "attn_impl='xformers' needs xformers, which is not installed; "
+            "run pip install 'kdstore[gpu]'") from e
+    return xops
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t attends to positions <= t."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.p_drop = cfg.block_dropout
+        self.impl = "sdpa" if cfg.attn_impl == "auto" else cfg.attn_impl
+        if self.impl == "xformers":
+            _xformers_ops()  # fail at construction, not at the first step
+        self.qkv = nn.Linear(cfg.inter_dim, 3 * cfg.inter_dim)
+        self.proj = nn.Linear(cfg.inter_dim, cfg.inter_dim)
+        self.resid_drop = nn.Dropout(cfg.block_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, C] -> [B, T, C]."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)  # 3 x [B, T, H, C/H]
+        p = self.p_drop if self.training else 0.0
+        if self.impl == "xformers":
+            xops = _xformers_ops()
+            y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=p)  # [B, T, H, C/H]
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # 3 x [B, H, T, C/H]
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True).transpose(1, 2)  # [B, T, H, C/H]
+        return self.resid_drop(self.proj(y.reshape(B, T, C)))  # [B, T, C]
+
+
+class Block(nn.Module):
+    """GPT-2 block: pre-LN attention and 4x GELU MLP, each on a residual branch."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.inter_dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.inter_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.inter_dim, 4 * cfg.inter_dim),
+            nn.GELU(approximate="tanh"),  # GPT-2's gelu_new
+            nn.Linear(4 * cfg.inter_dim, cfg.inter_dim),
+            nn.Dropout(cfg.block_dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, C] -> [B, T, C]."""
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class AVTHead(nn.Module):
+    """AVT-h on features of dimension `feat_dim`.
+
+    `num_verbs` and `num_nouns` size the optional verb and noun heads (cfg.verb_noun_heads).
+    The classifier runs on every position when cfg.past_cls > 0, else on the last one only.
+    """
+
+    def __init__(self, feat_dim: int, num_actions: int, num_verbs: int, num_nouns: int,
+                 cfg: StudentConfig):
+        super().__init__()
+        if cfg.verb_noun_heads and min(num_verbs, num_nouns) < 1:
+            raise ConfigError(f"verb_noun_heads needs num_verbs and num_nouns >= 1, "
+                              f"got {num_verbs} and {num_nouns}")
+        self.feat_dim = feat_dim
+        self.max_frames = cfg.num_frames
+        self.classify_past = cfg.past_cls > 0
+        # Bias-free encoder/decoder as in AVT: the decoder output is a feature, not a logit.
+        self.encoder = nn.Linear(feat_dim, cfg.inter_dim, bias=False)
+        self.pos_emb = nn.Embedding(cfg.num_frames, cfg.inter_dim)
+        self.drop = nn.Dropout(cfg.block_dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.inter_dim)
+        self.decoder = nn.Linear(cfg.inter_dim, feat_dim, bias=False)
+        self.cls_drop = nn.Dropout(cfg.dropout)
+        self.action_head = nn.Linear(feat_dim, num_actions)
+        self.verb_head = nn.Linear(feat_dim, num_verbs) if cfg.verb_noun_heads else None
+        self.noun_head = nn.Linear(feat_dim, num_nouns) if cfg.verb_noun_heads else None
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual output projections by 1/sqrt(2 * n_layer).
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, frames: Tensor) -> dict[str, Tensor]:
+        """frames [B, T, D] with T <= cfg.num_frames -> dict of
+
+        logits [B, A] (from the last position), pred_feats [B, T, D] (position t predicts frame
+        t+1), past_logits [B, T, A] when past_cls > 0 (its last row equals logits), and
+        verb_logits [B, V], noun_logits [B, N] when verb_noun_heads.
+        """
+        if (frames.ndim != 3 or frames.shape[-1] != self.feat_dim
+                or not 1 <= frames.shape[1] <= self.max_frames):
+            raise DataError(f"frames: expected [B, T<={self.max_frames}, {self.feat_dim}], "
+                            f"got {list(frames.shape)}")
+        T = frames.shape[1]
+        x = self.drop(self.encoder(frames) + self.pos_emb.weight[:T])  # [B, T, C]
+        for block in self.blocks:
+            x = block(x)  # [B, T, C]
+        pred_feats = self.decoder(self.ln_f(x))  # [B, T, D]
+        feats = self.cls_drop(pred_feats if self.classify_past else pred_feats[:, -1:])  # [B, T or 1, D]
+        all_logits = self.action_head(feats)  # [B, T or 1, A]
+        out = {"logits": all_logits[:, -1], "pred_feats": pred_feats}
+        if self.classify_past:
+            out["past_logits"] = all_logits
+        if self.verb_head is not None:
+            out["verb_logits"] = self.verb_head(feats[:, -1])  # [B, V]
+            out["noun_logits"] = self.noun_head(feats[:, -1])  # [B, N]
+        return out

@@ -1,0 +1,143 @@
+"""Every knob of the AVT-h student, and the published presets.
+
+The presets reproduce AVT's configs for precomputed TSN features (facebookresearch/AVT,
+expts/11_egtea_avt_tsn.txt and expts/08_ek55_avt_tsn.txt) plus the distillation setting of
+"Text-Derived Knowledge Helps Vision" (EACL Findings 2023): weight 150, temperature 10.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from kdstore.errors import ConfigError
+
+_CHOICES = {
+    "attn_impl": ("auto", "sdpa", "xformers"),
+    "distill_mode": ("full", "topk", "topk_lse", "none"),
+    "optimizer": ("sgd", "adam", "adamw"),
+    "scheduler": ("cosine",),
+}
+_POSITIVE = ("num_frames", "fps", "tau_a", "n_layer", "n_head", "inter_dim", "temperature",
+             "topk", "lr", "epochs", "batch_size")
+_NON_NEGATIVE = ("past_cls", "feat", "verb_noun_weight", "distill", "weight_decay", "momentum",
+                 "warmup_epochs", "label_smoothing")
+
+
+@dataclass
+class StudentConfig:
+    """Hyper-parameters of one student run; defaults are the `egtea` preset."""
+
+    # Input window: num_frames features sampled at fps, ending tau_a seconds before the action.
+    num_frames: int = 10
+    fps: float = 1.0
+    tau_a: float = 0.5
+    # Model.
+    n_layer: int = 2
+    n_head: int = 4
+    inter_dim: int = 2048
+    dropout: float = 0.8  # on features before the classifiers (AVT's model.dropout)
+    block_dropout: float = 0.1  # embedding/attention/residual dropout of the GPT-2 blocks
+    attn_impl: str = "auto"
+    verb_noun_heads: bool = False
+    # Loss weights.
+    past_cls: float = 0.1
+    feat: float = 1.0
+    verb_noun_weight: float = 1.0
+    label_smoothing: float = 0.0
+    distill: float = 150.0
+    temperature: float = 10.0
+    distill_mode: str = "full"
+    topk: int = 50
+    # Optimisation.
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    nesterov: bool = True
+    warmup_epochs: int = 0
+    epochs: int = 15
+    batch_size: int = 64
+    grad_clip: float | None = None  # max grad norm; None: no clipping (AVT's default)
+    scheduler: str = "cosine"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"StudentConfig.{name}: expected one of {choices}, "
+                                  f"got {getattr(self, name)!r}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"StudentConfig.{name}: expected > 0, got {getattr(self, name)!r}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"StudentConfig.{name}: expected >= 0, got {getattr(self, name)!r}")
+        for name in ("dropout", "block_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"StudentConfig.{name}: expected in [0, 1), got {getattr(self, name)!r}")
+        if self.inter_dim % self.n_head:
+            raise ConfigError(f"StudentConfig.inter_dim: {self.inter_dim} is not divisible by "
+                              f"n_head={self.n_head}")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"StudentConfig.warmup_epochs: {self.warmup_epochs} leaves no "
+                              f"epoch of the {self.epochs} for the scheduler")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"StudentConfig.grad_clip: expected > 0 or None, got {self.grad_clip!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudentConfig":
+        """Inverse of `to_dict`; unknown keys raise ConfigError."""
+        _reject_unknown(d, "StudentConfig.from_dict")
+        return cls(**d)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    allowed = typing.get_args(hint) or (hint,)
+    if float in allowed:
+        allowed += (int,)  # temperature=10 is a fine float
+    if isinstance(value, bool) != (bool in allowed) or not isinstance(value, allowed):
+        raise ConfigError(f"StudentConfig.{name}: expected {getattr(hint, '__name__', hint)}, "
+                          f"got {value!r}")
+
+
+def _reject_unknown(keys: typing.Iterable[str], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(StudentConfig)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+PRESETS: dict[str, StudentConfig] = {
+    "egtea": StudentConfig(
+        num_frames=10, fps=1.0, tau_a=0.5,
+        n_layer=2, n_head=4, inter_dim=2048, dropout=0.8,
+        past_cls=0.1, feat=1.0,
+        distill=150.0, temperature=10.0, distill_mode="full",  # 106 actions: full teacher logits
+        optimizer="sgd", lr=1e-3, weight_decay=1e-6, momentum=0.9, nesterov=True,
+        warmup_epochs=0, epochs=15, batch_size=64, scheduler="cosine",
+    ),
+    "ek55": StudentConfig(
+        num_frames=10, fps=2.0, tau_a=1.0,
+        n_layer=12, n_head=8, inter_dim=2048, dropout=0.8,
+        past_cls=0.0, feat=2.0,
+        distill=150.0, temperature=10.0, distill_mode="topk", topk=50,  # 2513 actions
+        optimizer="adam", lr=5e-6, weight_decay=1e-4, nesterov=False,
+        warmup_epochs=5, epochs=20, batch_size=32, scheduler="cosine",
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> StudentConfig:
+    """A fresh copy of preset `name` with `overrides` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown student preset {name!r}; expected one of {sorted(PRESETS)}")
+    _reject_unknown(overrides, f"preset({name!r})")
+    return dataclasses.replace(PRESETS[name], **overrides)
