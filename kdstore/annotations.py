@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import AnnotationError, MissingError
+from .errors import AnnotationError, ConfigError, MissingError
 
 #: Native annotation frame rate per dataset (frames of ``start_frame``/``end_frame``).
 DATASET_FPS = {"egtea": 24.0, "ek55": 60.0}
@@ -338,9 +338,9 @@ def histories(segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str
     ``complete`` from every segment in the table.
     """
     if mode not in ("gappy", "complete"):
-        raise ValueError(f"history mode must be 'gappy' or 'complete', found {mode!r}")
+        raise ConfigError(f"history mode must be 'gappy' or 'complete', found {mode!r}")
     if hist_len < 1:
-        raise ValueError(f"hist_len must be >= 1, found {hist_len}")
+        raise ConfigError(f"hist_len must be >= 1, found {hist_len}")
     rows = np.asarray(rows, dtype=np.int64)
     # Sort all segments by (video, start, uid) once; a history is then a slice ending just
     # before the segment's own position among its video's earlier-starting segments.

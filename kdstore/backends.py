@@ -10,6 +10,7 @@ sees a half-written group.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from .errors import MissingError, StoreFormatError
+from .errors import KDStoreError, MissingError, StoreFormatError
 
 PAGE = 4096
 BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size
@@ -144,14 +145,18 @@ class ZarrBackend(Backend):
         meta = self._meta(key)
         if meta.get("node_type") != "array":
             raise StoreFormatError(f"{self.path / key}: expected an array, found {meta.get('node_type')!r}")
-        codecs = [c["name"] for c in meta.get("codecs", [])]
-        if codecs != ["bytes"] or list(meta["chunk_grid"]["configuration"]["chunk_shape"]) != [
-            max(1, n) for n in meta["shape"]
-        ]:
+        try:
+            codecs = [c["name"] for c in meta.get("codecs", [])]
+            endian = (meta["codecs"][0].get("configuration") or {}).get("endian", "little") if codecs else None
+            one_chunk = list(meta["chunk_grid"]["configuration"]["chunk_shape"]) == [max(1, n) for n in meta["shape"]]
+            shape, dtype = tuple(int(n) for n in meta["shape"]), np.dtype(meta["data_type"]).newbyteorder("<")
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise StoreFormatError(f"{self.path / key}: incomplete array metadata ({type(e).__name__}: {e})") from None
+        if codecs != ["bytes"] or endian != "little" or not one_chunk:
             raise StoreFormatError(
-                f"{self.path / key}: expected one uncompressed chunk (codecs ['bytes']), found codecs {codecs}"
+                f"{self.path / key}: expected one uncompressed little-endian chunk (codecs ['bytes']), found codecs {codecs}"
             )
-        return tuple(meta["shape"]), np.dtype(meta["data_type"]).newbyteorder("<")
+        return shape, dtype
 
     def memmap(self, key: str) -> np.ndarray:
         shape, dtype = self.array_info(key)
@@ -239,6 +244,22 @@ class ZarrBackend(Backend):
 # HDF5
 
 
+def _damage_is_format_error(method):
+    """Report what h5py raises on a damaged file (bad metadata, undecodable attributes) as StoreFormatError."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except KDStoreError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreFormatError(f"{self.path}: damaged HDF5 store, {method.__name__}({', '.join(map(repr, args))}) failed ({what})") from None
+
+    return wrapper
+
+
 class HDF5Backend(Backend):
     """One HDF5 file; contiguous page-aligned datasets, JSON attributes in ``_attrs``."""
 
@@ -272,6 +293,7 @@ class HDF5Backend(Backend):
             _h5_set_attrs(f, attrs)
         return b
 
+    @_damage_is_format_error
     def attrs(self, group: str) -> dict:
         with self._open() as f:
             if group and group not in f:
@@ -285,10 +307,12 @@ class HDF5Backend(Backend):
         with self._open("r+") as f:
             _h5_set_attrs(f[group] if group else f, attrs)
 
+    @_damage_is_format_error
     def has(self, key: str) -> bool:
         with self._open() as f:
             return key in f
 
+    @_damage_is_format_error
     def children(self, group: str) -> list[str]:
         with self._open() as f:
             g = f.get(group) if group else f
@@ -296,6 +320,7 @@ class HDF5Backend(Backend):
                 return []
             return sorted(k for k in g.keys() if not k.startswith("_"))
 
+    @_damage_is_format_error
     def array_info(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
         with self._open() as f:
             if key not in f:
@@ -303,6 +328,7 @@ class HDF5Backend(Backend):
             ds = f[key]
             return ds.shape, ds.dtype
 
+    @_damage_is_format_error
     def memmap(self, key: str) -> np.ndarray:
         with self._open() as f:
             if key not in f:

@@ -118,12 +118,12 @@ class Store:
     ) -> "Store":
         """Create a store holding the class table and the segment table."""
         path = Path(path)
+        _check_segments(classes, segments)  # before anything on disk is touched
         if path.exists():
             if not overwrite:
                 raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
             Store.open(path)  # refuse to delete something that is not a store
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        _check_segments(classes, segments)
         manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -250,6 +250,8 @@ class Store:
                 want = f"[{len(uids)}, {width if width is not None else 'H'}]"
                 raise DataError(f"predictions {name!r}: {key} has shape {list(arr.shape)}, expected {want} (store has {A} actions)")
             _check_finite(arr, uids, f"predictions {name!r}: {key}")
+            # stored as float16: a larger finite value would be read back as inf
+            _check_fp16_range(arr, uids, f"predictions {name!r}: {key}")
         order = np.argsort(rows, kind="stable")  # keep groups in segment-table order
         uids, logits = uids[order], logits[order].astype(np.float32)
         k = min(int(topk), A)
@@ -332,6 +334,15 @@ def _check_finite(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
         raise DataError(f"{what}: UID {uids[row]} has NaN or inf")
 
 
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_fp16_range(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
+    if arr.size and arr.dtype.kind in "fiu" and np.abs(arr).max() > _FP16_MAX:
+        row = int(np.flatnonzero((np.abs(arr) > _FP16_MAX).any(axis=1))[0])
+        raise DataError(f"{what}: UID {uids[row]} has a value beyond the float16 range (|x| > {_FP16_MAX:g}) it is stored in")
+
+
 def _logsumexp(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=1, keepdims=True)
     return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
@@ -407,6 +418,14 @@ class Predictions:
         prow = self.row_of_segment[np.asarray(segment_rows)]  # [B]
         present = prow >= 0
         take = np.where(present, prow, 0)
+        if len(self) == 0:  # nothing to gather from: every row is absent
+            k = self.topk_values.shape[1]
+            out = {"present": present, "values": np.zeros((len(prow), k), np.float32),
+                   "indices": np.zeros((len(prow), k), np.int32)}
+            if temperature is not None:
+                self.lse_column(temperature)
+                out["lse"] = np.zeros(len(prow), np.float32)
+            return out
         out = {
             "present": present,
             "values": np.where(present[:, None], self.topk_values[take], 0).astype(np.float32),
@@ -461,8 +480,11 @@ class FeatureSet:
         self._video_index = {v: i for i, v in enumerate(self.videos)}
         # one sorted key over all frames so that frame lookups are one searchsorted call
         counts = np.diff(self.offsets)
-        self._stride = float(2 ** np.ceil(np.log2(max(self.timestamps.max(initial=0.0), 1.0) + 2)))
-        self._key = self.timestamps + np.repeat(np.arange(len(self.videos)), counts) * self._stride
+        # (timestamps may be negative: shift them so that every video's keys stay in its own band)
+        self._t0 = min(0.0, float(self.timestamps.min(initial=0.0)))
+        span = self.timestamps.max(initial=0.0) - self._t0
+        self._stride = float(2 ** np.ceil(np.log2(max(span, 1.0) + 2)))
+        self._key = (self.timestamps - self._t0) + np.repeat(np.arange(len(self.videos)), counts) * self._stride
 
     dim = property(lambda self: self.features.shape[1])
     frame_rate = property(lambda self: self.attrs.get("frame_rate"))
@@ -489,9 +511,14 @@ class FeatureSet:
         that starts before the video by repeating its first frame).
         """
         video_idx = np.asarray(video_idx, dtype=np.int64)  # [B]
-        if (video_idx < 0).any():
-            raise MissingError(f"video/{self.name}: a segment's video has no features")
-        key = np.asarray(times, dtype=np.float64) + (video_idx * self._stride)[:, None]  # [B, T]
+        bad = (video_idx < 0) | (video_idx >= len(self.videos))
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise MissingError(
+                f"video/{self.name}: batch row {b} asks for video index {video_idx[b]}, a video without features"
+                " (video_index gives -1 for videos that are not in this feature set)"
+            )
+        key = (np.asarray(times, dtype=np.float64) - self._t0) + (video_idx * self._stride)[:, None]  # [B, T]
         idx = np.searchsorted(self._key, key, side="right") - 1  # [B, T]
         lo, hi = self.offsets[video_idx][:, None], self.offsets[video_idx + 1][:, None] - 1
         return np.clip(idx, lo, hi)
@@ -502,7 +529,14 @@ class FeatureSet:
         shape = (*frame_idx.shape, self.dim)
         if out is None:
             return self.features[frame_idx.reshape(-1)].reshape(shape)
-        np.take(self.features, frame_idx.reshape(-1), axis=0, out=out.reshape(-1, self.dim))
+        flat = frame_idx.reshape(-1)
+        n = len(self.features)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            bad = flat[(flat < -n) | (flat >= n)][0]
+            raise IndexError(f"video/{self.name}: frame index {bad} is out of bounds for {n} frames")
+        # mode="raise" would copy through a temporary buffer (twice as slow); the indices are
+        # checked above, and "wrap" maps negative ones the way "raise" does
+        np.take(self.features, flat, axis=0, out=out.reshape(-1, self.dim), mode="wrap")
         return out
 
 
@@ -564,6 +598,12 @@ class VideoWriter:
         if not np.isfinite(features).all():
             bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
             raise DataError(f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has NaN or inf")
+        if self.dtype == np.float16 and np.abs(features).max() > _FP16_MAX:  # would be stored as inf
+            bad = int(np.flatnonzero((np.abs(features) > _FP16_MAX).any(axis=1))[0])
+            raise DataError(
+                f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has a value beyond"
+                f" the float16 range (|x| > {_FP16_MAX:g}); store float32 features or rescale them"
+            )
         if not np.isfinite(timestamps).all() or (np.diff(timestamps) <= 0).any():
             raise DataError(f"video/{self.name}, video {video!r}: timestamps must be finite and increasing")
         stem = self._stem(video)
