@@ -122,11 +122,291 @@ def export(
 
 # --- teacher commands -------------------------------------------------------------------
 
+
+@app.command("pretrain-lm")
+def pretrain_lm(
+    corpus: Optional[Path] = typer.Argument(None, help="Text file ('verb <v> noun <a> ...' a line) or JSONL recipes."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (HF format, safetensors, tokenizer)."),
+    from_annotations: Optional[Path] = typer.Option(None, help="Annotation folder: pretrain on one split's action sequences."),
+    split: str = typer.Option("training1", help="Split read by --from-annotations."),
+    family: str = typer.Option("bert", help="bert, roberta, distilbert, albert, deberta or electra."),
+    size: str = typer.Option("small", help="tiny, mini, small or base."),
+    init_from: Optional[Path] = typer.Option(None, help="Local HF checkpoint dir to start from (its tokenizer + <v>, <a>)."),
+    epochs: int = typer.Option(10),
+    lr: float = typer.Option(5e-4),
+    batch_size: int = typer.Option(32),
+    max_len: int = typer.Option(64, help="Tokens a chunk, [CLS]/[SEP] included."),
+    vocab_size: int = typer.Option(512, help="WordPiece vocabulary (without --init-from)."),
+    window: int = typer.Option(16, help="Actions a line with --from-annotations."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+) -> None:
+    """Masked-LM pretraining of an encoder on an action-sequence corpus."""
+    import torch
+
+    from trainers.teacher.corpus import annotations_corpus, read_corpus
+    from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
+    from trainers.teacher.progress import progress
+
+    if (corpus is None) == (from_annotations is None):
+        raise typer.BadParameter("give a CORPUS file or --from-annotations DIR (one of them)")
+    torch.set_num_threads(threads)
+    texts = read_corpus(corpus) if corpus else annotations_corpus(from_annotations, split, window)
+    cfg = PretrainConfig(family=family, size=size, init_from=str(init_from) if init_from else None, vocab_size=vocab_size,
+                         max_len=max_len, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    with progress() as task:
+        summary = pretrain_mlm(texts, out, cfg, on_step=task("pretrain"))
+    last = summary["log"][-1]
+    console.print(f"{out}: {summary['lines']} lines, {summary['chunks']} chunks, vocab {summary['vocab']},"
+                  f" final MLM loss {last['mlm_loss']:.3f}")
+
+
+@app.command("build-teacher")
+def build_teacher_cmd(
+    store: Path,
+    name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind teacher)."),
+    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, demo or tiny."),
+    train_split: str = typer.Option("training1", help="Split the teacher learns from (out-of-fold predictions)."),
+    eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
+    pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),
+    pretrain_epochs: Optional[int] = typer.Option(None, help="MLM epochs on the train-split histories before fine-tuning."),
+    folds: Optional[int] = typer.Option(None, help="Cross-fitting folds by video (1: the full model predicts everything)."),
+    family: Optional[str] = typer.Option(None),
+    size: Optional[str] = typer.Option(None),
+    init_from: Optional[Path] = typer.Option(None, help="Local HF checkpoint dir (e.g. bert-base-uncased) as the encoder."),
+    hist_len: Optional[int] = typer.Option(None, help="Actions of history (paper: 15 EGTEA, 5 EK55)."),
+    multi_history: Optional[str] = typer.Option(None, help="History lengths to average over, e.g. 5,10,15."),
+    history: Optional[str] = typer.Option(None, help="gappy or complete."),
+    max_len: Optional[int] = typer.Option(None),
+    multi_task: Optional[bool] = typer.Option(None, "--multi-task/--single-task", help="0.8/0.1/0.1 action/verb/noun loss."),
+    class_weighted: Optional[bool] = typer.Option(None, "--class-weighted/--no-class-weighted"),
+    lr: Optional[float] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    topk: Optional[int] = typer.Option(None, help="Top-K logits stored a UID (default 50)."),
+    seed: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None),
+    overrides: list[str] = typer.Option([], "--set", help="Any TeacherConfig field, key=value (repeatable)."),
+    work_dir: Optional[Path] = typer.Option(None, help="Checkpoints (default <store>.teacher-work/<name>); resumed."),
+    overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
+    fresh: bool = typer.Option(False, help="Delete the work dir first instead of resuming."),
+) -> None:
+    """Train a text teacher on the histories and write its per-UID predictions."""
+    from kdstore.store import Store
+    from trainers.teacher.build import build_teacher
+    from trainers.teacher.config import parse_overrides
+    from trainers.teacher.config import preset as make_preset
+    from trainers.teacher.evaluate import metrics_table
+
+    hist = tuple(int(x) for x in multi_history.split(",")) if multi_history else None
+    cfg = make_preset(preset, **{
+        **parse_overrides(overrides), "pretrain_epochs": pretrain_epochs, "folds": folds, "family": family,
+        "size": size, "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
+        "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted, "lr": lr,
+        "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads})
+    r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
+                      pretrained=pretrained, work_dir=work_dir, overwrite=overwrite, fresh=fresh)
+    Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
+    console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
+
+
+@app.command()
+def evaluate(
+    store: Path,
+    predictions: Optional[str] = typer.Option(None, "--predictions", "-p", help="Prediction group to evaluate."),
+    baseline: Optional[str] = typer.Option(None, help="'ngram': fit the n-gram baseline and evaluate it."),
+    split: str = typer.Option("validation1", help="Split to evaluate on."),
+    train_split: str = typer.Option("training1", help="Split the baseline is fitted on."),
+    order: int = typer.Option(3, help="n-gram order."),
+    history: str = typer.Option("gappy", help="Baseline histories: gappy or complete."),
+    write: Optional[str] = typer.Option(None, help="Store the baseline's predictions as this group (kind baseline)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing group given by --write."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Metrics of a prediction group (or of the n-gram baseline) on one split."""
+    from kdstore.store import Store
+    from trainers.teacher.evaluate import evaluate_group, evaluate_ngram, metrics_table
+
+    if (predictions is None) == (baseline is None):
+        raise typer.BadParameter("give --predictions NAME or --baseline ngram (one of them)")
+    if baseline is not None and baseline != "ngram":
+        raise typer.BadParameter(f"--baseline {baseline!r}: only 'ngram' is available")
+    s = Store.open(store)
+    if predictions:
+        label, m = predictions, evaluate_group(s, predictions, split)
+    else:
+        label = write or f"{order}-gram"
+        m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(m, indent=1))
+    else:
+        Console().print(metrics_table({label: m}, title=f"{split}"))
+
 # --- video feature commands -------------------------------------------------------------
+
+
+@app.command("build-video-features")
+def build_video_features(
+    store: Path = typer.Argument(..., help="Store to add video/<name> to."),
+    videos: Path = typer.Option(..., "--videos", help="Folder of videos and frame folders, or a text file listing them."),
+    backbone: str = typer.Option(..., "--backbone", help="vit-b16, vit-small, vit-tiny or hf:/path/to/checkpoint."),
+    name: str = typer.Option(..., "--name", help="Feature set name: video/<name>."),
+    weights: Optional[Path] = typer.Option(None, help="timm-format .pth/.safetensors, HF state dict or HF checkpoint folder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Random weights: for tests and demos only."),
+    seed: int = typer.Option(0, help="Seed of --random-init."),
+    fps: Optional[float] = typer.Option(None, help="Sampling rate, 0 = every frame (default: AVT's, EGTEA 1, EK55 2)."),
+    native_fps: Optional[float] = typer.Option(None, help="Frame rate of frame folders (default: the store's annotation fps)."),
+    resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default: the backbone's)."),
+    batch_size: int = typer.Option(32, help="Frames per backbone batch."),
+    workers: int = typer.Option(4, help="Decoding threads (0: decode in the main thread)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Encode videos with a frame backbone into video/<name> (resumable; runs under torchrun)."""
+    import os
+
+    from trainers.video.backbones import load_backbone
+    from trainers.video.extract import build_video_features as run
+
+    if random_init and os.environ.get("RANK", "0") == "0":
+        console.print(f"[bold red]WARNING: --random-init: backbone {backbone} has RANDOM weights; "
+                      "its features are meaningless outside tests and demos[/bold red]", highlight=False)
+    bb = load_backbone(backbone, weights=weights, random_init=random_init, seed=seed, resize=resize)
+    report = run(store, videos, bb, name, fps=fps, native_fps=native_fps, batch_size=batch_size, workers=workers,
+                 device=device, precision=precision, dtype=dtype, progress=progress)
+    if report.rank != 0:
+        return
+    if report.committed:
+        console.print(f"video/{name}: {report.videos} videos encoded, {report.skipped} resumed, {report.frames} frames "
+                      f"in {report.seconds:.1f} s", highlight=False)
+    report.raise_for_bad()
+
+
+@app.command("import-features")
+def import_features(
+    store: Path = typer.Argument(..., help="Store to add video/<name> to."),
+    source: Path = typer.Argument(..., help="RULSTM LMDB, or a folder of per-video .npy/.npz arrays (frames x D)."),
+    name: str = typer.Option(..., "--name", help="Feature set name: video/<name>."),
+    fmt: str = typer.Option("auto", "--format", help="lmdb, npy or auto (LMDB if the source holds data.mdb)."),
+    native_fps: Optional[float] = typer.Option(None, help="LMDB: frame n is at n / native-fps s (default: the store's fps)."),
+    fps: Optional[float] = typer.Option(None, help="Arrays: frame i is at i / fps s (required for npy)."),
+    dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
+    check_segments: bool = typer.Option(False, help="Fail, before committing, if a segment has no frames in its window."),
+    window: float = typer.Option(10.0, help="Observed window before a segment start for --check-segments, seconds."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
+    from trainers.video.imports import import_arrays, import_lmdb
+
+    if fmt == "auto":
+        fmt = "lmdb" if (source / "data.mdb").is_file() or source.suffix in (".mdb", ".lmdb") else "npy"
+    if fmt == "lmdb":
+        r = import_lmdb(store, source, name, native_fps=native_fps, dtype=dtype, check=check_segments, window=window,
+                        progress=progress)
+    elif fmt == "npy":
+        r = import_arrays(store, source, name, fps=fps, dtype=dtype, check=check_segments, window=window, progress=progress)
+    else:
+        raise typer.BadParameter(f"--format must be lmdb, npy or auto, found {fmt!r}")
+    console.print(f"video/{name}: {r.videos} videos imported, {r.skipped} resumed, {r.frames} frames, "
+                  f"{r.bytes_written / 2**20:.1f} MiB in {r.seconds:.1f} s", highlight=False)
+
 
 # --- student commands -------------------------------------------------------------------
 
+
+def _overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs with JSON values (``lr=1e-4``, ``verb_noun_heads=true``)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command("train-student")
+def train_student(
+    store: Path,
+    features: str = typer.Option(..., "--features", "-f", help="video/<name> feature set to train on."),
+    run_dir: Path = typer.Option(..., "--run", help="Run directory: checkpoints, log.jsonl; resumed if it exists."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher prediction group to distil from."),
+    preset: str = typer.Option("egtea", help="Config preset: egtea or ek55."),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Baseline: no distillation, everything else equal."),
+    train_split: str = typer.Option("training1", help="Split to train on."),
+    eval_split: str = typer.Option("validation1", help="Split evaluated after each epoch."),
+    overrides: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. --set epochs=5."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+) -> None:
+    """Train an AVT-h student on stored features, distilling from a teacher group."""
+    from trainers.student.config import preset as make_preset
+    from trainers.student.train import train_student as run
+
+    over = _overrides(overrides)
+    if no_distill:
+        over["distill_mode"] = "none"
+    cfg = make_preset(preset, **over)
+    if cfg.distill_mode != "none" and teacher is None:
+        raise typer.BadParameter("--teacher is required unless --no-distill")
+    metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
+                  device=device, compile=compile)
+    console.print(json.dumps(metrics, indent=1))
+
+
+@app.command()
+def predict(
+    store: Path,
+    run_dir: Path = typer.Option(..., "--run", help="A student run directory."),
+    name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind student)."),
+    splits: Optional[list[str]] = typer.Option(None, "--split", help="Splits to predict (default: all)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
+) -> None:
+    """Write a trained student's per-UID predictions into the store."""
+    from trainers.student.train import predict_into_store
+
+    metrics = predict_into_store(store, run_dir, name, splits, overwrite=overwrite)
+    console.print(json.dumps(metrics, indent=1))
+
 # --- demo and report commands -----------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Argument(Path("demo-out"), help="Directory for the store, runs and report (resumed if it holds a demo)."),
+    annotations: Optional[Path] = typer.Option(None, help="A RULSTM annotation folder (e.g. ../shared/data/egtea) instead of the synthetic data."),
+    split: int = typer.Option(1, help="With --annotations: use training<split>/validation<split>."),
+    seeds: int = typer.Option(3, help="Student seeds per variant (with and without KD)."),
+) -> None:
+    """Run the whole pipeline on a small dataset and print the comparison table."""
+    from trainers.demo import DemoConfig, run_demo, summary_text
+
+    cfg = DemoConfig(annotations=str(annotations) if annotations else None, split=split, seeds=tuple(range(seeds)))
+    print(summary_text(run_demo(out_dir, cfg, console=console)))
+
+
+@app.command()
+def report(
+    store: Path,
+    out_dir: Path = typer.Option(Path("report"), "--out", help="Directory for report.html and the PNGs."),
+    split: str = typer.Option("validation1", help="Split to evaluate on."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher group (default: the first)."),
+    kd: Optional[str] = typer.Option(None, help="Distilled student group (default: the first that distils)."),
+    plain: Optional[str] = typer.Option(None, help="Student trained without KD (default: the first)."),
+) -> None:
+    """Write an HTML report with plots for a store with a teacher and students."""
+    from kdstore.report import format_table, metrics_table, write_report
+    from kdstore.store import Store
+
+    s = Store.open(store)
+    path = write_report(s, out_dir, split, teacher=teacher, kd_student=kd, plain_student=plain)
+    print(format_table(metrics_table(s, split)))
+    console.print(f"wrote {path}")
 
 
 def main() -> None:
