@@ -42,7 +42,7 @@ class SyntheticConfig:
     steps: tuple[int, int] = (1, 3)  # steps per stage
     p_skip: float = 0.1
     p_distract: float = 0.08
-    val_fraction: float = 0.2  # of each video's segments (EGTEA-like gappy splits)
+    val_fraction: float = 0.2  # of the videos (EK55-like splits by video: histories have no gaps)
     seed: int = 0
 
 
@@ -84,13 +84,15 @@ def generate_annotations(out_dir: str | Path, cfg: SyntheticConfig = SyntheticCo
         for (v, n), a in action_of.items():
             f.write(f"{a}, {v}_{n}, {VERBS[v]}_{NOUNS[n]}\n")
     rows = {"training1": [], "validation1": []}
+    n_val = min(max(1, round(cfg.val_fraction * len(videos))), len(videos) - 1)
+    val_videos = set(rng.permutation(len(videos))[:n_val].tolist())
     uid = 0
-    for name, seq in videos:
+    for vi, (name, seq) in enumerate(videos):
+        split = "validation1" if vi in val_videos else "training1"
         t = float(rng.uniform(1.0, 4.0))
         for v, n in seq:
             dur = float(rng.uniform(1.0, 4.0))
             start, end = int(t * ANNOTATION_FPS), int((t + dur) * ANNOTATION_FPS)
-            split = "validation1" if rng.random() < cfg.val_fraction else "training1"
             rows[split].append(f"{uid},{name},{start},{end},{v},{n},{action_of[(v, n)]}")
             uid += 1
             t += dur + float(rng.uniform(0.2, 1.5))

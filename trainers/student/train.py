@@ -1,0 +1,260 @@
+"""Train an AVT-h student on a store's features, with or without distillation.
+
+Read top to bottom: set up (data, model, optimiser, schedule), resume if a checkpoint of
+the same run exists, then for each epoch: train, evaluate, checkpoint, log. Checkpoints
+are safetensors (model and optimiser tensors) plus JSON (epoch, step, config, metrics);
+the sample order of an epoch is a function of (seed, epoch) and the torch RNG state is
+saved, so a resumed run continues exactly where the uninterrupted one would have been.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdstore.errors import ConfigError, DataError
+from kdstore.metrics import compute_metrics
+from kdstore.store import Store
+
+from .avt import AVTHead
+from .config import StudentConfig
+from .data import BatchLoader, StudentData, epoch_order
+from .losses import student_losses
+
+CKPT, STATE, LOG = "last.safetensors", "last.json", "log.jsonl"
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def make_optimizer(model: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: StudentConfig) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to zero at the last step."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _save(run: Path, model, opt, state: dict) -> None:
+    """Checkpoint atomically: tensors to safetensors, the rest to JSON, each via a rename."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, run / f".{CKPT}.tmp")
+    (run / f".{STATE}.tmp").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1))
+    os.replace(run / f".{CKPT}.tmp", run / CKPT)
+    os.replace(run / f".{STATE}.tmp", run / STATE)
+
+
+def _load(run: Path, model, opt) -> dict:
+    tensors = load_file(run / CKPT)
+    state = json.loads((run / STATE).read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict = {"state": {}, "param_groups": state.pop("param_groups")}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = v
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+def load_model(run: str | Path, map_location: str = "cpu") -> tuple[AVTHead, StudentConfig, dict]:
+    """The model of a run directory, its config and its saved state."""
+    run = Path(run)
+    state = json.loads((run / STATE).read_text())
+    cfg = StudentConfig.from_dict(state["config"])
+    model = AVTHead(state["feat_dim"], *state["classes"], cfg)
+    tensors = load_file(run / CKPT, device=map_location)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval(), cfg, state
+
+
+@torch.no_grad()
+def predict_logits(model: AVTHead, data: StudentData, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """[N, A] float32 action logits for every sample of ``data``, in order."""
+    model.eval()
+    out = []
+    for b in BatchLoader(data, np.arange(len(data)), batch_size):
+        out.append(model(b.frames.to(device))["logits"].float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def train_student(
+    store_path: str | Path,
+    features: str,
+    run_dir: str | Path,
+    cfg: StudentConfig,
+    teacher: str | None = None,
+    train_split: str = "training1",
+    eval_split: str | None = "validation1",
+    device: str | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> dict:
+    """Train (or resume) a student in ``run_dir``; returns the final evaluation metrics.
+
+    ``teacher=None`` or ``cfg.distill_mode == "none"`` trains the baseline without
+    distillation, everything else equal. ``stop_after_epochs`` ends the process early as a
+    crash would (for resume tests). Under torchrun, each rank trains on its slice of every
+    global batch of ``world * batch_size`` samples and gradients are averaged (DDP).
+    """
+    rank, world = _dist()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    store = Store.open(store_path)
+    teacher = teacher if cfg.distill_mode != "none" else None
+    # without a teacher the losses are the baseline's whatever distill_mode says
+    loss_cfg = cfg if teacher is not None else dataclasses.replace(cfg, distill_mode="none")
+    train = StudentData(store, features, train_split, cfg, teacher)
+    evaluate = StudentData(store, features, eval_split, cfg) if eval_split else None
+    classes = store.classes
+    identity = {"config": cfg.to_dict(), "features": features, "teacher": teacher, "train_split": train_split,
+                "feat_dim": train.dim, "classes": [classes.num_actions, classes.num_verbs, classes.num_nouns],
+                "store_segments": store.manifest["segments_sha256"]}
+
+    torch.manual_seed(cfg.seed)
+    model = AVTHead(train.dim, classes.num_actions, classes.num_verbs, classes.num_nouns, cfg).to(device)
+    opt = make_optimizer(model, cfg)
+    start_epoch, step = 0, 0
+    metrics: dict = {}
+    if (run / STATE).exists():
+        saved = json.loads((run / STATE).read_text())
+        diff = sorted(k for k in identity if saved.get(k) != identity[k])
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {identity[k]!r}" for k in diff if k != "config")
+            cdiff = [k for k in identity["config"] if saved.get("config", {}).get(k) != identity["config"][k]]
+            raise ConfigError(f"{run}: checkpoint of another run ({detail or 'config keys ' + ', '.join(cdiff)}); use a new run directory")
+        state = _load(run, model, opt)
+        start_epoch, step, metrics = state["epoch"], state["step"], state.get("metrics", {})
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    if compile:
+        net = torch.compile(net)
+    per_step = cfg.batch_size * world
+    if len(train) < per_step:
+        raise ConfigError(f"split {train_split!r}: {len(train)} samples, fewer than one global batch of "
+                          f"batch_size {cfg.batch_size} x {world} process(es)")
+    steps_per_epoch = max(1, len(train) // per_step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg), last_epoch=step - 1)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"), disable=not progress or rank != 0, transient=True)
+    with bar:
+        task = bar.add_task("student", total=cfg.epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop_after_epochs is not None and epoch >= stop_after_epochs:
+                return metrics
+            net.train()
+            # every rank reads its part of the same global batches: same samples as one process
+            order = epoch_order(len(train), cfg.seed, epoch, shuffle=True)[: steps_per_epoch * per_step]
+            order = order.reshape(steps_per_epoch, world, cfg.batch_size)[:, rank].reshape(-1)
+            sums: dict[str, float] = {}
+            t0 = time.perf_counter()
+            for batch in BatchLoader(train, order, cfg.batch_size, pin=device.startswith("cuda")):
+                batch = batch.to(device)
+                with amp:
+                    out = net(batch.frames)
+                losses = student_losses({k: v.float() for k, v in out.items()}, batch, loss_cfg)
+                if not torch.isfinite(losses["total"]):
+                    raise DataError(f"{run}: training diverged at epoch {epoch + 1}, step {step + 1} (loss "
+                                    f"{float(losses['total'].detach())}); lower lr or the distill weight")
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {float(losses['total'].detach()):.3f}")
+            if world > 1:  # log the losses of the global batches, as one process would
+                t = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(t)
+                sums = dict(zip(sorted(sums), (t / world).tolist()))
+            seconds = time.perf_counter() - t0
+            entry = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0], "seconds": seconds,
+                     "samples_per_s": steps_per_epoch * per_step / seconds,
+                     **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}}
+            if evaluate is not None and rank == 0:
+                logits = predict_logits(model, evaluate, device=device)
+                metrics = compute_metrics(logits, evaluate.action, classes)
+                entry |= {f"eval_{k}": v for k, v in metrics.items()}
+            if rank == 0:
+                _save(run, model, opt, {**identity, "epoch": epoch + 1, "step": step, "metrics": metrics})
+                with open(run / LOG, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+    return metrics
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The per-epoch JSONL log of a run."""
+    path = Path(run_dir) / LOG
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def predict_into_store(
+    store_path: str | Path, run_dir: str | Path, name: str, splits: list[str] | None = None,
+    overwrite: bool = False, device: str = "cpu",
+) -> dict:
+    """Write a trained student's per-UID logits into the store as ``teacher/<name>`` (kind student)."""
+    model, cfg, state = load_model(run_dir, map_location=device)
+    store = Store.open(store_path)
+    splits = splits or store.segments.splits
+    uids, logits = [], []
+    for split in splits:
+        data = StudentData(store, state["features"], split, cfg)
+        if data.dim != state["feat_dim"]:
+            raise ConfigError(f"video/{state['features']}: dimension {data.dim}, the student was trained on {state['feat_dim']}")
+        uids.append(data.uid)
+        logits.append(predict_logits(model.to(device), data, device=device))
+    all_logits = np.concatenate(logits)
+    uids_all = np.concatenate(uids)
+    metrics = {}
+    for split, u, lg in zip(splits, uids, logits):
+        rows = store.segments.row_of(u)
+        metrics[split] = compute_metrics(lg, store.segments.action[rows], store.classes)
+    store.write_predictions(name, uids_all, all_logits, kind="student", config={**state["config"], "run_dir": str(run_dir)},
+                            metrics=metrics, log=read_log(run_dir), topk=cfg.topk, overwrite=overwrite)
+    return metrics
