@@ -179,7 +179,7 @@ def build_teacher_cmd(
     history: Optional[str] = typer.Option(None, help="gappy or complete."),
     max_len: Optional[int] = typer.Option(None),
     multi_task: Optional[bool] = typer.Option(None, "--multi-task/--single-task", help="0.8/0.1/0.1 action/verb/noun loss."),
-    class_weighted: Optional[bool] = typer.Option(None, "--class-weighted/--no-class-weighted"),
+    class_weighted: Optional[float] = typer.Option(None, help="CE class weights (n/(C*count))**P: 0 off, 1 balanced, 0.5 sqrt."),
     lr: Optional[float] = typer.Option(None),
     epochs: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),

@@ -115,3 +115,14 @@ def make_synthetic():
 def make_store():
     """:func:`build_store`: ``make_store(path, classes, segments, features=..., teachers=...)``."""
     return build_store
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tests with tiny models only lose time to intra-op threading."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,13 +16,7 @@ from trainers.student.losses import student_losses
 D, A, V, N = 16, 7, 3, 4  # feature dim, actions, verbs, nouns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors here are tiny: extra intra-op threads only add overhead (8x on a loaded machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**overrides) -> StudentConfig:

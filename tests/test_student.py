@@ -34,13 +34,7 @@ DATA = SyntheticConfig(n_videos=48, n_recipes=2)
 DIM = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: extra intra-op threads only add overhead on a 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**overrides):

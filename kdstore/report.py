@@ -1,0 +1,206 @@
+"""An HTML report with PNG plots for any store holding a teacher and students.
+
+It compares every prediction group on one split (metrics table), plots the students'
+training curves (from the logs stored with their groups), the per-class top-1 recall
+difference between a distilled and a plain student, and the teacher's calibration.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MissingError
+from .metrics import compute_metrics
+from .store import Predictions, Store
+
+COLUMNS = [
+    ("top1", "top-1"), ("top5", "top-5"), ("mean_top1_recall", "class-mean top-1 recall"),
+    ("mean_top5_recall", "class-mean top-5 recall"), ("many_shot_top5_recall", "many-shot top-5 recall"),
+]
+
+
+def _split_scores(group: Predictions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [n, A] of the rows with a prediction, those rows)."""
+    prow = group.row_of_segment[rows]
+    keep = prow >= 0
+    return np.asarray(group.logits[prow[keep]], dtype=np.float32), rows[keep]
+
+
+def metrics_table(store: Store, split: str, names: list[str] | None = None) -> list[dict]:
+    """One row of metrics per prediction group, on the segments of ``split`` it predicts."""
+    seg, classes = store.segments, store.classes
+    rows = seg.rows_in(split)
+    table = []
+    for name in names or store.predictions():
+        g = store.teacher(name)
+        logits, kept = _split_scores(g, rows)
+        if len(kept) == 0:
+            continue
+        m = compute_metrics(logits, seg.action[kept], classes)
+        table.append({"name": name, "kind": g.kind, "n": int(len(kept)), **m})
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    """The metrics table as fixed-width text (percentages)."""
+    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in table)]
+    width = max([len(r["name"]) for r in table] + [10])
+    head = f"{'model':<{width}}  {'kind':<8}" + "".join(f"  {h:>{max(len(h), 7)}}" for _, h in cols)
+    lines = [head, "-" * len(head)]
+    for r in table:
+        cells = "".join(
+            f"  {r[k]:>{max(len(h), 7)}.2f}" if r.get(k) is not None else f"  {'-':>{max(len(h), 7)}}" for k, h in cols
+        )
+        lines.append(f"{r['name']:<{width}}  {r['kind']:<8}{cells}")
+    return "\n".join(lines)
+
+
+def per_class_recall(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[A] top-1 recall per class (NaN for classes absent from ``labels``)."""
+    hit = logits.argmax(1) == labels
+    count = np.bincount(labels, minlength=num_classes).astype(float)
+    hits = np.bincount(labels, weights=hit, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, hits / count, np.nan)
+
+
+def _plot_curves(store: Store, students: list[str], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    drew = False
+    for name in students:
+        log = store.teacher(name).attrs.get("log", [])
+        if not log:
+            continue
+        ep = [e["epoch"] for e in log]
+        ax1.plot(ep, [e.get("train_ce", np.nan) for e in log], label=name)
+        ax2.plot(ep, [e.get("eval_mean_top1_recall", np.nan) for e in log], label=name)
+        drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    ax1.set(title="training action CE", xlabel="epoch")
+    ax2.set(title="validation class-mean top-1 recall (%)", xlabel="epoch")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_recall_diff(store: Store, split: str, kd: str, plain: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    seg, classes = store.segments, store.classes
+    rows = seg.rows_in(split)
+    r = {}
+    for name in (kd, plain):
+        logits, kept = _split_scores(store.teacher(name), rows)
+        r[name] = per_class_recall(logits, seg.action[kept], classes.num_actions)
+    diff = (r[kd] - r[plain]) * 100
+    present = np.flatnonzero(~np.isnan(diff))
+    order = present[np.argsort(diff[present])]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    ax.bar(np.arange(len(order)), diff[order], color=np.where(diff[order] >= 0, "tab:green", "tab:red"))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(title=f"per-class top-1 recall: {kd} minus {plain} ({split}; mean {np.nanmean(diff):+.2f} points)",
+           xlabel="action classes (sorted)", ylabel="recall difference (points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibration(logits: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
+    """Reliability of top-1 confidence: per-bin confidence, accuracy, count and the ECE."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    conf, hit = p.max(1), p.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean_conf = np.bincount(which, conf, bins) / np.maximum(count, 1)
+    acc = np.bincount(which, hit.astype(float), bins) / np.maximum(count, 1)
+    ece = float((count / max(len(conf), 1) * np.abs(acc - mean_conf)).sum())
+    return {"edges": edges, "confidence": mean_conf, "accuracy": acc, "count": count, "ece": ece}
+
+
+def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    seg = store.segments
+    logits, kept = _split_scores(store.teacher(teacher), seg.rows_in(split))
+    c = calibration(logits, seg.action[kept])
+    centers = (c["edges"][:-1] + c["edges"][1:]) / 2
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    used = c["count"] > 0
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    ax.bar(centers[used], c["accuracy"][used], width=0.09, alpha=0.7, label="accuracy")
+    ax.plot(c["confidence"][used], c["accuracy"][used], "o-", color="tab:orange", label="per bin")
+    ax.set(title=f"teacher {teacher}: calibration (ECE {c['ece']:.3f})", xlabel="top-1 confidence", ylabel="accuracy",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    store: Store | str | Path,
+    out_dir: str | Path,
+    split: str,
+    teacher: str | None = None,
+    kd_student: str | None = None,
+    plain_student: str | None = None,
+    extra_html: str = "",
+) -> Path:
+    """Write ``report.html`` and its PNGs into ``out_dir``; returns the HTML path.
+
+    Without explicit names the first teacher is used, and the student pair is the first
+    student whose config distils and the first whose config does not.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    store = store if isinstance(store, Store) else Store.open(store)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    students = store.predictions("student")
+    teacher = teacher or next(iter(store.teachers()), None)
+    if teacher is None:
+        raise MissingError(f"{store.path}: no teacher predictions to report on")
+
+    def distils(name: str) -> bool:
+        return store.teacher(name).config.get("distill_mode", "none") != "none"
+
+    kd_student = kd_student or next((s for s in students if distils(s)), None)
+    plain_student = plain_student or next((s for s in students if not distils(s)), None)
+    table = metrics_table(store, split)
+    images = []
+    if (p := _plot_curves(store, students, out / "training_curves.png")) is not None:
+        images.append(("Training curves", p))
+    if kd_student and plain_student:
+        images.append(("Per-class recall: KD vs no KD", _plot_recall_diff(store, split, kd_student, plain_student, out / "recall_difference.png")))
+    images.append(("Teacher calibration", _plot_calibration(store, split, teacher, out / "teacher_calibration.png")))
+    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in table)]
+    rows_html = "".join(
+        "<tr><td>" + html.escape(r["name"]) + f"</td><td>{r['kind']}</td><td>{r['n']}</td>"
+        + "".join(f"<td>{r[k]:.2f}</td>" if r.get(k) is not None else "<td>-</td>" for k, _ in cols) + "</tr>"
+        for r in table
+    )
+    figs = "".join(f"<h2>{html.escape(t)}</h2><img src='{p.name}' alt='{html.escape(t)}'>" for t, p in images)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>kdstore report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body><h1>kdstore report</h1><p>Store <code>{html.escape(str(store.path))}</code>, split <b>{html.escape(split)}</b>.</p>
+<table><tr><th>model</th><th>kind</th><th>n</th>{''.join(f'<th>{h} (%)</th>' for _, h in cols)}</tr>{rows_html}</table>
+{extra_html}{figs}</body></html>"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,79 @@
+"""The end-to-end demo and the report, at a tiny size."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from kdstore.errors import KDStoreError
+from kdstore.report import calibration, per_class_recall
+from kdstore.synthetic import SyntheticConfig
+from trainers.demo import DemoConfig, run_demo, summary_text
+
+TINY = DemoConfig(
+    synthetic=SyntheticConfig(n_videos=24, seed=3),
+    teacher_preset="tiny",
+    student_overrides={"inter_dim": 32, "n_head": 2, "epochs": 2, "batch_size": 32},
+    seeds=(0,),
+)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, TINY)
+    return out
+
+
+def test_demo_builds_everything_and_reports(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    names = [r["name"] for r in summary["table"]]
+    assert names == ["teacher", "ngram", "student-no-kd-s0", "student-kd-s0"]
+    for png in ("training_curves.png", "recall_difference.png", "teacher_calibration.png"):
+        data = (demo_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    page = (demo_dir / "report.html").read_text()
+    assert "student-kd-s0" in page and "teacher_calibration.png" in page
+    text = summary_text(summary)
+    assert "class-mean top-1 recall" in text and "kd" in text
+
+
+def test_second_run_reuses_what_is_built(demo_dir):
+    log = demo_dir / "runs" / "student-kd-s0" / "log.jsonl"
+    before = log.read_text()
+    teacher_ckpt = next((demo_dir / "store.zarr.teacher-work" / "teacher").rglob("*.safetensors"))
+    mtime = teacher_ckpt.stat().st_mtime_ns
+    run_demo(demo_dir, TINY)
+    assert log.read_text() == before and teacher_ckpt.stat().st_mtime_ns == mtime
+
+
+def test_refuses_a_directory_holding_something_else(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(KDStoreError, match="not a kdstore demo directory"):
+        run_demo(tmp_path, TINY)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_refuses_a_demo_with_other_settings(demo_dir):
+    other = DemoConfig(**{**TINY.__dict__, "feature_noise": 0.5})
+    with pytest.raises(KDStoreError, match="other settings"):
+        run_demo(demo_dir, other)
+
+
+def test_report_command_on_the_demo_store(demo_dir, tmp_path):
+    r = CliRunner().invoke(app, ["report", str(demo_dir / "store.zarr"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.html").exists() and "student-kd-s0" in r.stdout
+
+
+def test_report_helpers_by_hand():
+    import numpy as np
+
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 0.0]])
+    labels = np.array([0, 0, 0, 1])
+    r = per_class_recall(logits, labels, 3)
+    assert r[0] == pytest.approx(2 / 3) and r[1] == 0.0 and np.isnan(r[2])
+    c = calibration(np.log(np.array([[0.9, 0.1], [0.6, 0.4]])), np.array([0, 1]))
+    assert c["count"].sum() == 2
+    assert c["ece"] == pytest.approx(0.5 * abs(1 - 0.9) + 0.5 * abs(0 - 0.6))
