@@ -1,0 +1,436 @@
+"""Text teacher: tokenizer, corpora, MLM pretraining, fine-tuning, out-of-fold build, n-gram, CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdstore.annotations import SegmentTable, load_annotations
+from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError
+from kdstore.store import Store
+from kdstore.synthetic import SyntheticConfig, generate_annotations
+from trainers.teacher.build import assign_folds, build_teacher, make_model
+from trainers.teacher.config import PRESETS, TeacherConfig, preset
+from trainers.teacher.corpus import STOP_VERBS, history_corpus, history_texts, read_corpus
+from trainers.teacher.finetune import Thinning, class_weights, predict
+from trainers.teacher.models import MODEL_TYPES, check_checkpoint, scratch_teacher
+from trainers.teacher.ngram import NGram, action_histories, ngram_baseline
+from trainers.teacher.optim import pad_batch
+from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
+from trainers.teacher.tokenizer import encode, load_tokenizer, train_tokenizer
+
+EGTEA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/egtea"
+SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)  # ~200 segments, ~20 actions
+TINY = dict(threads=1)
+BUILD = dict(pretrain_epochs=2, history_dropout=0.5, **TINY)  # the shared end-to-end build
+
+
+@pytest.fixture(scope="module")
+def syn_dir(tmp_path_factory) -> Path:
+    return generate_annotations(tmp_path_factory.mktemp("syn") / "ann", SYN)
+
+
+def new_store(path: Path, ann: Path) -> Store:
+    classes, segments = load_annotations(ann, fps=24.0)
+    return Store.create(path, classes, segments)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, syn_dir):
+    """One tiny end-to-end build (MLM pretraining + 2 folds) shared by several tests."""
+    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", syn_dir)
+    cfg = preset("tiny", **BUILD)
+    result = build_teacher(store, "t", cfg, train_split="training1", eval_splits=("validation1",), show_progress=False)
+    return store, cfg, result
+
+
+# -- config, tokenizer, corpora -------------------------------------------------------------
+
+
+def test_presets_and_config_errors():
+    assert preset("egtea").hist_len == 15 and preset("ek55").hist_len == 5
+    assert preset("egtea").lr == 1e-5 and preset("egtea").multi_task
+    assert preset("egtea-scratch").pretrain_epochs > 0 and preset("egtea-scratch").lr == 1e-3
+    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "demo", "tiny"}
+    assert preset("tiny", multi_history=[2, 4]).hist_lens == (2, 4)
+    with pytest.raises(ConfigError, match="preset 'nope'"):
+        preset("nope")
+    with pytest.raises(ConfigError, match="unknown option"):
+        preset("egtea", learning_rate=1.0)
+    with pytest.raises(ConfigError, match="family"):
+        TeacherConfig(family="gpt")
+    with pytest.raises(ConfigError, match="lr"):
+        TeacherConfig(lr=0)
+
+
+def test_tokenizer_keeps_action_tokens_and_recent_history(tmp_path):
+    tok = train_tokenizer(["take <v> eating utensil <a> cut <v> tomato", "open <v> fridge <a> wash <v> hand"], 200)
+    toks = tok.convert_ids_to_tokens(tok("cut <v> tomato <a> open <v> fridge")["input_ids"])
+    assert toks == ["[CLS]", "cut", "<v>", "tomato", "<a>", "open", "<v>", "fridge", "[SEP]"]
+    ids = encode(tok, ["take <v> tomato <a> cut <v> tomato <a> open <v> fridge", ""], 6)
+    assert tok.convert_ids_to_tokens(ids[0]) == ["[CLS]", "<a>", "open", "<v>", "fridge", "[SEP]"]  # oldest dropped
+    assert tok.convert_ids_to_tokens(ids[1]) == ["[CLS]", "[SEP]"]  # empty history: specials only
+    tok.save_pretrained(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    assert again("cut <v> tomato")["input_ids"] == tok("cut <v> tomato")["input_ids"]
+    assert again.truncation_side == "left"
+
+
+def test_corpus_files(tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_text("Take <v> eating_utensil <a> cut <v> tomato\n\nopen <v> fridge\n")
+    assert read_corpus(text) == ["take <v> eating utensil <a> cut <v> tomato", "open <v> fridge"]
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text('[["chop", "onion"], ["is", "ready"], ["heat", "pan"]]\n{"actions": [["get", "x"], ["stir", "soup"]]}\n')
+    assert read_corpus(jsonl) == ["chop <v> onion <a> heat <v> pan", "stir <v> soup"]
+    assert {"is", "get", "have"} <= STOP_VERBS
+    bad = tmp_path / "bad.txt"
+    bad.write_text("cut <v> tomato\n<a>  <a>\n")
+    with pytest.raises(DataError, match=r"bad.txt, line 2: no actions"):
+        read_corpus(bad)
+    bad.write_text('[["was", "done"]]\n')
+    with pytest.raises(DataError, match=r"line 1: no actions"):
+        read_corpus(bad)
+    bad.write_text("cut tomato <a> open <v> fridge\n")
+    with pytest.raises(DataError, match="action 1"):
+        read_corpus(bad)
+
+
+def test_histories_and_history_corpus(syn_dir):
+    classes, seg = load_annotations(syn_dir, fps=24.0)
+    rows = seg.rows_in("training1")
+    texts = history_texts(classes, seg, rows, 3)
+    first = [r for r in rows if not any(  # first training segment of its video
+        seg.video[o] == seg.video[r] and seg.start_frame[o] < seg.start_frame[r] for o in rows)]
+    assert all(texts[list(rows).index(r)] == "" for r in first)
+    assert all(t.count("<a>") <= 2 and (not t or t.count("<v>") == t.count("<a>") + 1) for t in texts)
+    lines = history_corpus(classes, seg, "training1", window=4)
+    assert all(1 <= line.count("<v>") <= 4 for line in lines)
+    assert sum(line.count("<v>") for line in lines) >= len(rows)  # overlapping windows cover every action
+
+
+# -- models, pretraining, fine-tuning ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_TYPES))
+def test_every_family_builds_and_reads_position_zero(family):
+    tok = train_tokenizer(["take <v> cup <a> open <v> fridge"], 200)
+    model = scratch_teacher(family, "tiny", tok, 16, (5, 3, 4), 0.0)
+    ids, mask = pad_batch(encode(tok, ["take <v> cup", "open <v> fridge <a> take <v> cup"], 16), tok.pad_token_id)
+    out = model(ids, mask)
+    assert out["action"].shape == (2, 5) and out["verb"].shape == (2, 3) and out["noun"].shape == (2, 4)
+    assert out["features"].shape == (2, 64)
+
+
+def test_pretrain_lm_writes_hf_checkpoint_and_init_from(tmp_path):
+    lines = ["take <v> cup <a> pour <v> water <a> drink <v> water", "open <v> fridge <a> take <v> milk <a> close <v> fridge"] * 8
+    cfg = PretrainConfig(size="tiny", max_len=16, epochs=4, lr=3e-3, batch_size=4, dropout=0.0)
+    summary = pretrain_mlm(lines, tmp_path / "mlm", cfg)
+    assert summary["log"][-1]["mlm_loss"] < summary["log"][0]["mlm_loss"]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "pretrain.json"):
+        assert (tmp_path / "mlm" / f).exists()
+    assert check_checkpoint(tmp_path / "mlm") == tmp_path / "mlm"
+    again = pretrain_mlm(lines, tmp_path / "mlm2", PretrainConfig(init_from=str(tmp_path / "mlm"), max_len=16, epochs=1, batch_size=4))
+    assert again["vocab"] == summary["vocab"]  # the checkpoint's tokenizer, not a new one
+    (tmp_path / "notackpt").mkdir()
+    (tmp_path / "notackpt" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"notackpt: not a Hugging Face checkpoint directory \(missing model.safetensors, tokenizer.json\)"):
+        pretrain_mlm(lines, tmp_path / "x", PretrainConfig(init_from=str(tmp_path / "notackpt")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_from_foreign_checkpoint_adds_action_tokens(tmp_path):
+    """A BERT checkpoint with a plain WordPiece vocab gains <v>/<a> and resized embeddings."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "take", "cup", "open", "fridge"]) + "\n")
+    ckpt = tmp_path / "bert"
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(ckpt)
+    BertForMaskedLM(BertConfig(vocab_size=9, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=32)).save_pretrained(ckpt)
+    tok = load_tokenizer(ckpt)
+    assert tok.convert_ids_to_tokens(tok("take <v> cup", add_special_tokens=False)["input_ids"]) == ["take", "<v>", "cup"]
+    model = make_model(preset("tiny"), tok, ckpt, (3, 2, 2), 0)
+    assert model.encoder.get_input_embeddings().num_embeddings == len(tok) == 11
+
+
+def test_class_weights_balanced_and_absent_classes_zero():
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+    assert class_weights(np.array([0, 0, 0, 1]), 3, 0.5).tolist() == pytest.approx([2 / 3, (4 / 3) ** 0.5, 0.0])
+
+
+def test_history_dropout_thins_histories_reproducibly():
+    tok = train_tokenizer(["a <v> x <a> b <v> y <a> c <v> z"], 200)
+    words = ["a <v> x", "b <v> y", "c <v> z"]
+    actions = np.array([[-1, 0, 1, 2, 0, 1, 2, 0], [-1, -1, -1, -1, -1, -1, -1, 2]])
+    dense = Thinning(actions, np.array([3, 3]), words, 0.0, 64).draw(tok, 0, 0)
+    assert dense == encode(tok, ["b <v> y <a> c <v> z <a> a <v> x", "c <v> z"], 64)
+    thin = Thinning(actions, np.array([3, 3]), words, 0.99, 64)
+    assert thin.draw(tok, 0, 1) == thin.draw(tok, 0, 1) != thin.draw(tok, 0, 2)
+    assert all(len(ids) > 2 for e in range(5) for ids in thin.draw(tok, 0, e))  # never empty
+
+
+def test_assign_folds_keeps_videos_together():
+    videos = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4])
+    folds = assign_folds(videos, 2, seed=0)
+    for v in np.unique(videos):
+        assert len(set(folds[videos == v])) == 1
+    assert sorted(np.bincount(folds)) == [4, 5]
+    with pytest.raises(ConfigError, match="at least 6 videos"):
+        assign_folds(videos, 6, seed=0)
+
+
+# -- the end-to-end build -------------------------------------------------------------------------
+
+
+def test_build_end_to_end(built):
+    store, cfg, r = built
+    seg = store.segments
+    train, val = seg.rows_in("training1"), seg.rows_in("validation1")
+    group = store.teacher("t")
+    assert group.kind == "teacher" and group.present.all()  # every UID of both splits, first-in-video included
+    assert sorted(group.uids.tolist()) == sorted(seg.uid[np.concatenate([train, val])].tolist())
+    assert group.topk == cfg.topk and group.features.shape == (len(seg), 64)
+    assert group.verb_logits.shape == (len(seg), store.classes.num_verbs)
+    for stage in ("full", "fold0", "fold1"):
+        losses = [row["loss"] for row in r.log if row["stage"] == stage]
+        assert len(losses) == cfg.epochs and losses[-1] < losses[0], stage
+    mlm = [row["mlm_loss"] for row in r.log if row["stage"] == "pretrain"]
+    assert len(mlm) == 2
+    assert set(group.metrics) == {"validation1", "training1 (out-of-fold)"}
+    assert group.metrics["validation1"]["n"] == len(val) and 0 <= group.metrics["validation1"]["top5"] <= 100
+    assert group.config["folds"] == 2 and group.attrs["log"] == r.log
+    assert (r.work_dir / "teacher" / "model.safetensors").exists() and (r.work_dir / "teacher" / "heads.safetensors").exists()
+
+
+def test_out_of_fold_predictions_come_from_other_models(built):
+    """Training UIDs get fold models' predictions (not the full model's); eval UIDs the full model's."""
+    store, cfg, r = built
+    seg = store.segments
+    tok = load_tokenizer(r.work_dir / "teacher")
+    full = make_model(cfg, tok, r.work_dir / "teacher", (store.classes.num_actions, store.classes.num_verbs, store.classes.num_nouns), 0)
+    group = store.teacher("t")
+    for split, same in (("training1", False), ("validation1", True)):
+        rows = seg.rows_in(split)
+        texts = history_texts(store.classes, seg, rows, cfg.hist_len)
+        ours = predict(full, encode(tok, texts, cfg.max_len), tok.pad_token_id)["action"]
+        stored = np.asarray(group.logits[group.row_of_segment[rows]], np.float32)
+        assert np.allclose(ours, stored, atol=2e-2) == same, split
+
+
+def shared_start(work: Path, dest: Path) -> Path:
+    """A work dir holding ``work``'s tokenizer and pretrained encoder but no fine-tuning stage.
+
+    (WordPiece training breaks frequency ties in hash order, so two fresh builds may get
+    different vocabularies; builds that share these two are identical.)
+    """
+    dest.mkdir(parents=True)
+    for part in ("tokenizer", "pretrained"):
+        shutil.copytree(work / part, dest / part)
+    shutil.copy(work / "build.json", dest / "build.json")
+    return dest
+
+
+def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, syn_dir):
+    store, cfg, r = built
+    other = new_store(tmp_path / "s.zarr", syn_dir)
+    work = shared_start(r.work_dir, tmp_path / "work")
+
+    def stop(stage, epoch, row):
+        if stage == "fold0" and epoch == 2:
+            raise KeyboardInterrupt
+
+    args = dict(train_split="training1", eval_splits=("validation1",), work_dir=work, show_progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher(other, "t", cfg, on_epoch=stop, **args)
+    assert "t" not in other.predictions()
+    assert json.loads((work / "fold0" / "state.json").read_text())["epoch"] == 2
+    assert (work / "full" / "predictions.safetensors").exists() and not (work / "fold1").exists()
+    seen = []
+    build_teacher(other, "t", cfg, on_epoch=lambda s, e, row: seen.append((s, e)), **args)
+    assert seen == [("fold0", 3), ("fold1", 1), ("fold1", 2), ("fold1", 3)]  # finished stages and epochs skipped
+    a, b = store.teacher("t"), other.teacher("t")
+    assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
+    with pytest.raises(ConfigError, match="other settings \\(config.lr\\)"):
+        build_teacher(other, "t2", preset("tiny", **{**BUILD, "lr": 1e-3}), **args)
+
+
+def test_parallel_workers_give_the_same_predictions(built, tmp_path, syn_dir):
+    store, cfg, r = built
+    other = new_store(tmp_path / "s.zarr", syn_dir)
+    par = preset("tiny", workers=2, **BUILD)
+    build_teacher(other, "t", par, train_split="training1", eval_splits=("validation1",), show_progress=False,
+                  work_dir=shared_start(r.work_dir, tmp_path / "work"))
+    a, b = store.teacher("t"), other.teacher("t")
+    assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
+
+
+# -- bad input: one-line KDStoreError, nothing written ------------------------------------------
+
+
+def _nothing_written(store: Store, name: str) -> None:
+    assert name not in store.predictions()
+    assert not (Path(f"{store.path}.teacher-work") / name).exists()
+
+
+def test_build_errors(built, tmp_path, syn_dir):
+    store, cfg, r = built
+    quick = preset("tiny", epochs=1, folds=1, **TINY)
+    with pytest.raises(MissingError, match="split 'test9'"):
+        build_teacher(store, "e1", quick, train_split="training1", eval_splits=("test9",), show_progress=False)
+    with pytest.raises(DataError, match="already exist"):
+        build_teacher(store, "t", quick, train_split="training1", show_progress=False)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match=r"plain: not a Hugging Face checkpoint directory \(missing config.json"):
+        build_teacher(store, "e2", quick, train_split="training1", pretrained=tmp_path / "plain", show_progress=False)
+    _nothing_written(store, "e2")
+    # a teacher export whose heads have another class count
+    fewer = tmp_path / "fewer"
+    shutil.copytree(r.work_dir / "teacher", fewer)
+    meta = json.loads((fewer / "teacher.json").read_text())
+    (fewer / "teacher.json").write_text(json.dumps({**meta, "num_actions": meta["num_actions"] + 1}))
+    with pytest.raises(ConfigError, match="teacher heads have .* actions.*the store has"):
+        build_teacher(store, "e3", quick, train_split="training1", pretrained=fewer, show_progress=False)
+    _nothing_written(store, "e3")
+    # a resume checkpoint whose heads have another class count
+    work = tmp_path / "work"
+    shutil.copytree(r.work_dir, work)
+    (work / "build.json").unlink()
+    (work / "full" / "predictions.safetensors").unlink()
+    head = next((work / "full").glob("model-e*.safetensors"))
+    from safetensors.torch import load_file, save_file
+    weights = load_file(head)
+    weights["action.weight"] = torch.zeros(weights["action.weight"].shape[0] + 2, weights["action.weight"].shape[1])
+    save_file(weights, head)
+    with pytest.raises(ConfigError, match=r"action.weight has shape .* another class count"):
+        build_teacher(store, "e4", preset("tiny", **BUILD), train_split="training1",
+                      eval_splits=("validation1",), work_dir=work, show_progress=False)
+    assert "e4" not in store.predictions()
+
+
+def test_all_unknown_histories(built, tmp_path):
+    store, cfg, r = built
+    foreign = tmp_path / "foreign"
+    pretrain_mlm(["zzz <v> qqq <a> zzz <v> www"] * 4, foreign, PretrainConfig(size="tiny", max_len=16, epochs=1, batch_size=4))
+    with pytest.raises(DataError, match="histories: every token is empty or unknown"):
+        build_teacher(store, "e5", preset("tiny", **TINY), train_split="training1", pretrained=foreign, show_progress=False)
+    _nothing_written(store, "e5")
+
+
+def test_empty_split_and_empty_histories(tmp_path, syn_dir):
+    classes, seg = load_annotations(syn_dir, fps=24.0)
+    # keep one training segment per video (so every training history is empty) and add an empty split
+    rows = seg.rows_in("training1")
+    first = np.array([rows[seg.video[rows] == v][0] for v in np.unique(seg.video[rows])] + list(seg.rows_in("validation1")))
+    cols = {c: getattr(seg, c)[first] for c in SegmentTable.COLUMNS}
+    sparse = SegmentTable(**cols, videos=seg.videos, splits=[*seg.splits, "test1"], fps=seg.fps)
+    store = Store.create(tmp_path / "s.zarr", classes, sparse)
+    quick = preset("tiny", epochs=1, folds=1, **TINY)
+    with pytest.raises(DataError, match="no segments in split 'test1'"):
+        build_teacher(store, "e", quick, train_split="training1", eval_splits=("test1",), show_progress=False)
+    with pytest.raises(DataError, match="every history is empty"):
+        build_teacher(store, "e", quick, train_split="training1", show_progress=False)
+    _nothing_written(store, "e")
+
+
+# -- n-gram ---------------------------------------------------------------------------------
+
+
+def test_ngram_sanity():
+    # 0 -> 1 -> 2 -> 0 ... deterministic chain, plus action 3 only after (2, 0)
+    ctx = np.array([[-1, -1], [-1, 0], [0, 1], [1, 2], [2, 0], [0, 1], [1, 2], [2, 0]])
+    nxt = np.array([0, 1, 2, 0, 3, 2, 0, 1])
+    m = NGram(4, order=3).fit(ctx, nxt)
+    p = m.predict(np.array([[0, 1], [1, 2], [2, 0], [3, 3], [-1, -1]]))
+    assert p.sum(axis=1) == pytest.approx(1.0)
+    assert p[0].argmax() == 2 and p[1].argmax() == 0
+    # (2, 0) was followed by 1 and by 3 once each; the bigram "0 ->" adds weight to 1 (seen twice)
+    assert p[2][1] > p[2][3] > p[2][2] and p[2][[1, 3]].sum() > 0.5
+    uni = NGram(4, order=1).fit(ctx, nxt).predict(np.array([[3, 3]]))[0]
+    assert uni == pytest.approx((np.bincount(nxt, minlength=4) + 1) / (len(nxt) + 4))  # add-1 unigram
+    assert p[3] == pytest.approx(uni)  # unseen context backs off to the unigram
+    with pytest.raises(DataError, match="no training examples"):
+        NGram(4).fit(np.zeros((0, 2)), np.zeros(0))
+
+
+def test_ngram_learns_synthetic_sequences(syn_dir):
+    classes, seg = load_annotations(syn_dir, fps=24.0)
+    val = seg.rows_in("validation1")
+    p = ngram_baseline(seg, classes.num_actions, "training1", val, order=2, mode="complete")
+    assert (p.argmax(1) == seg.action[val]).mean() > 0.3  # far above chance (1/21)
+    assert action_histories(seg, val, 2).min() >= -1
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
+    from cli import app
+
+    store, cfg, r = built
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", str(store.path), "--baseline", "ngram", "--write", "ngram", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    again = runner.invoke(app, ["evaluate", str(store.path), "--predictions", "ngram", "--json"])
+    assert json.loads(again.stdout)["top1"] == pytest.approx(m["top1"]) and store.teacher("ngram").kind == "baseline"
+    res = runner.invoke(app, ["evaluate", str(store.path), "-p", "t"])
+    assert res.exit_code == 0 and "validation1" in res.stdout  # a rich table
+    res = runner.invoke(app, ["evaluate", str(store.path), "-p", "t", "--json"])
+    stored = store.teacher("t").metrics["validation1"]
+    assert json.loads(res.stdout)["top1"] == pytest.approx(stored["top1"], abs=2.5)  # fp16 logits in the store
+    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(syn_dir), "--out", str(tmp_path / "lm"),
+                              "--size", "tiny", "--epochs", "1", "--max-len", "32", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "lm" / "model.safetensors").exists()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("cut <v> tomato\n\n<a>\n")
+    res = runner.invoke(app, ["pretrain-lm", str(bad), "--out", str(tmp_path / "lm2")])
+    assert isinstance(res.exception, KDStoreError) and "line 3: no actions" in str(res.exception)
+    assert not (tmp_path / "lm2").exists()
+
+
+def test_cli_build_teacher_tiny(tmp_path, syn_dir):
+    from cli import app
+
+    store = new_store(tmp_path / "s.zarr", syn_dir)
+    res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--folds", "1",
+                                   "--epochs", "1", "--single-task", "--set", "threads=1", "--topk", "5"])
+    assert res.exit_code == 0, res.output
+    g = Store.open(store.path).teacher("cli")
+    assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
+    assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
+
+
+# -- real EGTEA (skipped when the data is absent) ------------------------------------------------
+
+
+@pytest.mark.skipif(not EGTEA_DIR.exists(), reason=f"real EGTEA annotations not found at {EGTEA_DIR}")
+def test_real_egtea_histories_corpus_and_ngram():
+    classes, seg = load_annotations(EGTEA_DIR, ["training1", "validation1"])
+    assert classes.num_actions == 106
+    val = seg.rows_in("validation1")
+    texts = history_texts(classes, seg, val, 15)
+    assert sum(t == "" for t in texts) < 0.05 * len(texts)
+    tok = train_tokenizer(history_corpus(classes, seg, "training1"), 512)
+    ids = encode(tok, texts, 96)
+    assert tok.unk_token_id not in {i for seq in ids for i in seq}  # class words are all in the vocabulary
+    from kdstore.metrics import compute_metrics
+
+    m = compute_metrics(ngram_baseline(seg, 106, "training1", val, order=2), seg.action[val], classes)
+    assert m["top1"] > 20 and m["mean_top1_recall"] > 15
+
+
+def test_bench_teacher_build_tiny(tmp_path):
+    from bench.teacher_build import run
+
+    [row] = run(tiny=True, out_dir=tmp_path, threads=1)
+    assert float(row["seconds"]) > 0 and float(row["peak_rss_mib"]) > 0 and int(row["uids"]) > 100
+    assert 0 <= float(row["teacher_top1"]) <= 100 and float(row["ngram2_top1"]) > 0
+    assert (tmp_path / "teacher_build.csv").read_text().count("\n") == 2

@@ -1,0 +1,325 @@
+"""``build-teacher``: tokenizer, optional MLM pretraining, K-fold fine-tuning, store writes.
+
+Stages, each resumable, in a work dir (default ``<store>.teacher-work/<name>/``)::
+
+    build.json          settings of the build (a resume with other settings is refused)
+    tokenizer/          WordPiece trained on the train-split histories (no checkpoint given)
+    pretrained/         masked-LM checkpoint from ``pretrain_epochs`` on the train split
+    full/               model trained on every training example: predicts the eval splits
+    fold0/ ... foldK-1/ model trained without fold k's videos: predicts fold k's training UIDs
+    teacher/            the full model as an HF checkpoint + heads (usable as --pretrained)
+
+A stage directory holds epoch checkpoints (see ``optim``) and, when finished,
+``predictions.safetensors``. A rerun skips finished stages, resumes a stage from its last
+epoch checkpoint (model and AdamW state restored exactly), and redoes an interrupted
+pretraining from its start.
+
+Every segment of the requested splits gets a prediction. The input of a segment is its
+history text; a segment without earlier actions (first in its video) reads just the
+special tokens, ``[CLS] [SEP]``. Only segments with a non-empty history are training
+examples (their label is the segment's own action). With ``multi_history`` each length is
+a training example and a segment's logits and features are the mean over the lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Empty
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from kdstore.annotations import action_text, action_words
+from kdstore.errors import ConfigError, DataError
+from kdstore.metrics import compute_metrics, marginalise, softmax
+from kdstore.store import Store, _check_name, provenance_entry
+
+from .config import TeacherConfig, config_from_dict
+from .corpus import history_corpus, history_texts
+from .finetune import Examples, Thinning, finetune, predict
+from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
+from .ngram import action_histories
+from .optim import num_threads
+from .pretrain import PretrainConfig, pretrain_mlm
+from .progress import progress
+from .tokenizer import check_known, encode, load_tokenizer, train_tokenizer
+
+PRED_KEYS = ("action", "verb", "noun", "features")
+
+
+@dataclass
+class BuildResult:
+    """What a build wrote: the group name, its UIDs, metrics per split, the log, the timing."""
+
+    name: str
+    uids: np.ndarray
+    metrics: dict
+    log: list
+    seconds: float
+    work_dir: Path
+
+
+def work_dir_for(store: Store, name: str) -> Path:
+    """The default work dir of teacher ``name``: ``<store>.teacher-work/<name>``."""
+    return Path(f"{store.path}.teacher-work") / name
+
+
+def assign_folds(videos: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """[n] fold of each row: whole videos go to the fold with the fewest rows so far,
+    largest videos first (ties in a seeded random order)."""
+    uniq, counts = np.unique(videos, return_counts=True)
+    if len(uniq) < k:
+        raise ConfigError(f"{k} folds need at least {k} videos in the training split, found {len(uniq)}")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    sizes, fold_of = np.zeros(k, np.int64), {}
+    for i in order:
+        f = int(np.argmin(sizes))
+        fold_of[uniq[i]] = f
+        sizes[f] += counts[i]
+    return np.array([fold_of[v] for v in videos], dtype=np.int64)
+
+
+@dataclass
+class StageJob:
+    """Everything one fine-tuning stage needs; runs in this process or in a worker."""
+
+    stage: str
+    sdir: Path
+    cfg: dict
+    tok_dir: Path
+    model_base: Path | None
+    nums: tuple[int, int, int]
+    seed: int
+    data: Examples
+    pred_ids: list[list[list[int]]]  # per history length, the inputs of the predicted rows
+    pred_index: np.ndarray  # [m] positions of the predicted rows in the build's row order
+    export: Path | None = None  # where the full model is saved as a teacher checkpoint
+
+
+def make_model(cfg: TeacherConfig, tok, model_base: Path | None, nums: tuple[int, int, int], seed: int) -> TeacherModel:
+    """The teacher to fine-tune: from ``model_base`` if given, else randomly initialised."""
+    torch.manual_seed(seed)
+    if model_base:
+        return pretrained_teacher(model_base, tok, nums, cfg.dropout)
+    return scratch_teacher(cfg.family, cfg.size, tok, cfg.max_len, nums, cfg.dropout)
+
+
+def run_stage(job: StageJob, on_step=None, on_epoch=None) -> None:
+    """Fine-tune (resuming from ``job.sdir``), predict, write ``predictions.safetensors``."""
+    cfg = config_from_dict(job.cfg)
+    tok = load_tokenizer(job.tok_dir)
+    with num_threads(cfg.threads):
+        model = make_model(cfg, tok, job.model_base, job.nums, job.seed)
+        finetune(model, job.data, cfg, tok, job.seed, job.sdir, on_step=on_step, on_epoch=on_epoch)
+        outs = [predict(model, ids, tok.pad_token_id) for ids in job.pred_ids]
+    preds = {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in PRED_KEYS}  # mean over lengths
+    if job.export:
+        model.save(job.export, tok, {"config": job.cfg})
+    tmp = job.sdir / ".predictions.tmp"
+    save_file({**preds, "index": job.pred_index.astype(np.int64)}, str(tmp))
+    tmp.replace(job.sdir / "predictions.safetensors")  # the stage counts as finished only once this exists
+
+
+def _worker(job: StageJob, queue) -> None:
+    run_stage(job, on_step=lambda done, total: queue.put((job.stage, done, total)))
+
+
+def run_stages(jobs: list[StageJob], workers: int, task, on_epoch=None) -> None:
+    """Run the unfinished stages, ``workers`` at a time in spawned processes (1: in this one)."""
+    todo = [j for j in jobs if not (j.sdir / "predictions.safetensors").exists()]
+    if workers <= 1 or len(todo) <= 1:
+        for j in todo:
+            run_stage(j, task(j.stage), (lambda e, row, s=j.stage: on_epoch(s, e, row)) if on_epoch else None)
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        bars = {j.stage: task(j.stage) for j in todo}
+        futures = [pool.submit(_worker, j, queue) for j in todo]
+        while not all(f.done() for f in futures) or not queue.empty():
+            try:
+                stage, done, total = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            if bars[stage]:
+                bars[stage](done, total)
+        for f in futures:
+            f.result()  # re-raise a worker's error
+
+
+def build_teacher(
+    store: Store,
+    name: str,
+    cfg: TeacherConfig,
+    *,
+    train_split: str,
+    eval_splits: tuple[str, ...] = (),
+    pretrained: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    overwrite: bool = False,
+    fresh: bool = False,
+    show_progress: bool = True,
+    on_epoch: Callable[[str, int, dict], None] | None = None,
+) -> BuildResult:
+    """Train the teacher and write ``teacher/<name>`` (kind "teacher") into ``store``.
+
+    Bad input (unknown or empty split, an existing group without ``overwrite``, a
+    checkpoint that is not one or whose heads have other class counts, histories that
+    are all empty or unknown to the tokenizer, a work dir of another build) raises a
+    KDStoreError before anything is written. ``on_epoch(stage, epoch, row)`` is called
+    after each fine-tuning epoch's checkpoint (only with ``cfg.workers == 1``).
+    """
+    with num_threads(cfg.threads):
+        return _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, overwrite, fresh, show_progress, on_epoch)
+
+
+def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, overwrite, fresh, show_progress, on_epoch) -> BuildResult:
+    t0 = time.perf_counter()
+    seg, classes = store.segments, store.classes
+    nums = (classes.num_actions, classes.num_verbs, classes.num_nouns)
+    _check_name(name)
+    if name in store.predictions() and not overwrite:
+        raise DataError(f"{store.path}: predictions {name!r} already exist (pass overwrite to replace them)")
+    eval_splits = tuple(s for s in dict.fromkeys(eval_splits) if s != train_split)
+    rows = {s: seg.rows_in(s) for s in (train_split, *eval_splits)}
+    for s, r in rows.items():
+        if len(r) == 0:
+            raise DataError(f"{store.path}: no segments in split {s!r}")
+    if pretrained and cfg.init_from:
+        raise ConfigError("give a pretrained checkpoint or init_from, not both")
+    base = Path(pretrained or cfg.init_from) if (pretrained or cfg.init_from) else None
+    if base:
+        check_checkpoint(base)
+    all_rows = np.concatenate(list(rows.values()))
+    n_train = len(rows[train_split])
+    texts = {L: history_texts(classes, seg, all_rows, L, cfg.history, cfg.colon) for L in cfg.hist_lens}
+    if not any(t for L in cfg.hist_lens for t in texts[L][:n_train]):
+        raise DataError(f"split {train_split!r}: every history is empty (no segment has an earlier action in its video)")
+    folds = assign_folds(seg.video[rows[train_split]], cfg.folds, cfg.seed) if cfg.folds > 1 else None
+
+    work = Path(work_dir) if work_dir else work_dir_for(store, name)
+    settings = {"config": _result_config(cfg.to_dict()), "train_split": train_split, "eval_splits": list(eval_splits),
+                "pretrained": str(pretrained) if pretrained else None,
+                "segments_sha256": store.manifest["segments_sha256"], "classes": list(nums)}
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    _check_resume(work, settings)
+    tok_dir = base or work / "tokenizer"
+    if tok_dir.exists():
+        tok = load_tokenizer(tok_dir)
+    else:
+        vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
+        tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + vocab_lines, cfg.vocab_size)
+    ids = {L: encode(tok, texts[L], cfg.max_len) for L in cfg.hist_lens}
+    check_known(tok, [i for L in cfg.hist_lens for i, t in zip(ids[L][:n_train], texts[L]) if t],
+                f"split {train_split!r} histories")
+    if base:
+        make_model(cfg, tok, base, nums, cfg.seed)  # a teacher checkpoint's class counts are checked before any write
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "build.json").write_text(json.dumps(settings, indent=1))
+    if not tok_dir.exists():
+        tok.save_pretrained(tok_dir)
+    log: list[dict] = []
+    with progress(show_progress) as task:
+        model_base = base
+        if cfg.pretrain_epochs:
+            model_base = tok_dir = work / "pretrained"
+            if not (model_base / "pretrain.json").exists():
+                corpus = history_corpus(classes, seg, train_split, cfg.pretrain_window, cfg.colon)
+                pcfg = PretrainConfig(family=cfg.family, size=cfg.size, init_from=str(base) if base else None,
+                                      max_len=cfg.max_len, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
+                                      batch_size=cfg.pretrain_batch_size, weight_decay=cfg.weight_decay,
+                                      warmup=cfg.warmup, mask_prob=cfg.mask_prob, dropout=cfg.dropout, seed=cfg.seed,
+                                      threads=cfg.threads)
+                pretrain_mlm(corpus, model_base, pcfg, tok=tok, on_step=task("pretrain"))
+            log += [{"stage": "pretrain", **r} for r in json.loads((model_base / "pretrain.json").read_text())["log"]]
+
+        long = None
+        if cfg.history_dropout:  # the actions a thinned history draws from
+            long = action_histories(seg, rows[train_split], 4 * max(cfg.hist_lens), cfg.history)  # [n_train, W]
+            words = [action_words(classes, a, cfg.colon) for a in range(classes.num_actions)]
+
+        def examples(idx: np.ndarray) -> Examples:
+            """One example per (row, distinct non-empty history text); ``idx`` are train-split positions."""
+            picked, at, lens = [], [], []
+            for i in idx:
+                seen = set()
+                for L in cfg.hist_lens:
+                    if texts[L][i] and texts[L][i] not in seen:
+                        seen.add(texts[L][i])
+                        picked.append(ids[L][i])
+                        at.append(i)
+                        lens.append(L)
+            lab = all_rows[np.asarray(at, dtype=np.int64)]
+            thin = Thinning(long[at], np.asarray(lens), words, cfg.history_dropout, cfg.max_len) if long is not None else None
+            return Examples(picked, seg.action[lab], seg.verb[lab], seg.noun[lab], thin)
+
+        def job(stage: str, seed: int, train_idx: np.ndarray, pred_idx: np.ndarray) -> StageJob:
+            return StageJob(stage, work / stage, cfg.to_dict(), tok_dir, model_base, nums, seed, examples(train_idx),
+                            [[ids[L][i] for i in pred_idx] for L in cfg.hist_lens], pred_idx,
+                            work / "teacher" if stage == "full" else None)
+
+        train_idx, everything = np.arange(n_train), np.arange(len(all_rows))
+        jobs = [job("full", cfg.seed, train_idx, everything[n_train:] if folds is not None else everything)]
+        if folds is not None:
+            jobs += [job(f"fold{k}", cfg.seed + 101 * (k + 1), train_idx[folds != k], train_idx[folds == k])
+                     for k in range(cfg.folds)]
+        run_stages(jobs, cfg.workers, task, on_epoch)
+    parts = [load_file(str(j.sdir / "predictions.safetensors")) for j in jobs]
+    for j in jobs:
+        log += [{"stage": j.stage, **r} for r in json.loads((j.sdir / "state.json").read_text())["log"]]
+    out = {k: np.zeros((len(all_rows), parts[0][k].shape[1]), np.float32) for k in PRED_KEYS}
+    for p in parts:
+        for k in PRED_KEYS:
+            out[k][p["index"]] = p[k]
+
+    if not cfg.multi_task:  # untrained heads: store the action model's own verb/noun marginals
+        probs = softmax(out["action"])
+        out["verb"] = np.log(marginalise(probs, classes.action_verb, nums[1]) + 1e-12).astype(np.float32)
+        out["noun"] = np.log(marginalise(probs, classes.action_noun, nums[2]) + 1e-12).astype(np.float32)
+    labels, start = seg.action[all_rows], np.cumsum([0, *(len(r) for r in rows.values())])
+    span = {s: slice(start[i], start[i + 1]) for i, s in enumerate(rows)}
+    metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in eval_splits}
+    kind = "out-of-fold" if folds is not None else "in-sample"
+    metrics[f"{train_split} ({kind})"] = compute_metrics(out["action"][span[train_split]], labels[span[train_split]], classes)
+    uids = seg.uid[all_rows]
+    config = {**cfg.to_dict(), "train_split": train_split, "eval_splits": list(eval_splits),
+              "pretrained": str(pretrained) if pretrained else None, "vocab": len(tok), "work_dir": str(work)}
+    store.write_predictions(
+        name, uids, out["action"], features=out["features"], verb_logits=out["verb"], noun_logits=out["noun"],
+        topk=cfg.topk, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
+        provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=train_split),
+    )
+    return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work)
+
+
+def _result_config(d: dict) -> dict:
+    """The config fields that change results (not threads or workers)."""
+    return {k: v for k, v in d.items() if k not in ("threads", "workers")}
+
+
+def _check_resume(work: Path, settings: dict) -> None:
+    """ConfigError if ``work`` holds a build with other settings."""
+    path = work / "build.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    old_cfg = config_from_dict(old.get("config", {})).to_dict() if "config" in old else {}
+    old = {**old, "config": _result_config(old_cfg)}
+    diff = sorted(k for k in settings if old.get(k) != settings[k])
+    if "config" in diff:
+        diff.remove("config")
+        diff += [f"config.{k}" for k in settings["config"] if old["config"].get(k) != settings["config"][k]]
+    if diff:
+        what = "class counts differ from the store's" if diff == ["classes"] else f"other settings ({', '.join(diff)})"
+        raise ConfigError(f"{work}: holds a build with {what}; pass fresh (--fresh) or another work dir")

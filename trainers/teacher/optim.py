@@ -1,0 +1,141 @@
+"""Training plumbing shared by pretraining and fine-tuning: AdamW, the lr schedule,
+padding, and epoch checkpoints in safetensors + JSON (no pickle).
+
+A checkpoint directory holds ``model-e<epoch>.safetensors``, ``optimizer-e<epoch>.safetensors``
+(AdamW's per-parameter ``step``/``exp_avg``/``exp_avg_sq`` tensors, keyed ``<index>.<name>``)
+and ``state.json`` (epoch, global step, AdamW's param groups, the training log). Resuming
+restores all of it, and each epoch's shuffling and dropout are seeded from (seed, epoch),
+so an interrupted run continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from kdstore.errors import ConfigError
+
+NO_DECAY = ("bias", "layernorm", "layer_norm", "norm.weight")
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter except biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
+    """Linear warmup over ``warmup * total`` steps, then linear decay to 0."""
+    w = max(1, int(warmup * total))
+    return lr * (step + 1) / w if step < w else lr * max(0.0, (total - step) / max(1, total - w))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T], mask [B, T]) right-padded to the longest sequence."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed dropout for ``epoch`` and return the generator that shuffles it."""
+    torch.manual_seed(seed * 1009 + epoch)
+    return torch.Generator().manual_seed(seed * 1013 + epoch)
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    tmp.replace(path)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Write model, optimizer and ``state`` (JSON, must hold ``epoch``) for ``load_checkpoint``.
+
+    Tensors go to files named by epoch and ``state.json``, which names them, is replaced
+    last (atomically), so a crash at any point leaves the previous checkpoint usable.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tag = f"e{state['epoch']}"
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().reshape(-1).clone() for i, s in sd["state"].items() for k, v in s.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    _atomic(path / f"model-{tag}.safetensors", lambda p: save_model(model, str(p)))
+    _atomic(path / f"optimizer-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
+    _atomic(path / "state.json", lambda p: p.write_text(json.dumps({**state, "tag": tag, "param_groups": groups}, indent=1)))
+    for old in path.glob("*-e*.safetensors"):
+        if not old.name.endswith(f"-{tag}.safetensors"):
+            old.unlink()
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
+    """Restore a checkpoint written by ``save_checkpoint``; None if there is none.
+
+    ConfigError if a stored tensor's shape differs from the model's (e.g. heads for
+    another class count).
+    """
+    path = Path(path)
+    if not (path / "state.json").exists():
+        return None
+    state = json.loads((path / "state.json").read_text())
+    weights = path / f"model-{state['tag']}.safetensors"
+    own = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+            if key in own and tuple(own[key].shape) != shape:
+                raise ConfigError(
+                    f"{weights}: {key} has shape {list(shape)}, the model needs {list(own[key].shape)}"
+                    " (checkpoint made for another class count or model; use a fresh work dir)"
+                )
+    load_model(model, str(weights))
+    if opt is not None:
+        flat = load_file(str(path / f"optimizer-{state['tag']}.safetensors"))
+        per: dict[int, dict] = {}
+        for key, v in flat.items():
+            i, name = key.split(".", 1)
+            per.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for i, s in per.items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                s[name] = s[name].reshape(params[i].shape)
+        opt.load_state_dict({"state": per, "param_groups": state["param_groups"]})
+    return state
