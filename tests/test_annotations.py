@@ -421,8 +421,8 @@ def test_histories_synthetic(synthetic_tables, mode):
         assert (np.diff(seg.start_frame[hist]) >= 0).all()
         if mode == "gappy":
             assert (seg.split[hist] == seg.split[r]).all()
-    if mode == "gappy":  # the synthetic splits cut videos: gappy histories differ from complete ones
-        assert not np.array_equal(h, histories(seg, rows, 4, "complete"))
+    if mode == "gappy":  # the synthetic data splits by video (like EK55): no gaps to leave out
+        np.testing.assert_array_equal(h, histories(seg, rows, 4, "complete"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,3 +475,11 @@ def test_action_text(synthetic_tables):
     text = action_text(c, range(c.num_actions))
     assert text.count(" <a> ") == c.num_actions - 1 and text.count(" <v> ") == c.num_actions
     assert text == text.lower() and "_" not in text and ":" not in text and "/" not in text
+
+
+def test_egtea_gappy_histories_leave_out_the_other_split(egtea_dir):
+    _, seg = load_annotations(egtea_dir, splits=["training1", "validation1"])
+    rows = seg.rows_in("validation1")
+    gappy, complete = histories(seg, rows, 15, "gappy"), histories(seg, rows, 15, "complete")
+    assert (seg.split[gappy[gappy >= 0]] == seg.splits.index("validation1")).all()
+    assert (seg.split[complete[complete >= 0]] == seg.splits.index("training1")).any()
