@@ -77,3 +77,12 @@ def test_report_helpers_by_hand():
     c = calibration(np.log(np.array([[0.9, 0.1], [0.6, 0.4]])), np.array([0, 1]))
     assert c["count"].sum() == 2
     assert c["ece"] == pytest.approx(0.5 * abs(1 - 0.9) + 0.5 * abs(0 - 0.6))
+
+
+def test_kd_sweep_tiny(demo_dir, tmp_path):
+    from bench.kd_sweep import SETTINGS, run
+
+    rows = run(demo_dir, seeds=(0,), tiny=True, out_dir=tmp_path)
+    assert len(rows) == len(SETTINGS) and (tmp_path / "kd_sweep.csv").exists()
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    assert any("mean_top1_recall" in r for r in rows)
