@@ -49,14 +49,15 @@ class InMemory:
 
 
 class Concatenated:
-    """Row-wise concatenation of ``.npy`` files, read one file at a time."""
+    """Row-wise concatenation of arrays and ``.npy`` files, one part in memory at a time."""
 
-    def __init__(self, paths: list[Path], shape: tuple[int, ...], dtype: np.dtype):
-        self.paths, self.shape, self.dtype = paths, shape, np.dtype(dtype)
+    def __init__(self, parts: list[np.ndarray | Path], shape: tuple[int, ...], dtype: np.dtype):
+        self.parts, self.shape, self.dtype = parts, shape, np.dtype(dtype)
 
     def blocks(self) -> Iterator[np.ndarray]:
-        for p in self.paths:
-            yield np.load(p, mmap_mode="r", allow_pickle=False)
+        for p in self.parts:
+            part = p if isinstance(p, np.ndarray) else np.load(p, mmap_mode="r", allow_pickle=False)
+            yield np.asarray(part, dtype=self.dtype)
 
 
 def as_source(a: np.ndarray | ArraySource) -> ArraySource:

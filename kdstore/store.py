@@ -623,18 +623,17 @@ class VideoWriter:
         staged = {s.video: s for s in self.staged()}
         if not staged:
             raise DataError(f"video/{self.name}: nothing to commit (no video was staged)")
-        kept: list[tuple[str, np.ndarray, np.ndarray]] = []
+        # (video, features, timestamps): stored videos as memmap slices, staged ones as files
+        items: list[tuple[str, np.ndarray | Path, np.ndarray | Path]] = []
         if self.name in self.store.feature_sets():
             old = self.store.video(self.name)
-            kept = [(v, *old.frames(v)) for v in old.videos if v not in staged]
-        items = sorted(
-            [(v, f, t) for v, f, t in kept]
-            + [(v, self._stem(v).with_name(self._stem(v).name + ".feat.npy"), self._stem(v).with_name(self._stem(v).name + ".ts.npy")) for v in staged],
-            key=lambda x: x[0],
-        )
+            items = [(v, *old.frames(v)) for v in old.videos if v not in staged]
+        for v in staged:
+            stem = self._stem(v)
+            items.append((v, stem.with_name(stem.name + ".feat.npy"), stem.with_name(stem.name + ".ts.npy")))
+        items.sort(key=lambda x: x[0])
         counts = [len(f) if isinstance(f, np.ndarray) else staged[v].frames for v, f, _ in items]
-        n = int(sum(counts))
-        feats = _Mixed([f for _, f, _ in items], (n, self.dim), self.dtype)
+        feats = Concatenated([f for _, f, _ in items], (int(sum(counts)), self.dim), self.dtype)
         ts = np.concatenate([t if isinstance(t, np.ndarray) else np.load(t, allow_pickle=False) for _, _, t in items])
         attrs = {
             **self.attrs,
@@ -648,14 +647,3 @@ class VideoWriter:
         self.store.add_provenance(provenance or provenance_entry("write_video_features", group=f"video/{self.name}"))
         shutil.rmtree(self.dir)
         return self.store.video(self.name)
-
-
-class _Mixed(Concatenated):
-    """Concatenation of stored memmap slices and staged ``.npy`` files."""
-
-    def __init__(self, parts: list, shape: tuple[int, ...], dtype: np.dtype):
-        super().__init__(parts, shape, dtype)
-
-    def blocks(self):
-        for p in self.paths:
-            yield np.asarray(p if isinstance(p, np.ndarray) else np.load(p, mmap_mode="r", allow_pickle=False), dtype=self.dtype)
