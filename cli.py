@@ -185,7 +185,9 @@ def build_teacher_cmd(
     batch_size: Optional[int] = typer.Option(None),
     topk: Optional[int] = typer.Option(None, help="Top-K logits stored a UID (default 50)."),
     seed: Optional[int] = typer.Option(None),
-    threads: Optional[int] = typer.Option(None),
+    history_dropout: Optional[float] = typer.Option(None, help="Also train on thinned histories (drop rate up to this)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads per process."),
+    workers: Optional[int] = typer.Option(None, help="Fine-tuning stages run in parallel processes."),
     overrides: list[str] = typer.Option([], "--set", help="Any TeacherConfig field, key=value (repeatable)."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoints (default <store>.teacher-work/<name>); resumed."),
     overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
@@ -203,7 +205,8 @@ def build_teacher_cmd(
         **parse_overrides(overrides), "pretrain_epochs": pretrain_epochs, "folds": folds, "family": family,
         "size": size, "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
         "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted, "lr": lr,
-        "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads})
+        "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
+        "history_dropout": history_dropout, "workers": workers})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                       pretrained=pretrained, work_dir=work_dir, overwrite=overwrite, fresh=fresh)
     Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))

@@ -210,11 +210,10 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
     settings = {"config": _result_config(cfg.to_dict()), "train_split": train_split, "eval_splits": list(eval_splits),
                 "pretrained": str(pretrained) if pretrained else None,
                 "segments_sha256": store.manifest["segments_sha256"], "classes": list(nums)}
-    if fresh:
-        shutil.rmtree(work, ignore_errors=True)
-    _check_resume(work, settings)
+    if not fresh:
+        _check_resume(work, settings)
     tok_dir = base or work / "tokenizer"
-    if tok_dir.exists():
+    if base or (tok_dir.exists() and not fresh):
         tok = load_tokenizer(tok_dir)
     else:
         vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
@@ -225,6 +224,8 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
     if base:
         make_model(cfg, tok, base, nums, cfg.seed)  # a teacher checkpoint's class counts are checked before any write
 
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     (work / "build.json").write_text(json.dumps(settings, indent=1))
     if not tok_dir.exists():
