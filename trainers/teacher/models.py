@@ -74,11 +74,16 @@ def check_checkpoint(path: str | Path) -> Path:
 
 def load_mlm(path: str | Path, tok: PreTrainedTokenizerFast) -> nn.Module:
     """A masked-LM model from a local checkpoint, embeddings resized to the tokenizer."""
+    return _load_local(AutoModelForMaskedLM, path, tok, "as a masked-LM checkpoint")
+
+
+def _load_local(auto_cls, path: str | Path, tok: PreTrainedTokenizerFast, what: str) -> nn.Module:
+    """``auto_cls`` from a local checkpoint (safetensors only), embeddings grown to the tokenizer."""
     path = check_checkpoint(path)
     try:
-        model = AutoModelForMaskedLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        model = auto_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: cannot load as a masked-LM checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise ConfigError(f"{path}: cannot load {what} ({str(e).splitlines()[0][:160]})") from None
     if model.get_input_embeddings().num_embeddings < len(tok):
         model.resize_token_embeddings(len(tok))
     return model
@@ -134,12 +139,7 @@ def pretrained_teacher(path: str | Path, tok: PreTrainedTokenizerFast, classes: 
     ConfigError if its class counts differ from ``classes``.
     """
     path = check_checkpoint(path)
-    try:
-        encoder = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: cannot load the encoder ({str(e).splitlines()[0][:160]})") from None
-    if encoder.get_input_embeddings().num_embeddings < len(tok):
-        encoder.resize_token_embeddings(len(tok))
+    encoder = _load_local(AutoModel, path, tok, "the encoder")
     model = TeacherModel(encoder, *classes, dropout=dropout)
     if (path / HEADS_FILE).exists():
         meta = json.loads((path / TEACHER_FILE).read_text()) if (path / TEACHER_FILE).exists() else {}
