@@ -51,6 +51,9 @@ BENCH = "student_step"
 # different number, the same computation.
 FULL = dict(dim=1024, frames=100_000, n_videos=400, model=dict(distill=1.0), batch_size=64, steps=50, warmup=3,
             block=10)
+# A GPU step takes milliseconds: more steps, and blocks as long as a short epoch (a trainer
+# keeps one loader for a whole epoch, so a fresh loader every 10 steps would overstate its start-up).
+CUDA = dict(steps=500, block=100)
 TINY = dict(dim=32, frames=5_000, n_videos=24,
             model=dict(num_frames=4, n_layer=1, n_head=2, inter_dim=64, topk=10, distill=1.0),
             batch_size=16, steps=12, warmup=2, block=4)
@@ -104,11 +107,13 @@ def run(tiny: bool = False, device: str | None = None, out_dir: str | Path | Non
     from trainers.student.data import BatchLoader, StudentData, epoch_order
     from trainers.student.train import make_optimizer
 
-    p = dict(TINY if tiny else FULL)
-    if steps is not None:
-        p["steps"] = steps
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
+    p = dict(TINY if tiny else FULL)
+    if cuda and not tiny:
+        p.update(CUDA)
+    if steps is not None:
+        p["steps"] = steps
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = preset("egtea", batch_size=p["batch_size"], **p["model"])
     bs, warmup, steps, block = cfg.batch_size, p["warmup"], p["steps"], p["block"]

@@ -4,9 +4,10 @@
 
 Times forward + backward at B=4096, C=2513 (EK55 actions), K=50, T=10 with fp32 and bf16 student
 logits in both modes and appends one row per implementation to ``bench/results/topk_kl.csv``.
-On CUDA the fused kernel's row also holds its forward time (the one fused launch) against the
-ideal time to move its bytes (read the logits, write the gradient, read the teacher inputs) at
-the measured device copy bandwidth. On CPU only the reference paths run: the Triton interpreter
+On CUDA every row also holds the device time of forward + backward replayed from a CUDA graph
+(``graph_*``: no Python or launch overhead), and the fused kernel's row holds both times
+against the issue's ideal, reading the logits and writing their gradient once at the measured
+device copy bandwidth (``wall_over_ideal``, ``graph_over_ideal``), and its forward time alone. On CPU only the reference paths run: the Triton interpreter
 is not a performance path. Peak memory is ``torch.cuda.max_memory_allocated`` per row on CUDA,
 and the process's peak RSS so far on CPU.
 """
@@ -14,6 +15,8 @@ and the process's peak RSS so far on CPU.
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 import sys
 import time
 from functools import partial
@@ -79,16 +82,44 @@ def _copy_bandwidth():
     return 2 * src.numel() * src.element_size() / t
 
 
-def _roofline(fn, s, t, idx, device, repeat, copy_bw):
-    """Forward time of the fused kernel (one launch) against moving its bytes at copy bandwidth."""
+def _graph_time(fn, s, repeat, backward=True, prefix="graph"):
+    """Device time of one forward + backward (or forward only), replayed from a CUDA graph (no
+    Python or launch overhead between kernels): median and p20/p80 over ``repeat`` timings of
+    10 replays."""
+    step = partial(_fwd_bwd, fn, s) if backward else fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (autotuning, allocator) outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeat):
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return {f"{prefix}_median_s": statistics.median(times), f"{prefix}_p20_s": q[1], f"{prefix}_p80_s": q[7]}
+
+
+def _roofline(fn, s, repeat, copy_bw, result):
+    """Forward alone, and forward + backward against reading the logits and writing their
+    gradient once at the measured copy bandwidth (the issue's ideal)."""
     B, C = s.shape
-    K = t.shape[1]
-    # Logits read once + gradient written once, teacher logits/indices, LSE, mask and loss.
-    nbytes = 2 * B * C * s.element_size() + B * K * (t.element_size() + idx.element_size()) + B * (4 + 1 + 4)
-    fwd_s = _measure(fn, s, device, repeat, backward=False)["median_s"]
+    nbytes = 2 * B * C * s.element_size()
     ideal_s = nbytes / copy_bw
-    return {"fwd_median_s": fwd_s, "bytes": nbytes, "copy_gbps": copy_bw / 1e9, "ideal_s": ideal_s,
-            "fwd_over_ideal": fwd_s / ideal_s}
+    out = {"fwd_median_s": _measure(fn, s, "cuda", repeat, backward=False)["median_s"], "bytes": nbytes,
+           "copy_gbps": copy_bw / 1e9, "ideal_s": ideal_s, "wall_over_ideal": result["median_s"] / ideal_s}
+    if "graph_median_s" in result:
+        out["graph_over_ideal"] = result["graph_median_s"] / ideal_s
+    return out
 
 
 def _guarded(measure):
@@ -117,19 +148,49 @@ def run(tiny: bool = False, device: str | None = None, out_dir=None) -> list[dic
             s, t, idx, lse, mask = _inputs(**shape, dtype=dtype, device=device)
             config = {**shape, "T": TEMPERATURE, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
                       "device": device, "tiny": tiny}
-            eager_s = None
+            eager = {}
             for name, impl in impls.items():
                 fn = partial(impl, s, t, idx, TEMPERATURE, mode, lse, mask)
                 result = _guarded(lambda: _first_call(fn, s, device)) if name == "compiled" else {}
                 if "error" not in result:
                     result.update(_guarded(lambda: _measure(fn, s, device, repeat)))
+                if device == "cuda" and "error" not in result:
+                    result.update(_guarded(lambda: _graph_time(fn, s, repeat)))
                 if name == "eager":
-                    eager_s = result.get("median_s")
+                    eager = result
                 if name == "kernel" and "error" not in result:
-                    result.update(_guarded(lambda: _roofline(fn, s, t, idx, device, repeat, copy_bw)))
-                    if eager_s:
-                        result["eager_over_kernel"] = eager_s / result["median_s"]
+                    result.update(_guarded(lambda: _roofline(fn, s, repeat, copy_bw, result)))
+                    for key, label in (("median_s", "eager_over_kernel"), ("graph_median_s", "graph_eager_over_kernel")):
+                        if key in eager and key in result:
+                            result[label] = eager[key] / result[key]
                 rows.append(append_row(BENCH, {**config, "impl": name}, result, out_dir))
+    return rows
+
+
+SWEEP = {"MAX_BLOCK_C": (1024, 4096), "TILE": (2048, 8192), "MAX_WARPS": (4, 8, 16)}
+
+
+def sweep(out_dir=None) -> list[dict]:
+    """CUDA only: graph time of the kernel's forward + backward in topk_lse mode for each
+    combination of the module's block knobs (rows in ``topk_kl_sweep.csv``)."""
+    from trainers.kernels import topk_kl as module
+
+    defaults = {k: getattr(module, k) for k in (*SWEEP, "ELEMS_PER_WARP")}
+    module.ELEMS_PER_WARP = 32  # so that MAX_WARPS sets the warps
+    rows = []
+    try:
+        for block_c, tile, warps in itertools.product(*SWEEP.values()):
+            module.MAX_BLOCK_C, module.TILE, module.MAX_WARPS = block_c, tile, warps
+            for dtype in (torch.float32, torch.bfloat16):
+                s, t, idx, lse, mask = _inputs(**FULL, dtype=dtype, device="cuda")
+                fn = partial(topk_kl, s, t, idx, TEMPERATURE, "topk_lse", lse, mask, use_kernel=True)
+                config = {**FULL, "T": TEMPERATURE, "mode": "topk_lse", "dtype": str(dtype).removeprefix("torch."),
+                          "MAX_BLOCK_C": block_c, "TILE": tile, "MAX_WARPS": warps}
+                result = _guarded(lambda: {**_graph_time(fn, s, 10), **_graph_time(fn, s, 10, False, "fwd_graph")})
+                rows.append(append_row(f"{BENCH}_sweep", config, result, out_dir))
+    finally:
+        for k, v in defaults.items():
+            setattr(module, k, v)
     return rows
 
 
@@ -137,7 +198,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help=f"B, C, K = {tuple(TINY.values())}, 3 repeats")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    ap.add_argument("--sweep", action="store_true", help="CUDA: time the kernel's block knobs instead")
     args = ap.parse_args()
+    if args.sweep:
+        for row in sweep():
+            print(row["config"], row.get("graph_median_s", row.get("error")), row.get("fwd_graph_median_s"))
+        return
     for row in run(tiny=args.tiny, device=args.device):
         print(row["config"], {k: v for k, v in row.items() if k not in ("time", "bench", "machine", "config")})
 

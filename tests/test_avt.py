@@ -99,6 +99,30 @@ def test_xformers_missing_is_dependency_error(monkeypatch):
         AVTHead(D, A, V, N, tiny_cfg(attn_impl="xformers"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers' attention kernels need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xformers_matches_sdpa_on_cuda(dtype):
+    """Same weights, same input: the two attention implementations agree (outputs and gradients)."""
+    xops = pytest.importorskip("xformers.ops")
+    q = torch.randn(1, 4, 2, 16, device="cuda", dtype=dtype)
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    except NotImplementedError:  # e.g. a wheel built for another torch: its CUDA operators did not load
+        pytest.skip("xformers has no attention operator for this torch/GPU")
+    x = torch.randn(5, 6, D, device="cuda")  # [B, T, D]
+    outs, grads = [], []
+    for impl in ("sdpa", "xformers"):
+        model = tiny_model(tiny_cfg(attn_impl=impl)).cuda().eval()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+        loss = sum(v.float().sum() for v in out.values())
+        outs.append(out["logits"].float())
+        grads.append(torch.autograd.grad(loss, model.blocks[0].attn.qkv.weight)[0])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+
+
 # --- config ----------------------------------------------------------------------------------
 
 def test_presets_have_the_published_values():

@@ -1,7 +1,10 @@
 """Text teacher: tokenizer, corpora, MLM pretraining, fine-tuning, out-of-fold build, n-gram, CLI."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from trainers.teacher.optim import pad_batch
 from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
 from trainers.teacher.tokenizer import encode, load_tokenizer, train_tokenizer
 
-EGTEA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/egtea"
+ROOT = Path(__file__).resolve().parents[1]
+EGTEA_DIR = ROOT.parent / "shared/data/egtea"
 SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)  # ~200 segments, ~20 actions
 TINY = dict(threads=1)
 BUILD = dict(pretrain_epochs=2, history_dropout=0.5, **TINY)  # the shared end-to-end build
@@ -78,6 +82,22 @@ def test_tokenizer_keeps_action_tokens_and_recent_history(tmp_path):
     again = load_tokenizer(tmp_path / "tok")
     assert again("cut <v> tomato")["input_ids"] == tok("cut <v> tomato")["input_ids"]
     assert again.truncation_side == "left"
+
+
+def test_tokenizer_vocabulary_is_deterministic_and_capped():
+    """Same texts -> same ids in a fresh process (hash seeds differ); words beyond the cap
+    and unseen words fall back to characters, never to [UNK]."""
+    code = ("from trainers.teacher.tokenizer import train_tokenizer; "
+            "t = train_tokenizer(['take <v> eating utensil <a> cut <v> tomato', 'cut <v> bread <a> cut <v> onion'] * 3, 40); "
+            "print(sorted(t.get_vocab().items()))")
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}) for seed in (1, 2)]
+    assert runs[0].returncode == 0, runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout
+    # 7 specials + 10 letters x 2 + room for the 2 commonest words (ties alphabetical)
+    tok = train_tokenizer(["cut <v> tomato <a> cut <v> tomato <a> take <v> onion"], 29)
+    assert len(tok) == 29 and {"cut", "tomato"} <= set(tok.get_vocab()) and "onion" not in tok.get_vocab()
+    assert tok.tokenize("take <v> onion") == ["t", "##a", "##k", "##e", "<v>", "o", "##n", "##i", "##o", "##n"]
 
 
 def test_corpus_files(tmp_path):

@@ -24,8 +24,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (B, C, K): B = 1 and B not a power of two, K = 1, K = C, C not a power of two.
 SHAPES = [(1, 1, 1), (7, 5, 1), (7, 5, 3), (1, 5, 5), (33, 37, 3), (7, 37, 37), (7, 130, 1), (33, 130, 3),
           (1, 130, 130)]
-# Gradient tolerances (rtol, atol): the kernel rounds the gradient to the logits' dtype before
-# scaling it by grad_output, the reference after.
+# Gradient tolerances (rtol, atol): both round the gradient to the logits' dtype, after
+# different fp32 arithmetic.
 GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
 
 
@@ -132,25 +132,59 @@ def test_kernel_confident_student_keeps_exact_tail(kernel, mode):
     torch.testing.assert_close(grad_k, grad_r.float(), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("fast_min", [0.0, 2.0], ids=["tail-from-top-mass", "tail-summed"])
+def test_kernel_both_tail_paths(kernel, monkeypatch, fast_min):
+    """topk_lse takes q_tail from 1 - q_top when that is safe and sums the tail otherwise:
+    force each path for every row of ordinary (unconfident) students."""
+    monkeypatch.setattr(topk_kl_module, "TAIL_FAST_MIN", fast_min)
+    for shape in ((33, 37, 3), (7, 130, 1), (33, 130, 3)):
+        s, t, idx, lse, mask = make_inputs(*shape, seed=sum(shape))
+        w = torch.rand(shape[0])
+        loss_k, grad_k = loss_and_grad(kernel, s, t, idx, lse, mask, "topk_lse", w)
+        loss_r, grad_r = loss_and_grad(topk_kl_reference, s, t, idx, lse, mask, "topk_lse", w)
+        torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_k, grad_r, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_mixed_confident_rows():
+    """Confident and unconfident rows in one launch take different tail paths; both stay exact."""
+    pytest.importorskip("triton")
+    B, C, K = 8, 40, 4
+    s, t, idx, lse, mask = make_inputs(B, C, K, seed=14)
+    s[::2] = s[::2].scatter(1, idx[::2].long(), 60.0 * T)  # even rows: q_tail ~ exp(-60)
+    w = torch.rand(B)
+    loss_k, grad_k = loss_and_grad(topk_kl, s, t, idx, lse, mask, "topk_lse", w, use_kernel=True)
+    loss_r, grad_r = loss_and_grad(topk_kl_reference, s.double(), t, idx, lse, mask, "topk_lse", w.double())
+    torch.testing.assert_close(loss_k, loss_r.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_k, grad_r.float(), rtol=1e-4, atol=1e-7)
+
+
 def test_kernel_compiles_for_h100():
     """The interpreter skips Triton's frontend checks (e.g. on globals) and code generation:
-    compile both modes for sm_90 (Triton ships ptxas, no GPU needed)."""
+    compile both kernels in both modes for sm_90 (Triton ships ptxas, no GPU needed), at the
+    benchmark's blocks."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from trainers.kernels.topk_kl import _topk_kl_kernel
+        from trainers.kernels.topk_kl import _blocks, _topk_kl_bwd_kernel, _topk_kl_fwd_kernel
+        blocks = _blocks(2513, 50)
+        warps = blocks.pop("num_warps")
         for lse_mode, logits in ((False, "*bf16"), (True, "*fp32"), (True, "*fp16")):
-            signature = {
-                "s_ptr": logits, "s_stride": "i32", "t_ptr": "*fp32", "t_stride": "i32", "idx_ptr": "*i64",
-                "idx_stride": "i32", "lse_ptr": "*fp32", "keep_ptr": "*u8", "loss_ptr": "*fp32",
-                "grad_ptr": logits, "grad_stride": "i32", "inv_t": "fp32", "C": "i32", "K": "i32",
-                "LSE_MODE": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr",
-            }
-            constexprs = {"LSE_MODE": lse_mode, "WRITE_GRAD": True, "BLOCK_K": 64, "BLOCK_C": 1024}
-            triton.compile(ASTSource(_topk_kl_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4})
+            common = {"s_ptr": logits, "s_stride": "i32", "idx_ptr": "*i64", "idx_stride": "i32", "keep_ptr": "*u8",
+                      "gk_ptr": "*fp32", "stats_ptr": "*fp32", "inv_t": "fp32", "C": "i32", "K": "i32",
+                      "BLOCK_K": "constexpr", "BLOCK_C": "constexpr"}
+            fwd = {**common, "t_ptr": "*fp32", "t_stride": "i32", "lse_ptr": "*fp32", "loss_ptr": "*fp32",
+                   "tail_fast_min": "fp32", "LSE_MODE": "constexpr", "BLOCK_X": "constexpr"}
+            bwd = {**common, "go_ptr": "*fp32", "go_stride": "i32", "grad_ptr": logits, "grad_stride": "i32",
+                   "DENSE": "constexpr"}
+            for fn, sig, flags in ((_topk_kl_fwd_kernel, fwd, {"LSE_MODE": lse_mode, **blocks}),
+                                   (_topk_kl_bwd_kernel, bwd, {"DENSE": lse_mode, "BLOCK_K": blocks["BLOCK_K"],
+                                                               "BLOCK_C": blocks["BLOCK_C"]})):
+                sig = {k: sig[k] for k in fn.arg_names}  # in the kernel's argument order
+                triton.compile(ASTSource(fn, sig, flags), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -10,10 +10,12 @@ its full logits), so distillation compares the student with a K-class (or K+1-bu
   ``q_tail = exp(LSE(z over non-top-K) - LSE(z))``, computed in log space so that it stays exact
   when the student puts almost all its mass on the K classes.
 
-Like Liger-Kernel's cross entropy, the Triton kernel computes the per-row loss and writes the
-gradient w.r.t. the student logits during the forward pass (one program per row); backward only
-scales the saved gradient by ``grad_output``. ``T**2`` and the reduction over rows are left to
-the caller.
+Two Triton kernels, one program per row. The forward reads each row of logits once and keeps
+only the loss, the gradient on the K classes and four numbers per row (the tail gradient is a
+closed form of them); the backward reads the row again and writes the whole gradient, already
+scaled by ``grad_output``. So nothing of size [B, C] lives between forward and backward, and
+``topk`` mode never reads the C - K other logits at all. ``T**2`` and the reduction over rows
+are left to the caller.
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ except ImportError:  # the CPU install has no Triton; topk_kl then uses the refe
 _HAS_TRITON = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 4)
 
 MODES = ("topk", "topk_lse")
-# Largest blocks one program holds in registers; bigger K or C loop over blocks. Rows are short
-# (C = 2513 on EK55) and many, so small programs suffice, and tl.histogram's cost grows with
-# warps x bins.
+# Largest blocks one program holds in registers; bigger K or C loop over blocks: an EK55 row
+# (C = 2513) fits one block. TILE caps the [BLOCK_X, BLOCK_K] membership tile of the (rare)
+# exact tail pass: its registers limit the occupancy of every row. Values from
+# `python bench/topk_kl.py --sweep` on an H200 (TILE 8192 -> 2048 took fp32 topk_lse
+# forward + backward from 114 to 66 us; README, "Kernel").
 MAX_BLOCK_K = 1024
-MAX_BLOCK_C = 1024
+MAX_BLOCK_C = 4096
+TILE = 2048
+MAX_WARPS = 8
+ELEMS_PER_WARP = 256  # of a BLOCK_C row block
+# The student's tail mass q_tail = 1 - q_top is taken from its top-K mass when it is at least
+# this (fp32 error ~1e-7 / q_tail); below, the kernel sums the tail itself in a second pass.
+TAIL_FAST_MIN = 0.25
 # p_tail = 0 (a teacher whose top-K hold all its mass) needs 0 * log(0) = 0: clamp inside the log.
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -123,164 +133,217 @@ if triton is not None:
         return m_new, d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
 
     @triton.jit
-    def _in_topk(idx_row, K, c0, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        """[BLOCK_C] bool: is class ``c0 + i`` one of the row's K indices (a histogram is a scatter)."""
-        hits = tl.zeros([BLOCK_C], dtype=tl.int32)
+    def _in_topk(idx_row, K, offs_c, BLOCK_K: tl.constexpr):
+        """[BLOCK_C] bool: is class ``offs_c[i]`` one of the row's K indices. A [BLOCK_C, BLOCK_K]
+        comparison: the indices are distinct, so each class matches at most once."""
+        hits = tl.zeros_like(offs_c)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            local = tl.load(idx_row + offs_k, mask=offs_k < K, other=-1).to(tl.int32) - c0  # [BLOCK_K]
-            hits += tl.histogram(local, BLOCK_C, mask=(local >= 0) & (local < BLOCK_C))
+            cls = tl.load(idx_row + offs_k, mask=offs_k < K, other=-1).to(tl.int32)  # [BLOCK_K]
+            hits += tl.sum((offs_c[:, None] == cls[None, :]).to(tl.int32), axis=1)
         return hits > 0
 
     @triton.jit
-    def _topk_kl_kernel(
+    def _topk_kl_fwd_kernel(
         s_ptr, s_stride,  # [B, C] student logits, any float dtype
         t_ptr, t_stride,  # [B, K] teacher top-K logits, fp32
         idx_ptr, idx_stride,  # [B, K] int32/int64 class indices
         lse_ptr,  # [B] fp32 teacher log-sum-exp at temperature T (LSE_MODE only)
         keep_ptr,  # [B] uint8, 0 for rows without a teacher
         loss_ptr,  # [B] fp32 out
-        grad_ptr, grad_stride,  # [B, C] out: d loss_b / d s_b in the student dtype (WRITE_GRAD only)
+        gk_ptr,  # [B, K] fp32 out: d loss / d s on the K classes
+        stats_ptr,  # [B, 4] fp32 out: lse_s, lse_tail, mass, p_tail (the tail gradient's terms)
         inv_t, C, K,
-        LSE_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        tail_fast_min,  # q_tail at or above which 1 - q_top is exact enough (see TAIL_FAST_MIN)
+        LSE_MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * s_stride
         t_row = t_ptr + row * t_stride
         idx_row = idx_ptr + row * idx_stride
-        g_row = grad_ptr + row * grad_stride
-        g_dtype = grad_ptr.dtype.element_ty
+        gk_row = gk_ptr + row * K
+        st_row = stats_ptr + row * 4
+        # Masked rows: zero loss, zero K-gradient and zero tail terms (their indices may be padding).
+        keep = tl.load(keep_ptr + row) != 0
+        lse_s, lse_tail, mass, p_tail, loss = 0.0, 0.0, 0.0, 0.0, 0.0
 
-        if tl.load(keep_ptr + row) == 0:
-            tl.store(loss_ptr + row, 0.0)
-            if LSE_MODE and WRITE_GRAD:  # topk mode's gradient buffer is pre-zeroed
+        if keep:
+            if LSE_MODE:
+                lse_t = tl.load(lse_ptr + row)
+                # Teacher mass on its K classes; the remainder is the tail bucket.
+                sum_p = 0.0
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    a = tl.load(t_row + offs_k, mask=offs_k < K, other=float("-inf")) * inv_t  # [BLOCK_K]
+                    sum_p += tl.sum(tl.exp(a - lse_t), axis=0)
+                # K == C leaves no tail: no bucket (p_tail = 0) and a finite dummy lse_tail.
+                has_tail = K < C
+                p_tail = tl.where(has_tail, tl.maximum(1.0 - sum_p, 0.0), 0.0)
+                # One pass over the row for the student's LSE, then its LSE over the K classes.
+                m_s, d_s = float("-inf"), 0.0
                 for c0 in range(0, C, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
-                    tl.store(g_row + offs_c, tl.zeros([BLOCK_C], dtype=g_dtype), mask=offs_c < C)
-            return
-
-        if LSE_MODE:
-            lse_t = tl.load(lse_ptr + row)
-            # Teacher mass on its K classes; the remainder is the tail bucket.
-            sum_p = 0.0
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(t_row + offs_k, mask=offs_k < K, other=float("-inf")) * inv_t  # [BLOCK_K]
-                sum_p += tl.sum(tl.exp(a - lse_t), axis=0)
-            # K == C leaves no tail: no bucket (p_tail = 0) and a finite dummy lse_tail.
-            has_tail = K < C
-            p_tail = tl.where(has_tail, tl.maximum(1.0 - sum_p, 0.0), 0.0)
-
-            # Online LSE over the whole row and, separately, over the tail (so q_tail is exact).
-            m_s, d_s, m_tl, d_tl = float("-inf"), 0.0, float("-inf"), 0.0
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                z = tl.load(s_row + offs_c, mask=offs_c < C, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_C]
-                m_s, d_s = _lse_update(m_s, d_s, z)
-                in_k = _in_topk(idx_row, K, c0, BLOCK_C, BLOCK_K)  # [BLOCK_C]
-                m_tl, d_tl = _lse_update(m_tl, d_tl, tl.where(in_k, float("-inf"), z))
-            lse_s = m_s + tl.log(d_s)
-            lse_tail = tl.where(has_tail, m_tl + tl.log(tl.maximum(d_tl, _TL_TINY)), 0.0)
-            loss = p_tail * (tl.log(tl.maximum(p_tail, _TL_TINY)) - (lse_tail - lse_s))
-            # d loss / d z_j = mass * q_j - p_j on the K classes and mass * q_j - p_tail * q_j / q_tail
-            # on the tail, with mass = sum p + p_tail (1 unless the teacher's top-K exceed 1).
-            mass = sum_p + p_tail
-
-            if WRITE_GRAD:
-                for c0 in range(0, C, BLOCK_C):
-                    offs_c = c0 + tl.arange(0, BLOCK_C)
-                    z = tl.load(s_row + offs_c, mask=offs_c < C, other=0.0).to(tl.float32) * inv_t  # [BLOCK_C]
-                    in_k = _in_topk(idx_row, K, c0, BLOCK_C, BLOCK_K)  # [BLOCK_C]
-                    # q_j / q_tail = exp(z_j - lse_tail) <= 1 on the tail: no overflow.
-                    g = mass * tl.exp(z - lse_s) - p_tail * tl.exp(z - lse_tail)  # [BLOCK_C]
-                    tl.store(g_row + offs_c, (g * inv_t).to(g_dtype), mask=(offs_c < C) & ~in_k)
-            # The K classes: their KL terms, and their gradient (disjoint from the tail stores above).
+                    z = tl.load(s_row + offs_c, mask=offs_c < C, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_C]
+                    m_s, d_s = _lse_update(m_s, d_s, z)
+                lse_s = m_s + tl.log(d_s)
+                m_k, d_k = float("-inf"), 0.0
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    cls = tl.load(idx_row + offs_k, mask=offs_k < K, other=0)  # [BLOCK_K]
+                    z = tl.load(s_row + cls, mask=offs_k < K, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_K]
+                    m_k, d_k = _lse_update(m_k, d_k, z)
+                if has_tail:
+                    q_tail = 1.0 - tl.exp(m_k + tl.log(d_k) - lse_s)
+                    if q_tail >= tail_fast_min:  # no cancellation in 1 - q_top: take the tail from it
+                        lse_tail = lse_s + tl.log(q_tail)
+                    else:
+                        # A confident student: sum the tail itself (a second pass over the row) so
+                        # q_tail stays exact even when 1 - q_top underflows.
+                        m_tl, d_tl = float("-inf"), 0.0
+                        for c0 in range(0, C, BLOCK_X):
+                            offs_c = c0 + tl.arange(0, BLOCK_X)
+                            z = tl.load(s_row + offs_c, mask=offs_c < C, other=float("-inf")).to(tl.float32) * inv_t
+                            in_k = _in_topk(idx_row, K, offs_c, BLOCK_K)  # [BLOCK_X]
+                            m_tl, d_tl = _lse_update(m_tl, d_tl, tl.where(in_k, float("-inf"), z))
+                        lse_tail = m_tl + tl.log(tl.maximum(d_tl, _TL_TINY))
+                loss = p_tail * (tl.log(tl.maximum(p_tail, _TL_TINY)) - (lse_tail - lse_s))
+                # d loss / d z_j = mass * q_j - p_j on the K classes and mass * q_j - p_tail * q_j / q_tail
+                # on the tail, with mass = sum p + p_tail (1 unless the teacher's top-K exceed 1).
+                mass = sum_p + p_tail
+                lse_p = lse_t
+            else:
+                # Both distributions live on the K classes: two online LSEs over K.
+                m_a, d_a, m_z, d_z = float("-inf"), 0.0, float("-inf"), 0.0
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = offs_k < K
+                    a = tl.load(t_row + offs_k, mask=k_mask, other=float("-inf")) * inv_t  # [BLOCK_K]
+                    cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
+                    z = tl.load(s_row + cls, mask=k_mask, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_K]
+                    m_a, d_a = _lse_update(m_a, d_a, a)
+                    m_z, d_z = _lse_update(m_z, d_z, z)
+                lse_p = m_a + tl.log(d_a)
+                lse_s = m_z + tl.log(d_z)
+                mass = 1.0
+            # The K classes' KL terms and gradients (a second read of K values, cache-resident).
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < K
                 a = tl.load(t_row + offs_k, mask=k_mask, other=0.0) * inv_t  # [BLOCK_K]
                 cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
                 z = tl.load(s_row + cls, mask=k_mask, other=0.0).to(tl.float32) * inv_t  # [BLOCK_K]
-                log_p = a - lse_t
+                log_p = a - lse_p
                 log_q = z - lse_s
                 p = tl.exp(log_p)
                 loss += tl.sum(tl.where(k_mask, p * (log_p - log_q), 0.0), axis=0)
-                if WRITE_GRAD:
-                    tl.store(g_row + cls, ((mass * tl.exp(log_q) - p) * inv_t).to(g_dtype), mask=k_mask)
+                tl.store(gk_row + offs_k, (mass * tl.exp(log_q) - p) * inv_t, mask=k_mask)
+            if not LSE_MODE:
+                mass = 0.0  # topk mode has no gradient outside the K classes
         else:
-            # Both distributions live on the K classes: two online LSEs over K, then the KL.
-            m_a, d_a, m_z, d_z = float("-inf"), 0.0, float("-inf"), 0.0
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                a = tl.load(t_row + offs_k, mask=k_mask, other=float("-inf")) * inv_t  # [BLOCK_K]
-                cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
-                z = tl.load(s_row + cls, mask=k_mask, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_K]
-                m_a, d_a = _lse_update(m_a, d_a, a)
-                m_z, d_z = _lse_update(m_z, d_z, z)
-            lse_a = m_a + tl.log(d_a)
-            lse_z = m_z + tl.log(d_z)
-            # Second pass re-reads K values per row (cache-resident) to form p, q and the gradient.
-            loss = 0.0
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                a = tl.load(t_row + offs_k, mask=k_mask, other=0.0) * inv_t  # [BLOCK_K]
-                cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
-                z = tl.load(s_row + cls, mask=k_mask, other=0.0).to(tl.float32) * inv_t  # [BLOCK_K]
-                log_p = a - lse_a
-                log_q = z - lse_z
-                p = tl.exp(log_p)
-                loss += tl.sum(tl.where(k_mask, p * (log_p - log_q), 0.0), axis=0)
-                if WRITE_GRAD:
-                    tl.store(g_row + cls, ((tl.exp(log_q) - p) * inv_t).to(g_dtype), mask=k_mask)
+                tl.store(gk_row + offs_k, tl.zeros([BLOCK_K], dtype=tl.float32), mask=offs_k < K)
         tl.store(loss_ptr + row, loss)
+        tl.store(st_row + 0, lse_s)
+        tl.store(st_row + 1, lse_tail)
+        tl.store(st_row + 2, mass)
+        tl.store(st_row + 3, p_tail)
+
+    @triton.jit
+    def _topk_kl_bwd_kernel(
+        s_ptr, s_stride,  # [B, C] student logits (read only when DENSE)
+        idx_ptr, idx_stride,  # [B, K] class indices
+        keep_ptr,  # [B] uint8
+        gk_ptr,  # [B, K] fp32 gradient on the K classes, from the forward
+        stats_ptr,  # [B, 4] fp32 lse_s, lse_tail, mass, p_tail, from the forward
+        go_ptr, go_stride,  # [B] fp32 grad_output (stride 0 when it is an expanded scalar)
+        grad_ptr, grad_stride,  # [B, C] out, in the student dtype
+        inv_t, C, K,
+        DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * s_stride
+        idx_row = idx_ptr + row * idx_stride
+        g_row = grad_ptr + row * grad_stride
+        g_dtype = grad_ptr.dtype.element_ty
+        keep = tl.load(keep_ptr + row) != 0
+        go = tl.load(go_ptr + row * go_stride)
+        lse_s = tl.load(stats_ptr + row * 4 + 0)
+        lse_tail = tl.load(stats_ptr + row * 4 + 1)
+        scale = tl.load(stats_ptr + row * 4 + 2) * inv_t * go
+        tail_scale = tl.load(stats_ptr + row * 4 + 3) * inv_t * go
+        # Every class: the tail gradient (zero in topk mode and on masked rows) ...
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            if DENSE:
+                z = tl.load(s_row + offs_c, mask=offs_c < C, other=0.0).to(tl.float32) * inv_t  # [BLOCK_C]
+                # q_j / q_tail = exp(z_j - lse_tail) <= 1 on the tail: no overflow.
+                g = scale * tl.exp(z - lse_s) - tail_scale * tl.exp(z - lse_tail)  # [BLOCK_C]
+            else:
+                g = tl.zeros([BLOCK_C], dtype=tl.float32)
+            tl.store(g_row + offs_c, g.to(g_dtype), mask=offs_c < C)
+        # ... then the K classes overwrite theirs. The barrier orders the two stores to an address
+        # made by different threads of the program.
+        if keep:
+            tl.debug_barrier()
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
+                gk = tl.load(gk_ptr + row * K + offs_k, mask=k_mask, other=0.0)  # [BLOCK_K]
+                tl.store(g_row + cls, (gk * go).to(g_dtype), mask=k_mask)
 
 
-def _launch(student_logits, teacher_topk, topk_idx, teacher_lse, keep, temperature, lse_mode, write_grad):
-    """Run the fused kernel; return (loss [B] fp32, grad [B, C] in the student dtype or None)."""
-    s = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()  # [B, C]
-    t = teacher_topk.to(torch.float32).contiguous()  # [B, K]
-    idx = topk_idx.contiguous()  # [B, K]
-    B, C = s.shape
-    K = t.shape[1]
-    loss = torch.empty(B, dtype=torch.float32, device=s.device)  # [B]
-    grad = None
-    if write_grad:
-        # topk writes only the K positions of each row; topk_lse writes every position.
-        alloc = torch.empty if lse_mode else torch.zeros
-        grad = alloc((B, C), dtype=s.dtype, device=s.device)  # [B, C]
-    if B == 0:
-        return loss, grad
-    lse = teacher_lse.to(torch.float32).contiguous() if lse_mode else loss  # [B]; unused in topk mode
-    g = s if grad is None else grad  # unused when not write_grad
+def _blocks(C: int, K: int) -> dict:
+    """Block sizes and warps. BLOCK_X: the exact tail pass holds a [BLOCK_X, BLOCK_K] membership tile."""
     block_k = min(triton.next_power_of_2(K), MAX_BLOCK_K)
     block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
-    widest = block_c if lse_mode else block_k
-    _topk_kl_kernel[(B,)](
-        s, s.stride(0), t, t.stride(0), idx, idx.stride(0), lse, keep.to(torch.uint8), loss, g, g.stride(0),
-        1.0 / temperature, C, K,
-        LSE_MODE=lse_mode, WRITE_GRAD=write_grad, BLOCK_K=block_k, BLOCK_C=block_c,
-        num_warps=max(1, widest // 256),  # one warp per 256 lanes, 4 at the caps
-    )
-    return loss, grad
+    block_x = max(1, min(triton.next_power_of_2(C), MAX_BLOCK_C, TILE // block_k))
+    warps = max(1, min(MAX_WARPS, block_c // ELEMS_PER_WARP))
+    return {"BLOCK_K": block_k, "BLOCK_C": block_c, "BLOCK_X": block_x, "num_warps": warps}
 
 
 class TopKKLFunction(torch.autograd.Function):
-    """Fused loss; forward also computes d loss / d logits, backward scales it by grad_output."""
+    """Forward: one pass over the logits for the loss, the K-class gradient and four per-row
+    numbers. Backward: one pass that writes the full gradient, already scaled by grad_output;
+    nothing of size [B, C] is kept between the two."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_topk, topk_idx, teacher_lse, keep, temperature, lse_mode):
-        loss, grad = _launch(student_logits, teacher_topk, topk_idx, teacher_lse, keep, temperature, lse_mode,
-                             write_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
+        s = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()  # [B, C]
+        t = teacher_topk.to(torch.float32).contiguous()  # [B, K]
+        idx = topk_idx.contiguous()  # [B, K]
+        keep = keep.contiguous().view(torch.uint8)  # [B], a bool tensor's bytes
+        B, C = s.shape
+        K = t.shape[1]
+        loss = torch.empty(B, dtype=torch.float32, device=s.device)  # [B]
+        gk = torch.empty(B, K, dtype=torch.float32, device=s.device)  # [B, K]
+        stats = torch.empty(B, 4, dtype=torch.float32, device=s.device)  # [B, 4]
+        if B:
+            lse = teacher_lse.to(torch.float32).contiguous() if lse_mode else loss  # [B]; unused in topk mode
+            _topk_kl_fwd_kernel[(B,)](
+                s, s.stride(0), t, t.stride(0), idx, idx.stride(0), lse, keep, loss, gk, stats, 1.0 / temperature,
+                C, K, TAIL_FAST_MIN, LSE_MODE=lse_mode, **_blocks(C, K),
+            )
+        ctx.save_for_backward(s, idx, keep, gk, stats)
+        ctx.inv_t, ctx.lse_mode = 1.0 / temperature, lse_mode
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors  # [B, C]
-        # Not in place: the saved gradient must survive a second backward (retain_graph).
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None
+        s, idx, keep, gk, stats = ctx.saved_tensors
+        B, C = s.shape
+        K = idx.shape[1]
+        grad = torch.empty_like(s)  # [B, C]
+        if B:
+            go = grad_loss.to(torch.float32)  # [B]; may be an expanded scalar (stride 0)
+            blocks = _blocks(C, K)
+            del blocks["BLOCK_X"]
+            _topk_kl_bwd_kernel[(B,)](
+                s, s.stride(0), idx, idx.stride(0), keep, gk, stats, go, go.stride(0), grad, grad.stride(0),
+                ctx.inv_t, C, K, DENSE=ctx.lse_mode, **blocks,
+            )
+        return grad, None, None, None, None, None, None
 
 
 def topk_kl(student_logits, teacher_topk, topk_idx, temperature, mode="topk", teacher_lse=None, mask=None,

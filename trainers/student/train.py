@@ -33,11 +33,11 @@ from .losses import student_losses
 CKPT, STATE, LOG = "last.safetensors", "last.json", "log.jsonl"
 
 
-def _dist() -> tuple[int, int]:
+def _dist(device: str) -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
@@ -132,10 +132,14 @@ def train_student(
     crash would (for resume tests). Under torchrun, each rank trains on its slice of every
     global batch of ``world * batch_size`` samples and gradients are averaged (DDP).
     """
-    rank, world = _dist()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = _dist(device)
     if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"rank {rank} (LOCAL_RANK {local}) has no GPU: this node has {torch.cuda.device_count()}; "
+                              "start at most that many processes per node, or pass device='cpu'")
+        device = f"cuda:{local}"
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_path)

@@ -1,4 +1,4 @@
-"""The action-language tokenizer: WordPiece trained on the corpus, or a checkpoint's own.
+"""The action-language tokenizer: WordPiece built from the corpus, or a checkpoint's own.
 
 Teachers read histories as ``verb <v> noun <a> verb <v> noun``; ``<v>`` and ``<a>`` are
 special tokens so they are never split and never masked in pretraining.
@@ -6,10 +6,11 @@ special tokens so they are never split and never masked in pretraining.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kdstore.errors import ConfigError, DataError
@@ -19,14 +20,27 @@ ACTION_TOKENS = ["<v>", "<a>"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A lowercase WordPiece tokenizer trained on ``texts``, ``[CLS] text [SEP]`` on encode."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A lowercase WordPiece tokenizer built from ``texts``, ``[CLS] text [SEP]`` on encode.
+
+    The vocabulary is the special tokens, every character (alone and as a ``##`` suffix) and
+    then whole words by descending count (ties alphabetical) up to ``vocab_size``: class names
+    are a small closed set, so whole words fit, and unlike the WordPiece trainer (which breaks
+    ties between merges in hash order) the same texts always give the same vocabulary.
+    """
+    tok = Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False))
-    # the trainer numbers tokens in hash order: renumber (specials first, then sorted) so builds are reproducible
-    ordered = SPECIAL_TOKENS + sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
+    counts: Counter[str] = Counter()
+    for text in texts:
+        for piece in text.split():
+            if piece not in SPECIAL_TOKENS:
+                counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(piece)))
+    chars = sorted({c for w in counts for c in w})
+    alphabet = chars + [f"##{c}" for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1]
+    ordered = SPECIAL_TOKENS + alphabet + words[: max(0, vocab_size - len(SPECIAL_TOKENS) - len(alphabet))]
     tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
+    tok.add_special_tokens(SPECIAL_TOKENS)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The CUDA-only tests and the GPU benchmarks in one go, from the repository root on a CUDA machine:
+#     bash bench/gpu_checks.sh [COPY_DIR]
+# Each step runs under its own time limit so that one slow step cannot starve the rest; the CSV
+# rows go to bench/results/ and, when COPY_DIR is given, are copied there too. GPU_CHECKS_ALL=0
+# skips the attention and video-feature benchmarks.
+set -u
+export PYTHONUNBUFFERED=1
+step() {
+    local limit=$1 t0=$SECONDS; shift
+    echo "=== $* (limit ${limit} s)"
+    timeout "$limit" "$@"
+    echo "=== rc=$? after $((SECONDS - t0)) s"
+}
+nvidia-smi -L
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+# test_topk_kl.py forces the Triton interpreter in the process that imports it: its compiled-kernel
+# tests run in a pytest of their own, so the student tests use the compiled kernel
+step 120 python3 -m pytest -q -p no:cacheprovider tests/test_topk_kl.py -k "compiled_kernel_on_cuda or compiles"
+step 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_avt.py tests/test_student.py
+step 180 python3 bench/topk_kl.py --device cuda
+step 90 python3 bench/student_step.py --device cuda
+if [ "${GPU_CHECKS_ALL:-1}" = 1 ]; then
+    step 60 python3 bench/attention.py --device cuda
+    step 90 python3 bench/video_features.py --device cuda --backbone vit-b16
+fi
+if [ $# -ge 1 ]; then cp bench/results/{topk_kl,attention,student_step,video_features}.csv "$1"/ 2>/dev/null; fi
