@@ -29,7 +29,7 @@ import numpy as np
 from . import __version__
 from .annotations import ClassTable, SegmentTable
 from .backends import Backend, Concatenated, HDF5Backend, ZarrBackend, _write_json
-from .errors import DataError, MissingError, StoreFormatError
+from .errors import ConfigError, DataError, MissingError, StoreFormatError
 
 SCHEMA_VERSION = 1
 FORMAT = "kdstore"
@@ -304,11 +304,16 @@ class Store:
         return FeatureSet(self, name)
 
     def video_writer(
-        self, name: str, dim: int, dtype: str = "float16", frame_rate: float | None = None, attrs: dict | None = None
+        self, name: str, dim: int, dtype: str = "float16", frame_rate: float | None = None, attrs: dict | None = None,
+        settings: dict | None = None,
     ) -> "VideoWriter":
-        """A resumable writer of per-video features into ``video/<name>``."""
+        """A resumable writer of per-video features into ``video/<name>``.
+
+        ``settings`` (JSON-able, e.g. the encoder) must equal those of a partial build being
+        resumed, so that one group never mixes the features of two encoders.
+        """
         _check_name(name)
-        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {})
+        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {})
 
 
 def _check_name(name: str) -> None:
@@ -559,7 +564,8 @@ class VideoWriter:
     Several processes may ``put`` different videos into one writer directory at once.
     """
 
-    def __init__(self, store: Store, name: str, dim: int, dtype: np.dtype, frame_rate: float | None, attrs: dict):
+    def __init__(self, store: Store, name: str, dim: int, dtype: np.dtype, frame_rate: float | None, attrs: dict,
+                 settings: dict):
         if dtype not in (np.float16, np.float32):
             raise DataError(f"video/{name}: dtype must be float16 or float32, found {dtype}")
         self.store, self.name, self.dim, self.dtype = store, name, int(dim), dtype
@@ -570,12 +576,13 @@ class VideoWriter:
                 raise DataError(f"video/{name}: feature dimension {self.dim} differs from the stored {existing.dim}")
         self.dir = store.backend.staging_dir() / f"video-{name}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta = {"dim": self.dim, "dtype": dtype.name, "frame_rate": frame_rate}
+        meta = json.loads(json.dumps({"dim": self.dim, "dtype": dtype.name, "frame_rate": frame_rate, "settings": settings}))
         meta_file = self.dir / "writer.json"
         if meta_file.exists():
             old = json.loads(meta_file.read_text())
             if old != meta:
-                raise DataError(f"{self.dir}: a partial build with {old} exists, this one is {meta}; remove it or match it")
+                raise ConfigError(f"{self.dir}: a partial build with other settings exists ({old}), this one is {meta}; "
+                                  "remove it or rerun with those")
         else:
             _write_json(meta_file, meta)
 

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from kdstore.annotations import guess_dataset
-from kdstore.backends import _write_json
 from kdstore.errors import ConfigError, DataError
 from kdstore.store import Store, provenance_entry
 
@@ -132,17 +131,6 @@ def _progress(show: bool):
     )
 
 
-def _claim(writer, settings: dict) -> None:
-    """Keep the build settings beside the staged videos so a resumed build cannot mix encoders."""
-    path = writer.dir / "build.settings"  # not *.json: the writer lists staged videos by that suffix
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != settings:
-            raise ConfigError(f"{writer.dir}: a partial build with other settings exists ({old}); remove it or rerun with those")
-    else:
-        _write_json(path, settings)
-
-
 def _weight_files(weights: str | None) -> list[Path]:
     if not weights:
         return []
@@ -187,8 +175,8 @@ def build_video_features(
     rank, world, owned = _init_distributed(dev)
     try:
         settings = {**backbone.info, "sample_fps": fps, "native_fps": native_fps}
-        writer = store.video_writer(name, backbone.dim, dtype, frame_rate=fps or None, attrs={**settings, "source": "build-video-features"})
-        _claim(writer, settings)
+        writer = store.video_writer(name, backbone.dim, dtype, frame_rate=fps or None,
+                                    attrs={**settings, "source": "build-video-features"}, settings=settings)
         mine = sources[rank::world]
         todo = [s for s in mine if not writer.done(s.video)]
         backbone.to(dev)
