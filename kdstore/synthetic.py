@@ -5,6 +5,20 @@ list of stages; a stage's steps happen in a random order, a step may be skipped,
 few distractor actions are inserted. The next action is thus predictable from the
 history (which recipe, which stage), which a text teacher learns from labels alone.
 
+Two knobs make the data more like real kitchens (both off by default, on in the demo):
+
+- ``shared_stages=N``: recipes are built from one pool of ``N`` stages (sub-routines such
+  as fetching tools, washing, cutting, cleaning up), each recipe an ordered pick of them.
+  A stage then occurs in several recipes with different successors, so what follows it
+  depends on the recipe, which shows only in the stages further back than the last two
+  actions: long-range structure that an n-gram over the last two actions cannot see.
+  Without it (``0``) each recipe has its own stages, the grammar is local and a 3-gram
+  is close to optimal.
+- ``corpus_size=M``: also write ``recipes.txt``, ``M`` further sequences drawn from the
+  same recipes (never one of the videos' sequences), one a line in the teacher's text
+  format ``verb <v> noun <a> verb <v> noun``: the stand-in for the recipe text corpus
+  (Recipe1M in the paper) that a text teacher is masked-LM pretrained on.
+
 Frame features show the action in progress (verb and noun embeddings) under noise and a
 per-video offset, so a video student can recognise past actions only approximately and
 gains from a teacher that knows the history exactly. Features can be made for any
@@ -18,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotations import ClassTable, SegmentTable
+from .annotations import ClassTable, SegmentTable, class_words
 
 VERBS = [
     "Take", "Put", "Open", "Close", "Cut", "Wash", "Mix", "Pour", "Turn on", "Turn off",
@@ -30,6 +44,7 @@ NOUNS = [
     "oil", "salt", "recipe", "lettuce", "condiment:container", "plate",
 ]
 ANNOTATION_FPS = 24.0  # like EGTEA
+CORPUS_FILE = "recipes.txt"  # the recipe text corpus beside the annotations (``corpus_size``)
 
 
 @dataclass(frozen=True)
@@ -44,38 +59,52 @@ class SyntheticConfig:
     p_distract: float = 0.08
     val_fraction: float = 0.2  # of the videos (EK55-like splits by video: histories have no gaps)
     seed: int = 0
+    shared_stages: int = 0  # > 0: recipes pick their stages from one pool of this many (see the module doc)
+    corpus_size: int = 0  # > 0: also write recipes.txt with this many sequences not among the videos'
 
 
 def _recipes(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[list[list[tuple[int, int]]]], list[tuple[int, int]]]:
-    """Recipes as stages of (verb, noun) steps; steps act on a recipe's own ingredients."""
+    """Recipes as stages of (verb, noun) steps; steps act on a recipe's (or a pooled stage's) own ingredients."""
+    def stage(ingredients) -> list[tuple[int, int]]:
+        k = rng.integers(cfg.steps[0], cfg.steps[1] + 1)
+        return [(int(rng.integers(len(VERBS))), int(rng.choice(ingredients))) for _ in range(k)]
+
     recipes = []
-    for _ in range(cfg.n_recipes):
-        ingredients = rng.choice(len(NOUNS), size=6, replace=False)
-        stages = []
-        for _ in range(rng.integers(cfg.stages[0], cfg.stages[1] + 1)):
-            k = rng.integers(cfg.steps[0], cfg.steps[1] + 1)
-            stages.append([(int(rng.integers(len(VERBS))), int(rng.choice(ingredients))) for _ in range(k)])
-        recipes.append(stages)
+    if cfg.shared_stages:
+        pool = [stage(rng.choice(len(NOUNS), size=3, replace=False)) for _ in range(cfg.shared_stages)]
+        for _ in range(cfg.n_recipes):
+            n = min(int(rng.integers(cfg.stages[0], cfg.stages[1] + 1)), cfg.shared_stages)
+            recipes.append([pool[i] for i in rng.choice(cfg.shared_stages, size=n, replace=False)])
+    else:
+        for _ in range(cfg.n_recipes):
+            ingredients = rng.choice(len(NOUNS), size=6, replace=False)
+            recipes.append([stage(ingredients) for _ in range(rng.integers(cfg.stages[0], cfg.stages[1] + 1))])
     distractors = [(VERBS.index("Wash"), NOUNS.index("eating:utensil")), (VERBS.index("Open"), NOUNS.index("fridge")),
                    (VERBS.index("Inspect/Read"), NOUNS.index("recipe"))]
     return recipes, distractors
 
 
+def _sequence(rng: np.random.Generator, stages, distractors, cfg: SyntheticConfig) -> list[tuple[int, int]]:
+    """One performance of a recipe: each stage's steps shuffled, some skipped, distractors inserted."""
+    seq: list[tuple[int, int]] = []
+    for stage in stages:
+        for j in rng.permutation(len(stage)):
+            if rng.random() < cfg.p_distract:
+                seq.append(distractors[rng.integers(len(distractors))])
+            if rng.random() >= cfg.p_skip:
+                seq.append(stage[j])
+    return seq
+
+
 def generate_annotations(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
-    """Write ``actions.csv``, ``training1.csv`` and ``validation1.csv`` in the EGTEA format."""
+    """Write ``actions.csv``, ``training1.csv`` and ``validation1.csv`` in the EGTEA format
+    (and ``recipes.txt`` with ``cfg.corpus_size``)."""
     rng = np.random.default_rng(cfg.seed)
     recipes, distractors = _recipes(rng, cfg)
     videos = []
     for vi in range(cfg.n_videos):
         r = int(rng.integers(cfg.n_recipes))
-        seq: list[tuple[int, int]] = []
-        for stage in recipes[r]:
-            for j in rng.permutation(len(stage)):
-                if rng.random() < cfg.p_distract:
-                    seq.append(distractors[rng.integers(len(distractors))])
-                if rng.random() >= cfg.p_skip:
-                    seq.append(stage[j])
-        videos.append((f"S{vi:03d}-R{r:02d}", seq))
+        videos.append((f"S{vi:03d}-R{r:02d}", _sequence(rng, recipes[r], distractors, cfg)))
     pairs = sorted({p for _, seq in videos for p in seq})
     action_of = {p: i for i, p in enumerate(pairs)}
     out = Path(out_dir)
@@ -98,7 +127,24 @@ def generate_annotations(out_dir: str | Path, cfg: SyntheticConfig = SyntheticCo
             t += dur + float(rng.uniform(0.2, 1.5))
     for split, lines in rows.items():
         (out / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    if cfg.corpus_size:
+        _write_corpus(out / CORPUS_FILE, recipes, distractors, {tuple(seq) for _, seq in videos}, cfg)
     return out
+
+
+def _write_corpus(path: Path, recipes, distractors, exclude: set, cfg: SyntheticConfig) -> None:
+    """``cfg.corpus_size`` recipe sequences as teacher text, none equal to a video's sequence.
+
+    Drawn from their own random stream, so the videos are the same with or without a corpus.
+    """
+    rng = np.random.default_rng([cfg.seed, 1])
+    words = lambda v, n: f"{class_words(VERBS[v])} <v> {class_words(NOUNS[n])}"  # noqa: E731 (as action_text writes it)
+    lines = []
+    while len(lines) < cfg.corpus_size:
+        seq = _sequence(rng, recipes[int(rng.integers(cfg.n_recipes))], distractors, cfg)
+        if seq and tuple(seq) not in exclude:
+            lines.append(" <a> ".join(words(v, n) for v, n in seq))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def synthetic_features(

@@ -12,8 +12,9 @@ from kdstore.synthetic import SyntheticConfig
 from trainers.demo import DemoConfig, run_demo, summary_text
 
 TINY = DemoConfig(
-    synthetic=SyntheticConfig(n_videos=24, seed=3),
+    synthetic=SyntheticConfig(n_videos=24, seed=3, shared_stages=8, corpus_size=30),
     teacher_preset="tiny",
+    teacher_overrides={**DemoConfig().teacher_overrides, "corpus_examples": 100},
     student_overrides={"inter_dim": 32, "n_head": 2, "epochs": 2, "batch_size": 32},
     seeds=(0,),
 )
@@ -29,7 +30,7 @@ def demo_dir(tmp_path_factory):
 def test_demo_builds_everything_and_reports(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     names = [r["name"] for r in summary["table"]]
-    assert names == ["teacher", "ngram", "student-no-kd-s0", "student-kd-s0"]
+    assert names == ["teacher", "ngram", "ngram-corpus", "student-no-kd-s0", "student-kd-s0"]
     for png in ("training_curves.png", "recall_difference.png", "teacher_calibration.png"):
         data = (demo_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -37,6 +38,20 @@ def test_demo_builds_everything_and_reports(demo_dir):
     assert "student-kd-s0" in page and "teacher_calibration.png" in page
     text = summary_text(summary)
     assert "class-mean top-1 recall" in text and "kd" in text
+
+
+def test_synthetic_corpus_is_deterministic(tmp_path):
+    from kdstore.synthetic import generate_annotations
+
+    cfg = SyntheticConfig(n_videos=12, seed=5, shared_stages=6, corpus_size=40)
+    a, b = generate_annotations(tmp_path / "a", cfg), generate_annotations(tmp_path / "b", cfg)
+    for f in ("actions.csv", "training1.csv", "validation1.csv", "recipes.txt"):
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    plain = generate_annotations(tmp_path / "c", SyntheticConfig(n_videos=12, seed=5, shared_stages=6))
+    assert (plain / "training1.csv").read_bytes() == (a / "training1.csv").read_bytes()  # the corpus has its own stream
+    assert not (plain / "recipes.txt").exists()
+    lines = (a / "recipes.txt").read_text().splitlines()
+    assert len(lines) == 40 and all("<v>" in line for line in lines)
 
 
 def test_second_run_reuses_what_is_built(demo_dir):

@@ -22,7 +22,7 @@ from kdstore.ingest import ingest
 from kdstore.metrics import compute_metrics
 from kdstore.report import format_table, metrics_table, write_report
 from kdstore.store import Store, provenance_entry
-from kdstore.synthetic import SyntheticConfig, generate_annotations, synthetic_features
+from kdstore.synthetic import CORPUS_FILE, SyntheticConfig, generate_annotations, synthetic_features
 
 MARKER = "kdstore-demo.json"
 FEATURES = "synthetic"
@@ -32,18 +32,21 @@ FEATURES = "synthetic"
 class DemoConfig:
     """What the demo builds; the defaults finish within minutes on two CPU cores."""
 
-    synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(n_videos=120))
+    # Recipes share stages (long-range structure), and 2000 further recipe sequences form the
+    # text corpus the teacher is pretrained on (kdstore.synthetic).
+    synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(n_videos=120, shared_stages=24, corpus_size=2000))
     annotations: str | None = None  # a RULSTM folder instead of the synthetic data
     split: int = 1  # with ``annotations``: training<split> / validation<split>
     feature_dim: int = 64
     feature_rate: float = 2.0
     feature_noise: float = 2.0
-    # A tiny BERT from scratch (MLM on the training histories, then fine-tuning, 5 folds):
-    # what two CPU cores train in about two minutes.
+    # A tiny BERT from scratch: MLM on the training histories + the recipe corpus (when the
+    # annotation folder has one, ``recipes.txt``), then fine-tuning on the training histories
+    # plus ``corpus_examples`` (history, next action) pairs from the corpus, 5 folds.
     teacher_preset: str = "tiny"
     teacher_overrides: dict = field(default_factory=lambda: {
-        "hist_len": 8, "max_len": 64, "epochs": 8, "folds": 5, "topk": 50, "pretrain_epochs": 5,
-        "vocab_size": 256, "lr": 2e-3})
+        "hist_len": 10, "max_len": 64, "epochs": 8, "folds": 5, "topk": 50, "pretrain_epochs": 8,
+        "vocab_size": 256, "lr": 2e-3, "corpus_examples": 2000})
     # AVT's egtea head at a quarter width. The paper's KD weight (150 at T = 10) makes the
     # KD term ~1e4x the CE term here and the student copies the teacher's mistakes; a sweep
     # on this data (README, "Distillation") picked weight 1 at T = 2 and SGD lr 1e-2, under
@@ -64,7 +67,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     """Run (or resume) the demo in ``out_dir``; returns the summary written to ``summary.json``."""
     from trainers.student.config import preset as student_preset
     from trainers.student.train import predict_into_store, train_student
-    from trainers.teacher.build import build_teacher
+    from trainers.teacher.build import build_teacher, corpus_sequences
+    from trainers.teacher.corpus import read_corpus
     from trainers.teacher.config import preset as teacher_preset
     from trainers.teacher.ngram import ngram_baseline
 
@@ -95,16 +99,23 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     seg, classes = store.segments, store.classes
     console.print(f"store: {len(seg)} segments, {len(seg.videos)} videos, {classes.num_actions} actions")
 
-    # 2. teacher and n-gram baseline
+    # 2. teacher and n-gram baselines (the standard one on the training labels; with a recipe
+    # corpus also one on training labels + corpus, to tell the corpus's share from the model's)
+    corpus = read_corpus(ann / CORPUS_FILE) if (ann / CORPUS_FILE).exists() else []
     if "teacher" not in store.predictions():
-        console.print("[bold]2/5[/bold] build the text teacher (MLM pretraining, fine-tuning, 5-fold out-of-fold)")
-        build_teacher(store, "teacher", teacher_preset(cfg.teacher_preset, **cfg.teacher_overrides),
-                      train_split=train_split, eval_splits=(eval_split,))
-    if "ngram" not in store.predictions():
-        rows = np.concatenate([seg.rows_in(train_split), seg.rows_in(eval_split)])
-        probs = ngram_baseline(seg, classes.num_actions, train_split, rows)
-        store.write_predictions("ngram", seg.uid[rows], np.log(probs + 1e-9), kind="baseline",
-                                config={"model": "interpolated 3-gram", "train_split": train_split})
+        console.print("[bold]2/5[/bold] build the text teacher (MLM pretraining, fine-tuning, 5-fold out-of-fold)"
+                      + (f" with a {len(corpus)}-line recipe corpus" if corpus else ""))
+        over = cfg.teacher_overrides if corpus else {**cfg.teacher_overrides, "corpus_examples": 0}
+        build_teacher(store, "teacher", teacher_preset(cfg.teacher_preset, **over),
+                      train_split=train_split, eval_splits=(eval_split,), corpus=corpus or None)
+    baselines = {"ngram": None, **({"ngram-corpus": corpus_sequences(classes, corpus)} if corpus else {})}
+    for name, extra in baselines.items():
+        if name not in store.predictions():
+            rows = np.concatenate([seg.rows_in(train_split), seg.rows_in(eval_split)])
+            probs = ngram_baseline(seg, classes.num_actions, train_split, rows, extra=extra)
+            store.write_predictions(name, seg.uid[rows], np.log(probs + 1e-9), kind="baseline",
+                                    config={"model": "interpolated 3-gram", "train_split": train_split,
+                                            "corpus_lines": len(extra) if extra is not None else 0})
 
     # 3. video features (simulated from the labels: action embedding + noise)
     if FEATURES not in store.feature_sets():
@@ -139,7 +150,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
 
     # 5. table and report
     console.print("[bold]5/5[/bold] evaluate and report")
-    table = metrics_table(store, eval_split, ["teacher", "ngram", *(f"student-{v}-s{s}" for v in ("no-kd", "kd") for s in cfg.seeds)])
+    table = metrics_table(store, eval_split, ["teacher", *baselines, *(f"student-{v}-s{s}" for v in ("no-kd", "kd") for s in cfg.seeds)])
     spread = {}
     for variant, rows in results.items():
         spread[variant] = {k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows))

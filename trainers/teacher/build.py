@@ -4,7 +4,7 @@ Stages, each resumable, in a work dir (default ``<store>.teacher-work/<name>/``)
 
     build.json          settings of the build (a resume with other settings is refused)
     tokenizer/          WordPiece trained on the train-split histories (no checkpoint given)
-    pretrained/         masked-LM checkpoint from ``pretrain_epochs`` on the train split
+    pretrained/         masked-LM checkpoint from ``pretrain_epochs`` on the train split (and the corpus)
     full/               model trained on every training example: predicts the eval splits
     fold0/ ... foldK-1/ model trained without fold k's videos: predicts fold k's training UIDs
     teacher/            the full model as an HF checkpoint + heads (usable as --pretrained)
@@ -13,6 +13,12 @@ A stage directory holds epoch checkpoints (see ``optim``) and, when finished,
 ``predictions.safetensors``. A rerun skips finished stages, resumes a stage from its last
 epoch checkpoint (model and AdamW state restored exactly), and redoes an interrupted
 pretraining from its start.
+
+An external ``corpus`` (action-sequence lines, e.g. recipes; ``corpus.read_corpus``) joins
+the train-split histories in the tokenizer and the masked-LM pretraining, as the paper
+pretrains on recipe text; with ``corpus_examples`` it also gives that many (history, next
+action) fine-tuning examples to every stage (lines whose actions are all store classes;
+no video's labels, so out-of-fold predictions stay honest).
 
 Every segment of the requested splits gets a prediction. The input of a segment is its
 history text; a segment without earlier actions (first in its video) reads just the
@@ -23,6 +29,7 @@ a training example and a segment's logits and features are the mean over the len
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import shutil
@@ -164,6 +171,7 @@ def build_teacher(
     train_split: str,
     eval_splits: tuple[str, ...] = (),
     pretrained: str | Path | None = None,
+    corpus: list[str] | None = None,
     work_dir: str | Path | None = None,
     overwrite: bool = False,
     fresh: bool = False,
@@ -179,10 +187,22 @@ def build_teacher(
     after each fine-tuning epoch's checkpoint (only with ``cfg.workers == 1``).
     """
     with num_threads(cfg.threads):
-        return _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, overwrite, fresh, show_progress, on_epoch)
+        return _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh,
+                      show_progress, on_epoch)
 
 
-def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, overwrite, fresh, show_progress, on_epoch) -> BuildResult:
+def corpus_sequences(classes, lines: list[str], colon: str = "keep") -> list[np.ndarray]:
+    """The corpus lines whose actions are all store classes, as action-id arrays."""
+    index = {action_words(classes, a, colon): a for a in range(classes.num_actions)}
+    out = []
+    for line in lines:
+        acts = [index.get(a.strip()) for a in line.split("<a>")]
+        if all(a is not None for a in acts):
+            out.append(np.asarray(acts, np.int64))
+    return out
+
+
+def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh, show_progress, on_epoch) -> BuildResult:
     t0 = time.perf_counter()
     seg, classes = store.segments, store.classes
     nums = (classes.num_actions, classes.num_verbs, classes.num_nouns)
@@ -205,10 +225,14 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
     if not any(t for L in cfg.hist_lens for t in texts[L][:n_train]):
         raise DataError(f"split {train_split!r}: every history is empty (no segment has an earlier action in its video)")
     folds = assign_folds(seg.video[rows[train_split]], cfg.folds, cfg.seed) if cfg.folds > 1 else None
+    corpus = list(corpus or [])
+    if cfg.corpus_examples and not corpus:
+        raise ConfigError("corpus_examples needs a corpus")
 
     work = Path(work_dir) if work_dir else work_dir_for(store, name)
     settings = {"config": _result_config(cfg.to_dict()), "train_split": train_split, "eval_splits": list(eval_splits),
                 "pretrained": str(pretrained) if pretrained else None,
+                "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest() if corpus else None,
                 "segments_sha256": store.manifest["segments_sha256"], "classes": list(nums)}
     if not fresh:
         _check_resume(work, settings)
@@ -217,7 +241,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
         tok = load_tokenizer(tok_dir)
     else:
         vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
-        tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + vocab_lines, cfg.vocab_size)
+        tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + corpus + vocab_lines, cfg.vocab_size)
     ids = {L: encode(tok, texts[L], cfg.max_len) for L in cfg.hist_lens}
     check_known(tok, [i for L in cfg.hist_lens for i, t in zip(ids[L][:n_train], texts[L]) if t],
                 f"split {train_split!r} histories")
@@ -236,13 +260,13 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
         if cfg.pretrain_epochs:
             model_base = tok_dir = work / "pretrained"
             if not (model_base / "pretrain.json").exists():
-                corpus = history_corpus(classes, seg, train_split, cfg.pretrain_window, cfg.colon)
+                lines = history_corpus(classes, seg, train_split, cfg.pretrain_window, cfg.colon) + corpus
                 pcfg = PretrainConfig(family=cfg.family, size=cfg.size, init_from=str(base) if base else None,
                                       max_len=cfg.max_len, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
                                       batch_size=cfg.pretrain_batch_size, weight_decay=cfg.weight_decay,
                                       warmup=cfg.warmup, mask_prob=cfg.mask_prob, dropout=cfg.dropout, seed=cfg.seed,
                                       threads=cfg.threads)
-                pretrain_mlm(corpus, model_base, pcfg, tok=tok, on_step=task("pretrain"))
+                pretrain_mlm(lines, model_base, pcfg, tok=tok, on_step=task("pretrain"))
             log += [{"stage": "pretrain", **r} for r in json.loads((model_base / "pretrain.json").read_text())["log"]]
 
         long = None
@@ -250,8 +274,11 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
             long = action_histories(seg, rows[train_split], 4 * max(cfg.hist_lens), cfg.history)  # [n_train, W]
             words = [action_words(classes, a, cfg.colon) for a in range(classes.num_actions)]
 
+        extra = _corpus_examples(classes, corpus, cfg, tok) if cfg.corpus_examples else None
+
         def examples(idx: np.ndarray) -> Examples:
-            """One example per (row, distinct non-empty history text); ``idx`` are train-split positions."""
+            """One example per (row, distinct non-empty history text); ``idx`` are train-split positions
+            (plus the corpus examples)."""
             picked, at, lens = [], [], []
             for i in idx:
                 seen = set()
@@ -262,8 +289,17 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
                         at.append(i)
                         lens.append(L)
             lab = all_rows[np.asarray(at, dtype=np.int64)]
-            thin = Thinning(long[at], np.asarray(lens), words, cfg.history_dropout, cfg.max_len) if long is not None else None
-            return Examples(picked, seg.action[lab], seg.verb[lab], seg.noun[lab], thin)
+            action, verb, noun = seg.action[lab], seg.verb[lab], seg.noun[lab]
+            hist = long[at] if long is not None else None
+            if extra is not None:
+                picked, lens = picked + extra["ids"], lens + extra["lens"]
+                a = extra["action"]
+                action, verb, noun = (np.concatenate([x, y.astype(x.dtype)]) for x, y in
+                                      ((action, a), (verb, classes.action_verb[a]), (noun, classes.action_noun[a])))
+                if hist is not None:
+                    hist = np.concatenate([hist, _left_pad(extra["hist"], hist.shape[1])])
+            thin = Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len) if long is not None else None
+            return Examples(picked, action, verb, noun, thin)
 
         def job(stage: str, seed: int, train_idx: np.ndarray, pred_idx: np.ndarray) -> StageJob:
             return StageJob(stage, work / stage, cfg.to_dict(), tok_dir, model_base, nums, seed, examples(train_idx),
@@ -302,6 +338,31 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, work_dir, ove
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=train_split),
     )
     return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work)
+
+
+def _corpus_examples(classes, corpus: list[str], cfg: TeacherConfig, tok) -> dict:
+    """``cfg.corpus_examples`` (history, next action) pairs drawn (seeded) from the corpus lines,
+    each at a history length drawn from ``cfg.hist_lens``."""
+    seqs = corpus_sequences(classes, corpus, cfg.colon)
+    pairs = np.array([(i, j) for i, s in enumerate(seqs) for j in range(1, len(s))], np.int64).reshape(-1, 2)
+    if len(pairs) == 0:
+        raise DataError("corpus: no line of two or more actions that are all store classes")
+    rng = np.random.default_rng(cfg.seed)
+    pick = pairs[np.sort(rng.choice(len(pairs), size=min(cfg.corpus_examples, len(pairs)), replace=False))]
+    lens = [int(x) for x in rng.choice(cfg.hist_lens, size=len(pick))]
+    hists = [seqs[i][max(0, j - L):j] for (i, j), L in zip(pick, lens)]
+    ids = encode(tok, [action_text(classes, h, cfg.colon) for h in hists], cfg.max_len)
+    return {"ids": ids, "action": np.array([seqs[i][j] for i, j in pick], np.int64), "lens": lens, "hist": hists}
+
+
+def _left_pad(hists: list[np.ndarray], width: int) -> np.ndarray:
+    """[n, width] action ids, oldest first, -1 padded on the left."""
+    out = np.full((len(hists), width), -1, np.int64)
+    for r, h in enumerate(hists):
+        h = h[len(h) - width:] if len(h) > width else h
+        if len(h):
+            out[r, width - len(h):] = h
+    return out
 
 
 def _result_config(d: dict) -> dict:

@@ -69,6 +69,9 @@ class TeacherConfig:
     pretrain_batch_size: int = 32
     pretrain_window: int = 16  # actions per pretraining line (a video's train sequence, cut)
     mask_prob: float = 0.15
+    # With an external corpus (build_teacher's ``corpus``): (history, next action) fine-tuning
+    # examples drawn from its lines, added to every stage's training examples (0: none).
+    corpus_examples: int = 0
     seed: int = 0
     threads: int = 1  # torch threads per process (1 is fastest for these small models on a busy CPU)
     workers: int = 1  # fine-tuning stages (full model, folds) run in parallel processes
@@ -90,7 +93,7 @@ class TeacherConfig:
                      "pretrain_lr", "pretrain_batch_size", "pretrain_window", "threads", "workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TeacherConfig.{name}: expected > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "pretrain_epochs", "grad_clip", "label_smoothing", "class_weighted"):
+        for name in ("weight_decay", "pretrain_epochs", "corpus_examples", "grad_clip", "label_smoothing", "class_weighted"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TeacherConfig.{name}: expected >= 0, got {getattr(self, name)!r}")
         for name in ("dropout", "warmup", "label_smoothing", "history_dropout"):

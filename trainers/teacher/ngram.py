@@ -67,14 +67,21 @@ class NGram:
 
 
 def ngram_baseline(
-    segments: SegmentTable, num_actions: int, train_split: str, rows: np.ndarray, order: int = 3, mode: str = "gappy"
+    segments: SegmentTable, num_actions: int, train_split: str, rows: np.ndarray, order: int = 3, mode: str = "gappy",
+    extra: list[np.ndarray] | None = None,
 ) -> np.ndarray:
-    """[len(rows), A] probabilities of an n-gram fitted on ``train_split``'s (history, action) pairs."""
+    """[len(rows), A] probabilities of an n-gram fitted on ``train_split``'s (history, action) pairs
+    (plus those of the ``extra`` action-id sequences, e.g. a corpus's)."""
     train = segments.rows_in(train_split)
     if len(train) == 0:
         raise DataError(f"split {train_split!r}: no segments to fit the n-gram on")
     width = max(order - 1, 1)
-    model = NGram(num_actions, order).fit(action_histories(segments, train, width, mode), segments.action[train])
+    contexts, targets = [action_histories(segments, train, width, mode)], [segments.action[train]]
+    for seq in extra or []:
+        padded = np.concatenate([np.full(width, -1, np.int64), np.asarray(seq, np.int64)])
+        contexts.append(np.stack([padded[j : j + width] for j in range(len(seq))]).reshape(len(seq), width))
+        targets.append(np.asarray(seq, np.int64))
+    model = NGram(num_actions, order).fit(np.concatenate(contexts), np.concatenate(targets))
     return model.predict(action_histories(segments, np.asarray(rows), width, mode))
 
 
