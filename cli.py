@@ -170,6 +170,8 @@ def build_teacher_cmd(
     eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
     pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),
     pretrain_epochs: Optional[int] = typer.Option(None, help="MLM epochs on the train-split histories before fine-tuning."),
+    corpus: Optional[Path] = typer.Option(None, help="Action-sequence corpus (text or JSONL recipes) joining the MLM "
+                                          "pretraining; with --set corpus_examples=N also N fine-tuning examples."),
     folds: Optional[int] = typer.Option(None, help="Cross-fitting folds by video (1: the full model predicts everything)."),
     family: Optional[str] = typer.Option(None),
     size: Optional[str] = typer.Option(None),
@@ -198,6 +200,7 @@ def build_teacher_cmd(
     from trainers.teacher.build import build_teacher
     from trainers.teacher.config import parse_overrides
     from trainers.teacher.config import preset as make_preset
+    from trainers.teacher.corpus import read_corpus
     from trainers.teacher.evaluate import metrics_table
 
     hist = tuple(int(x) for x in multi_history.split(",")) if multi_history else None
@@ -208,7 +211,8 @@ def build_teacher_cmd(
         "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
         "history_dropout": history_dropout, "workers": workers})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
-                      pretrained=pretrained, work_dir=work_dir, overwrite=overwrite, fresh=fresh)
+                      pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
+                      overwrite=overwrite, fresh=fresh)
     Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
     console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
 

@@ -426,6 +426,18 @@ def test_cli_build_teacher_tiny(tmp_path, syn_dir):
     g = Store.open(store.path).teacher("cli")
     assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
     assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
+    # an external corpus: pretraining text plus (history, next action) fine-tuning examples
+    classes, seg = load_annotations(syn_dir, fps=24.0)
+    corpus = tmp_path / "recipes.txt"
+    corpus.write_text("\n".join(history_corpus(classes, seg, "training1") + ["fly <v> kite <a> cut <v> tomato"]) + "\n")
+    args = ["build-teacher", str(store.path), "--preset", "tiny", "--folds", "1", "--epochs", "1", "--pretrain-epochs",
+            "1", "--set", "threads=1"]
+    res = CliRunner().invoke(app, [*args, "--name", "c", "--corpus", str(corpus), "--set", "corpus_examples=20"])
+    assert res.exit_code == 0, res.output
+    build = json.loads((Path(f"{store.path}.teacher-work") / "c" / "build.json").read_text())
+    assert len(build["corpus_sha256"]) == 64 and Store.open(store.path).teacher("c").present.all()
+    res = CliRunner().invoke(app, [*args, "--name", "e", "--set", "corpus_examples=20"])
+    assert isinstance(res.exception, ConfigError) and "corpus_examples needs a corpus" in str(res.exception)
 
 
 # -- real EGTEA (skipped when the data is absent) ------------------------------------------------
