@@ -142,7 +142,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
     ax.bar(centers[used], c["accuracy"][used], width=0.09, alpha=0.7, label="accuracy")
     ax.plot(c["confidence"][used], c["accuracy"][used], "o-", color="tab:orange", label="per bin")
-    ax.set(title=f"teacher {teacher}: calibration (ECE {c['ece']:.3f})", xlabel="top-1 confidence", ylabel="accuracy",
+    ax.set(title=f"teacher/{teacher}: calibration (ECE {c['ece']:.3f})", xlabel="top-1 confidence", ylabel="accuracy",
            xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
     fig.tight_layout()
