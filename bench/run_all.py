@@ -27,7 +27,8 @@ BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features
 KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", "peak_rss_mib", "gbps",
               "samples_per_s", "frames_per_s", "sampled_frames_per_s", "mb_written_per_s", "vs_ceiling",
               "vs_per_sample", "ratio", "graph_median_s", "eager_over_kernel", "graph_eager_over_kernel",
-              "graph_over_ideal", "seconds", "error"]
+              "graph_over_ideal", "teacher_top1", "teacher_mean_top1_recall", "ngram3_top1",
+              "ngram3_mean_top1_recall", "ngram2_top1", "ngram2_mean_top1_recall", "seconds", "error"]
 
 
 def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...] = (), out_dir: Path | None = None) -> dict:
