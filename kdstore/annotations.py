@@ -376,10 +376,15 @@ def class_words(name: str, colon: str = "keep") -> str:
     return " ".join(w for p in parts for w in _WORD_SEP.split(p) if w)
 
 
+def pair_words(verb: str, noun: str, colon: str = "keep") -> str:
+    """A (verb, noun) pair of class names as teacher text: ``verb <v> noun``."""
+    return f"{class_words(verb, colon)} <v> {class_words(noun, colon)}"
+
+
 def action_words(classes: ClassTable, action: int, colon: str = "keep") -> str:
     """One action as teacher text: ``verb <v> noun``."""
     v, n = classes.action_verb[action], classes.action_noun[action]
-    return f"{class_words(classes.verb_names[v], colon)} <v> {class_words(classes.noun_names[n], colon)}"
+    return pair_words(classes.verb_names[v], classes.noun_names[n], colon)
 
 
 def action_text(classes: ClassTable, actions: Iterable[int], colon: str = "keep") -> str:

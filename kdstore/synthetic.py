@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotations import ClassTable, SegmentTable, class_words
+from .annotations import ClassTable, SegmentTable, pair_words
 
 VERBS = [
     "Take", "Put", "Open", "Close", "Cut", "Wash", "Mix", "Pour", "Turn on", "Turn off",
@@ -138,12 +138,11 @@ def _write_corpus(path: Path, recipes, distractors, exclude: set, cfg: Synthetic
     Drawn from their own random stream, so the videos are the same with or without a corpus.
     """
     rng = np.random.default_rng([cfg.seed, 1])
-    words = lambda v, n: f"{class_words(VERBS[v])} <v> {class_words(NOUNS[n])}"  # noqa: E731 (as action_text writes it)
     lines = []
     while len(lines) < cfg.corpus_size:
         seq = _sequence(rng, recipes[int(rng.integers(cfg.n_recipes))], distractors, cfg)
         if seq and tuple(seq) not in exclude:
-            lines.append(" <a> ".join(words(v, n) for v, n in seq))
+            lines.append(" <a> ".join(pair_words(VERBS[v], NOUNS[n]) for v, n in seq))
     path.write_text("\n".join(lines) + "\n")
 
 
