@@ -438,6 +438,11 @@ def test_cli_build_teacher_tiny(tmp_path, syn_dir):
     assert len(build["corpus_sha256"]) == 64 and Store.open(store.path).teacher("c").present.all()
     res = CliRunner().invoke(app, [*args, "--name", "e", "--set", "corpus_examples=20"])
     assert isinstance(res.exception, ConfigError) and "corpus_examples needs a corpus" in str(res.exception)
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("fly <v> kite <a> sail <v> boat\n")
+    res = CliRunner().invoke(app, [*args, "--name", "f", "--corpus", str(foreign), "--set", "corpus_examples=20"])
+    assert isinstance(res.exception, DataError) and "no line of two or more actions that are all store classes" in str(res.exception)
+    assert "f" not in Store.open(store.path).predictions()
 
 
 # -- real EGTEA (skipped when the data is absent) ------------------------------------------------

@@ -67,8 +67,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     """Run (or resume) the demo in ``out_dir``; returns the summary written to ``summary.json``."""
     from trainers.student.config import preset as student_preset
     from trainers.student.train import predict_into_store, train_student
-    from trainers.teacher.build import build_teacher, corpus_sequences
-    from trainers.teacher.corpus import read_corpus
+    from trainers.teacher.build import build_teacher
+    from trainers.teacher.corpus import corpus_sequences, read_corpus
     from trainers.teacher.config import preset as teacher_preset
     from trainers.teacher.ngram import ngram_baseline
 

@@ -50,7 +50,7 @@ from kdstore.metrics import compute_metrics, marginalise, softmax
 from kdstore.store import Store, _check_name, provenance_entry
 
 from .config import TeacherConfig, config_from_dict
-from .corpus import history_corpus, history_texts
+from .corpus import corpus_sequences, history_corpus, history_texts
 from .finetune import Examples, Thinning, finetune, predict
 from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
 from .ngram import action_histories
@@ -189,17 +189,6 @@ def build_teacher(
     with num_threads(cfg.threads):
         return _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh,
                       show_progress, on_epoch)
-
-
-def corpus_sequences(classes, lines: list[str], colon: str = "keep") -> list[np.ndarray]:
-    """The corpus lines whose actions are all store classes, as action-id arrays."""
-    index = {action_words(classes, a, colon): a for a in range(classes.num_actions)}
-    out = []
-    for line in lines:
-        acts = [index.get(a.strip()) for a in line.split("<a>")]
-        if all(a is not None for a in acts):
-            out.append(np.asarray(acts, np.int64))
-    return out
 
 
 def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh, show_progress, on_epoch) -> BuildResult:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdstore.annotations import ClassTable, SegmentTable, action_text, histories, load_annotations
+from kdstore.annotations import ClassTable, SegmentTable, action_text, action_words, histories, load_annotations
 from kdstore.errors import DataError
 
 STOP_VERBS = frozenset({"is", "are", "be", "have", "was", "were", "been", "do", "does", "get"})
@@ -121,3 +121,15 @@ def annotations_corpus(directory: str | Path, split: str, window: int = 16, colo
     """``history_corpus`` of one split CSV of a RULSTM-style annotation folder."""
     classes, segments = load_annotations(directory, [split], fps=1.0)  # the frame rate only orders segments
     return history_corpus(classes, segments, split, window, colon)
+
+
+def corpus_sequences(classes: ClassTable, lines: list[str], colon: str = "keep") -> list[np.ndarray]:
+    """The corpus lines (as ``read_corpus`` returns them) whose actions are all store classes,
+    as action-id arrays; lines with any other action are left out."""
+    index = {action_words(classes, a, colon): a for a in range(classes.num_actions)}
+    out = []
+    for line in lines:
+        acts = [index.get(a.strip()) for a in line.split("<a>")]
+        if all(a is not None for a in acts):
+            out.append(np.asarray(acts, np.int64))
+    return out
