@@ -541,6 +541,19 @@ def test_ddp_two_processes_match_one(kd, tmp_path):
         torch.testing.assert_close(td[k], to[k], atol=1e-4, rtol=1e-3, msg=k)
 
 
+def test_ddp_rank_without_gpu_is_refused(kd, tmp_path, monkeypatch):
+    """A torchrun rank whose LOCAL_RANK has no GPU: a ConfigError before any process group starts."""
+    from trainers.student.train import train_student
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="LOCAL_RANK 1 has no GPU: this node has 1"):
+        train_student(kd.path, "feat", tmp_path / "run", small_cfg(), teacher=None, progress=False, device="cuda")
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
 # --- CLI --------------------------------------------------------------------------------
 
 

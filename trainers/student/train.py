@@ -33,12 +33,22 @@ from .losses import student_losses
 CKPT, STATE, LOG = "last.safetensors", "last.json", "log.jsonl"
 
 
-def _dist(device: str) -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed when launched by torchrun."""
+def _dist(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this process's device), initialising torch.distributed when launched
+    by torchrun. A CUDA rank takes the GPU of its LOCAL_RANK; a rank without one is refused
+    before any process group starts."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
+    if world == 1:
+        return 0, 1, device
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                              "start at most that many processes per node, or pass device='cpu'")
+        device = f"cuda:{local}"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world, device
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Optimizer:
@@ -133,13 +143,7 @@ def train_student(
     global batch of ``world * batch_size`` samples and gradients are averaged (DDP).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = _dist(device)
-    if device == "cuda" and world > 1:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"rank {rank} (LOCAL_RANK {local}) has no GPU: this node has {torch.cuda.device_count()}; "
-                              "start at most that many processes per node, or pass device='cpu'")
-        device = f"cuda:{local}"
+    rank, world, device = _dist(device)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_path)
