@@ -18,6 +18,7 @@ import torch
 
 from kdstore.errors import ConfigError, MissingError
 from kdstore.store import Store
+from trainers.queues import put_until
 
 from .batch import Batch
 from .config import StudentConfig
@@ -133,29 +134,17 @@ class BatchLoader:
         done = object()
         cancel = threading.Event()
 
-        def put(item) -> bool:
-            # Every put gives up once the consumer has gone: a plain blocking put on a full
-            # queue would hang the consumer's join when it stops early (an exception in the
-            # training step, a break).
-            while not cancel.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
         def work() -> None:
             try:
                 for ids in self.chunks:
                     b = self.data.batch(ids)
                     if self.pin:
                         b = b.pin_memory()
-                    if not put(b):
+                    if not put_until(q, b, cancel):  # the consumer has gone
                         return
-                put(done)
+                put_until(q, done, cancel)
             except BaseException as e:  # surfaced in the consumer
-                put(e)
+                put_until(q, e, cancel)
 
         t = threading.Thread(target=work, daemon=True)
         t.start()

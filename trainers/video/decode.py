@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kdstore.errors import ConfigError, DataError
+from trainers.queues import put_until
 
 if TYPE_CHECKING:
     import av
@@ -291,22 +292,13 @@ def iter_batches(
 
 
 def _produce(produce: Callable[[VideoSource], Iterable], source: VideoSource, q: queue.Queue, stop: threading.Event) -> None:
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
     try:
         for item in produce(source):
-            if not put(("item", item)):
+            if not put_until(q, ("item", item), stop):
                 return
-        put(("end", None))
+        put_until(q, ("end", None), stop)
     except Exception as e:  # handed to the consumer, which decides what is fatal
-        put(("error", e))
+        put_until(q, ("error", e), stop)
 
 
 def _drain(q: queue.Queue) -> Iterator:
