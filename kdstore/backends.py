@@ -336,16 +336,10 @@ class ZarrBackend(Backend):
             self._finish(journal)
 
     def _finish(self, journal: Path) -> None:
-        """Carry out a journaled commit from wherever it stopped: provenance, swap, cleanup."""
+        """Carry out a journaled commit from wherever it stopped: swap, provenance, cleanup."""
         j = json.loads(journal.read_text())
         staged, target = self.staging_dir() / j["staged"], self._dir(j["group"])
         trash = self.staging_dir() / ("trash-" + j["staged"].removeprefix("tmp-"))
-        if j.get("provenance") is not None:
-            m = self.attrs("")
-            if j["provenance"] not in m.get("provenance", []):
-                m["provenance"] = [*m.get("provenance", []), j["provenance"]]
-                self.set_attrs("", m)
-                crash_point("zarr.provenance")
         if _inode(staged) == j["inode"]:  # not in place yet
             self._ensure_parents(j["group"])
             if not target.exists():
@@ -356,6 +350,12 @@ class ZarrBackend(Backend):
                 os.replace(staged, target)
             _fsync_dir(target.parent)
             crash_point("zarr.swapped")
+        if j.get("provenance") is not None:
+            m = self.attrs("")
+            if j["provenance"] not in m.get("provenance", []):
+                m["provenance"] = [*m.get("provenance", []), j["provenance"]]
+                self.set_attrs("", m)
+                crash_point("zarr.provenance")
         for old in (staged, trash):  # the replaced group, if any
             if old.exists():
                 shutil.rmtree(old)
@@ -385,7 +385,8 @@ class ZarrBackend(Backend):
                 out.append(Leftover(f"{j}: unreadable commit journal", functools.partial(_remove, j)))
                 continue
             journaled.add(staged)
-            hides = None if self.has(group) else group
+            # between the two renames of a replacement: the group is gone until the commit is finished
+            hides = group if not self.has(group) and (st / staged.replace("tmp-", "trash-", 1)).exists() else None
             out.append(Leftover(f"{self.path}: interrupted commit of {group}", functools.partial(self._finish, j), hides=hides))
         for d in sorted(st.glob("tmp-*")):
             if d.name not in journaled:

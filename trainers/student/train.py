@@ -195,8 +195,8 @@ def train_student(
                               f"resume with epochs >= {state['epoch']}")
         _restore(model, opt, tensors, state)
         start_epoch, step, metrics = state["epoch"], state["step"], state.get("metrics", {})
-        if rank == 0:
-            _trim_log(run, start_epoch)
+    if rank == 0:
+        _trim_log(run, start_epoch)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
