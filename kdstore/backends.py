@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import AccessError, KDStoreError, MissingError, StoreFormatError
 from .faults import crash_point
-from .lock import held_elsewhere, locked, store_lock_path
+from .lock import held, held_elsewhere, locked, store_lock_path
 
 PAGE = 4096
 BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size
@@ -141,21 +141,15 @@ class Backend:
     # -- the writer lock and what crashed writers leave ------------------------------
 
     @contextmanager
-    def writing(self) -> Iterator[None]:
+    def writing(self, recover: bool = True) -> Iterator[None]:
         """Hold the store's writer lock. The outermost hold checks that the store can be
-        written and removes the routine leftovers of crashed writers first."""
-        try:
-            with locked(self.lock_file, str(self.path)) as outer:
-                if outer:
-                    self.check_writable()
+        written and (``recover``) removes the routine leftovers of crashed writers first."""
+        with access_errors(self.path), locked(self.lock_file, str(self.path)) as outer:
+            if outer:
+                self.check_writable()
+                if recover:
                     self.recover()
-                yield
-        except PermissionError as e:
-            raise AccessError(f"{self.path}: cannot be written ({e.filename or self.path}: {e.strerror})") from None
-        except OSError as e:
-            if e.errno != errno.EROFS:
-                raise
-            raise AccessError(f"{self.path}: cannot be written (read-only file system)") from None
+            yield
 
     def leftovers(self) -> list[Leftover]:
         """What crashed or interrupted writers left. While another process holds the store
@@ -174,8 +168,7 @@ class Backend:
 
     def gc(self) -> list[str]:
         """Remove every leftover, partial feature builds included; what was done, a line each."""
-        with locked(self.lock_file, str(self.path)):
-            self.check_writable()
+        with self.writing(recover=False):
             return self.recover(everything=True)
 
     def _commit_leftovers(self) -> list[Leftover]:
@@ -199,7 +192,7 @@ class Backend:
         out = []
         for d in sorted(st.glob("video-*")) if st.is_dir() else []:
             lock = d.with_name(d.name.removesuffix(".lock") + ".lock")
-            if held_elsewhere(lock):
+            if held(lock):
                 continue  # a live writer's
             if d.is_dir():
                 videos = sum(1 for p in d.glob("*.json") if p.name != "writer.json")
@@ -209,6 +202,19 @@ class Backend:
             elif d.suffix == ".lock" and not d.with_suffix("").exists():
                 out.append(Leftover(f"{d}: lock of a finished feature build", functools.partial(_remove, d)))
         return out
+
+
+@contextmanager
+def access_errors(path: Path) -> Iterator[None]:
+    """Turn a refused write (permissions, read-only file system) into a one-line AccessError."""
+    try:
+        yield
+    except PermissionError as e:
+        raise AccessError(f"{path}: cannot be written ({e.filename or path}: {e.strerror})") from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise AccessError(f"{path}: cannot be written (read-only file system)") from None
 
 
 def _discard_build(d: Path, lock: Path) -> None:
@@ -348,7 +354,7 @@ class ZarrBackend(Backend):
                 os.replace(target, trash)
                 crash_point("zarr.trashed")
                 os.replace(staged, target)
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
             crash_point("zarr.swapped")
         if j.get("provenance") is not None:
             m = self.attrs("")
@@ -360,7 +366,7 @@ class ZarrBackend(Backend):
             if old.exists():
                 shutil.rmtree(old)
         journal.unlink()
-        _fsync_dir(self.staging_dir())
+        _fsync(self.staging_dir())
 
     def delete_group(self, group: str) -> None:
         target = self._dir(group)
@@ -608,7 +614,7 @@ class HDF5Backend(Backend):
                 if not len(f[self.STAGING]):
                     del f[self.STAGING]
                 f.flush()
-            _fsync_file(self.path)
+            _fsync(self.path)
             crash_point("hdf5.committed")
             live, size = self._live_bytes(), self.path.stat().st_size
             if size - live > max(live, COMPACT_MIN_BYTES):  # dead groups outweigh the live data
@@ -620,7 +626,7 @@ class HDF5Backend(Backend):
                 if group in f:
                     f.move(group, f"{self.TRASH}/{uuid.uuid4().hex}")
                     f.flush()
-            _fsync_file(self.path)
+            _fsync(self.path)
 
     def compact(self) -> str:
         """Rewrite the file with only its live groups (no ``_trash``, no ``_staging``), then
@@ -632,10 +638,10 @@ class HDF5Backend(Backend):
                 for key in src.keys():
                     if key not in (self.STAGING, self.TRASH):
                         src.copy(src[key], dst, key)
-            _fsync_file(tmp)
+            _fsync(tmp)
             crash_point("hdf5.compacted")
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            _fsync(self.path.parent)
             return f"{self.path}: compacted from {_mib(before)} to {_mib(self.path.stat().st_size)}"
 
     @_damage_is_format_error
@@ -668,7 +674,7 @@ class HDF5Backend(Backend):
         return out
 
     def gc(self) -> list[str]:
-        with self.writing():
+        with self.writing(recover=False):
             done = super().gc()
             with self._open() as f:
                 dead = self.TRASH in f or self.STAGING in f
@@ -717,15 +723,8 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path | str) -> None:
+    """Flush a file's or a directory's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -736,12 +735,8 @@ def _fsync_file(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
 
 
 def _inode(path: Path) -> int | None:

@@ -78,7 +78,7 @@ def locked(path: str | Path, what: str, timeout: float | None = None) -> Iterato
         else:
             outer = True
     if outer:
-        fd = _acquire(path, what, _timeout() if timeout is None else timeout)
+        fd = _acquire(path, what, _timeout() if timeout is None else timeout, timeout is None)
         with _guard:
             _held[key] = [fd, 1]
     try:
@@ -92,7 +92,7 @@ def locked(path: str | Path, what: str, timeout: float | None = None) -> Iterato
             os.close(fd)  # releases the flock
 
 
-def _acquire(path: Path, what: str, timeout: float) -> int:
+def _acquire(path: Path, what: str, timeout: float, from_env: bool) -> int:
     deadline, told = time.monotonic() + timeout, False
     while True:
         fd = _open(path, what)
@@ -103,7 +103,7 @@ def _acquire(path: Path, what: str, timeout: float) -> int:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise AccessError(f"{what}: cannot lock {path} ({e.strerror})") from None
             if time.monotonic() >= deadline:
-                waited = f"; waited {timeout:.0f} s ({TIMEOUT_ENV} sets how long)" if timeout else ""
+                waited = f"; waited {timeout:.0f} s ({TIMEOUT_ENV} sets how long)" if from_env and timeout else ""
                 raise AccessError(f"{what}: in use by {holder(path)}{waited}") from None
             if not told and timeout >= 5:
                 print(f"{what}: waiting for {holder(path)} to finish (up to {timeout:.0f} s)", file=sys.stderr)
@@ -121,6 +121,11 @@ def _acquire(path: Path, what: str, timeout: float) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         return fd
+
+
+def held(path: str | Path) -> bool:
+    """Whether a live process, this one included, holds the lock file ``path``."""
+    return os.path.abspath(path) in _held or held_elsewhere(path)
 
 
 def held_elsewhere(path: str | Path) -> bool:

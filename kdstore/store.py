@@ -30,7 +30,7 @@ import numpy as np
 
 from . import __version__
 from .annotations import ClassTable, SegmentTable
-from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync_dir, _fsync_file, _fsync_tree, _write_json,
+from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
                        exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
@@ -139,46 +139,47 @@ class Store:
             "segments_sha256": segments_fingerprint(segments.uid),
             "provenance": [provenance or provenance_entry("create")],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         lock = store_lock_path(path)
-        with locked(lock, str(path)):
-            old = Store.open(path).backend if path.exists() or path.is_symlink() else None
-            if old is not None and not overwrite:
-                raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
-            for lo in kind(path)._sibling_leftovers():  # of crashed creates: we hold the lock, their writers are gone
-                lo.remove()
-            tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
-            b = kind.create(tmp, manifest, lock_file=lock)
-            class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
-            if classes.many_shot_verbs is not None:
-                class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
-            b.write_group(
-                "classes",
-                class_arrays,
-                {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
-            )
-            b.write_group(
-                "segments",
-                {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
-                {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
-            )
-            _fsync_tree(tmp) if tmp.is_dir() else _fsync_file(tmp)
-            crash_point("create.built")
-            if old is None:
-                os.rename(tmp, path)
-            else:
-                aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
-                if exchange(tmp, path):
-                    os.rename(tmp, aside)
-                else:  # a crash between the renames leaves no store at path: ingest runs again
-                    os.rename(path, aside)
-                    crash_point("create.aside")
-                    os.rename(tmp, path)
-                crash_point("create.swapped")
-                for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
+        with access_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with locked(lock, str(path)):
+                old = Store.open(path).backend if path.exists() or path.is_symlink() else None
+                if old is not None and not overwrite:
+                    raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
+                for lo in kind(path)._sibling_leftovers():  # of crashed creates: we hold the lock, their writers are gone
                     lo.remove()
-                shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
-            _fsync_dir(path.parent)
+                tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+                b = kind.create(tmp, manifest, lock_file=lock)
+                class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
+                if classes.many_shot_verbs is not None:
+                    class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
+                b.write_group(
+                    "classes",
+                    class_arrays,
+                    {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
+                )
+                b.write_group(
+                    "segments",
+                    {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
+                    {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
+                )
+                _fsync_tree(tmp) if tmp.is_dir() else _fsync(tmp)
+                crash_point("create.built")
+                if old is None:
+                    os.rename(tmp, path)
+                else:
+                    aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
+                    if exchange(tmp, path):
+                        os.rename(tmp, aside)
+                    else:  # a crash between the renames leaves no store at path: ingest runs again
+                        os.rename(path, aside)
+                        crash_point("create.aside")
+                        os.rename(tmp, path)
+                    crash_point("create.swapped")
+                    for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
+                        lo.remove()
+                    shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+                _fsync(path.parent)
         return cls(kind(path))
 
     # -- metadata --------------------------------------------------------------------

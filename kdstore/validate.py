@@ -43,7 +43,11 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
             loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
             problems.append(f"{store.path}: {where} attribute {loc}: {err.message}")
 
-    for lo in b.leftovers():
+    try:
+        left = b.leftovers()
+    except KDStoreError as e:
+        return [str(e)]
+    for lo in left:
         if lo.hides:
             problems.append(f"{store.path}: {lo.hides}: missing until its interrupted commit is finished"
                             " (by the next writer, or kdstore gc)")
@@ -136,7 +140,10 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
 def leftovers(path: str | Path) -> list[str]:
     """What crashed or interrupted writers left in the store at ``path``, a line each
     (``kdstore gc`` or the next writer removes them; partial feature builds only ``gc``)."""
-    return [lo.what for lo in Store.open(path).backend.leftovers() if not lo.hides]
+    try:
+        return [lo.what for lo in Store.open(path).backend.leftovers() if not lo.hides]
+    except KDStoreError:  # a damaged store: validate_store reports it
+        return []
 
 
 def _scan_finite(arr: np.ndarray, key: str, name_row, problems: list[str], path: Path) -> None:

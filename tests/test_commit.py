@@ -9,7 +9,6 @@ are real processes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 
 import kdstore.backends as backends
 from conftest import SUFFIXES, build_store
-from kdstore.errors import AccessError, DataError
+from kdstore.errors import DataError
 from kdstore.lock import locked, store_lock_path
 from kdstore.store import Store
 from kdstore.validate import leftovers, validate_store

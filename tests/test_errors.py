@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,9 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import SUFFIXES, build_store
 from kdstore.annotations import load_annotations
-from kdstore.errors import AccessError, AnnotationError, ConfigError, DataError, KDStoreError
+from kdstore.errors import AnnotationError, ConfigError, DataError, KDStoreError
 from kdstore.store import Store
-from processes import ROOT, cli
+from processes import cli
 from test_store import assert_same, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
