@@ -13,7 +13,7 @@ from rich.console import Console
 from kdstore.errors import KDStoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, however long
 
 
 # --- store commands ---------------------------------------------------------------------
@@ -64,14 +64,30 @@ def info(store: Path, as_json: bool = typer.Option(False, "--json", help="Print 
 @app.command()
 def validate(store: Path, quick: bool = typer.Option(False, help="Skip the NaN/inf scan of big arrays.")) -> None:
     """Check a store against the published format (schemas/) and for consistency."""
-    from kdstore.validate import validate_store
+    from kdstore.validate import leftovers, validate_store
 
     problems = validate_store(store, deep=not quick)
     for p in problems:
         console.print(f"[red]invalid:[/red] {p}", highlight=False)
+    left = leftovers(store)
+    for p in left:
+        console.print(f"[yellow]leftover:[/yellow] {p}", highlight=False)
+    if left:
+        console.print(f"`kdstore gc {store}` removes the leftovers", highlight=False)
     if problems:
         raise typer.Exit(code=1)
     console.print(f"{store}: valid")
+
+
+@app.command()
+def gc(store: Path) -> None:
+    """Remove what crashed writers left (staging, trash, partial feature builds); compact an HDF5 file."""
+    from kdstore.store import Store
+
+    done = Store.open(store).gc()
+    for line in done:
+        console.print(f"removed: {line}", highlight=False)
+    console.print(f"{store}: {len(done)} leftover(s) removed", highlight=False)
 
 
 @app.command()

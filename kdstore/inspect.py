@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .store import Store
 
 
@@ -58,6 +58,8 @@ def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None
     """Write a prediction group to JSONL (one UID a line, top-``k``) or NPZ (all arrays)."""
     out = Path(out)
     fmt = fmt or out.suffix.lstrip(".").lower()
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out}: the folder {out.parent} does not exist")
     p = store.teacher(name)
     if fmt == "npz":
         arrays = {"uids": p.uids, "logits": np.asarray(p.logits), "topk_values": np.asarray(p.topk_values),

@@ -14,8 +14,10 @@ The store knows nothing of models: it checks and keeps arrays.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,8 +30,11 @@ import numpy as np
 
 from . import __version__
 from .annotations import ClassTable, SegmentTable
-from .backends import Backend, Concatenated, HDF5Backend, ZarrBackend, _write_json
+from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
+                       exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
+from .faults import crash_point
+from .lock import locked, store_lock_path
 
 SCHEMA_VERSION = 1
 FORMAT = "kdstore"
@@ -116,14 +121,15 @@ class Store:
         provenance: dict | None = None,
         dataset: str | None = None,
     ) -> "Store":
-        """Create a store holding the class table and the segment table."""
+        """Create a store holding the class table and the segment table.
+
+        The store is built under a temporary sibling name and renamed into place (an
+        existing store is swapped out in one step where the file system allows), so a
+        crash never leaves a half-made store at ``path``.
+        """
         path = Path(path)
         _check_segments(classes, segments)  # before anything on disk is touched
-        if path.exists():
-            if not overwrite:
-                raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
-            Store.open(path)  # refuse to delete something that is not a store
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        kind = _backend_for(path, backend)
         manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -133,21 +139,48 @@ class Store:
             "segments_sha256": segments_fingerprint(segments.uid),
             "provenance": [provenance or provenance_entry("create")],
         }
-        b = _backend_for(path, backend).create(path, manifest)
-        class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
-        if classes.many_shot_verbs is not None:
-            class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
-        b.write_group(
-            "classes",
-            class_arrays,
-            {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
-        )
-        b.write_group(
-            "segments",
-            {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
-            {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
-        )
-        return cls(b)
+        lock = store_lock_path(path)
+        with access_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with locked(lock, str(path)):
+                old = Store.open(path).backend if path.exists() or path.is_symlink() else None
+                if old is not None and not overwrite:
+                    raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
+                for lo in kind(path)._sibling_leftovers():  # of crashed creates: we hold the lock, their writers are gone
+                    lo.remove()
+                tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+                b = kind.create(tmp, manifest, lock_file=lock)
+                class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
+                if classes.many_shot_verbs is not None:
+                    class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
+                b.write_group(
+                    "classes",
+                    class_arrays,
+                    {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
+                )
+                b.write_group(
+                    "segments",
+                    {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
+                    {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
+                )
+                _fsync_tree(tmp) if tmp.is_dir() else _fsync(tmp)
+                crash_point("create.built")
+                if old is None:
+                    os.rename(tmp, path)
+                else:
+                    aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
+                    if exchange(tmp, path):
+                        os.rename(tmp, aside)
+                    else:  # a crash between the renames leaves no store at path: ingest runs again
+                        os.rename(path, aside)
+                        crash_point("create.aside")
+                        os.rename(tmp, path)
+                    crash_point("create.swapped")
+                    for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
+                        lo.remove()
+                    shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+                _fsync(path.parent)
+        return cls(kind(path))
 
     # -- metadata --------------------------------------------------------------------
 
@@ -156,10 +189,19 @@ class Store:
         return self.backend.attrs("")
 
     def add_provenance(self, entry: dict) -> None:
-        """Append a provenance record to the manifest."""
-        m = self.manifest
-        m["provenance"] = [*m.get("provenance", []), entry]
-        self.backend.set_attrs("", m)
+        """Append a provenance record to the manifest (under the store's writer lock)."""
+        self.backend.add_provenance(entry)
+
+    def check_writable(self) -> None:
+        """Raise AccessError now if this store cannot be written (read-only, or its writer
+        lock cannot be had), before a long computation whose result it is to hold."""
+        with self.backend.writing():
+            pass
+
+    def gc(self) -> list[str]:
+        """Remove what crashed writers left (partial feature builds too) and compact an HDF5
+        file's dead space; returns what was done, one line each."""
+        return self.backend.gc()
 
     @property
     def classes(self) -> ClassTable:
@@ -183,7 +225,9 @@ class Store:
         if self._segments is None:
             a = self.backend.attrs("segments")
             cols = {c: np.array(self.backend.memmap(f"segments/{c}")) for c in SegmentTable.COLUMNS}
-            self._segments = SegmentTable(**cols, videos=a["videos"], splits=a["splits"], fps=a["fps"])
+            seg = SegmentTable(**cols, videos=a["videos"], splits=a["splits"], fps=a["fps"])
+            _check_segments(self.classes, seg)  # a damaged table stops here, not as an IndexError later
+            self._segments = seg
         return self._segments
 
     # -- predictions (teachers, students) -------------------------------------------
@@ -200,6 +244,7 @@ class Store:
 
     def teacher(self, name: str) -> "Predictions":
         """The prediction group ``teacher/<name>`` (a teacher's or a student's)."""
+        _check_name(name)
         if not self.backend.has(f"teacher/{name}"):
             raise MissingError(f"{self.path}: no predictions named {name!r} (have: {', '.join(self.predictions()) or 'none'})")
         return Predictions(self, name)
@@ -284,8 +329,8 @@ class Store:
             "metrics": metrics or {},
             "log": log or [],
         }
-        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite)
-        self.add_provenance(provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
+        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite,
+                                 provenance=provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
         return Predictions(self, name)
 
     def delete_predictions(self, name: str) -> None:
@@ -299,6 +344,7 @@ class Store:
         return self.backend.children("video")
 
     def video(self, name: str) -> "FeatureSet":
+        _check_name(name)
         if not self.backend.has(f"video/{name}"):
             raise MissingError(f"{self.path}: no video features named {name!r} (have: {', '.join(self.feature_sets()) or 'none'})")
         return FeatureSet(self, name)
@@ -574,8 +620,14 @@ class VideoWriter:
             existing = store.video(name)
             if existing.dim != self.dim:
                 raise DataError(f"video/{name}: feature dimension {self.dim} differs from the stored {existing.dim}")
+        store.check_writable()
         self.dir = store.backend.staging_dir() / f"video-{name}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        # one build of a name at a time; under torchrun rank 0 holds it for the ranks that share the folder
+        self._lock, self._holds_lock = contextlib.ExitStack(), os.environ.get("RANK", "0") == "0"
+        if self._holds_lock:
+            self._lock.enter_context(locked(self._lock_file, f"{store.path}: video/{name}", timeout=1))
+        self.dir.mkdir(exist_ok=True)
         meta = json.loads(json.dumps({"dim": self.dim, "dtype": dtype.name, "frame_rate": frame_rate, "settings": settings}))
         meta_file = self.dir / "writer.json"
         if meta_file.exists():
@@ -585,6 +637,10 @@ class VideoWriter:
                                   "remove it or rerun with those")
         else:
             _write_json(meta_file, meta)
+
+    @property
+    def _lock_file(self) -> Path:
+        return self.dir.with_name(self.dir.name + ".lock")
 
     def _stem(self, video: str) -> Path:
         return self.dir / hashlib.sha1(video.encode()).hexdigest()[:20]
@@ -619,7 +675,9 @@ class VideoWriter:
             with open(tmp, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
             tmp.replace(stem.with_name(stem.name + suffix))
+            crash_point("video.put")
         _write_json(stem.with_suffix(".json"), {"video": video, "frames": len(features)})
+        crash_point("video.staged")
 
     def staged(self) -> list[_Staged]:
         out = [json.loads(p.read_text()) for p in self.dir.glob("*.json") if p.name != "writer.json"]
@@ -650,7 +708,11 @@ class VideoWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         arrays = {"features": feats, "timestamps": ts, "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
-        self.store.backend.write_group(f"video/{self.name}", arrays, attrs, overwrite=True)
-        self.store.add_provenance(provenance or provenance_entry("write_video_features", group=f"video/{self.name}"))
+        self.store.backend.write_group(f"video/{self.name}", arrays, attrs, overwrite=True,
+                                       provenance=provenance or provenance_entry("write_video_features", group=f"video/{self.name}"))
+        crash_point("video.committed")
         shutil.rmtree(self.dir)
+        if self._holds_lock:
+            self._lock_file.unlink(missing_ok=True)
+        self._lock.close()
         return self.store.video(self.name)
