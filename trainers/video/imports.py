@@ -32,7 +32,7 @@ from .rulstm_lmdb import RulstmLmdb
 from .select import Selection, WindowSpec
 
 DEFAULT_WINDOW_S = 10.0  # AVT observes 10 frames at 1 fps before the anticipation gap
-BLOCK_ROWS = 16384  # feature rows read and written at a time
+BLOCK_ROWS = 4096  # feature rows read and written at a time
 
 
 @dataclass

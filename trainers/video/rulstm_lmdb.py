@@ -8,9 +8,10 @@ video's frames in time order.
 
 Reading is two passes per video: its keys (frame numbers, from the B-tree's leaf pages,
 without touching the values), then only the values an import keeps. LMDB reads through a
-memory map, and every page touched stays in the process's resident set while the map
-lives, so the environment is closed and reopened after every ``remap_bytes`` read: the
-resident set stays bounded whatever the size of the LMDB.
+memory map, and every page touched (with its neighbours, which the kernel maps along)
+stays in the process's resident set while the map lives, so the environment is closed and
+reopened after every ``remap_bytes`` of the file walked: the resident set stays bounded
+whatever the size of the LMDB.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import numpy as np
 from kdstore.errors import ConfigError, DataError, DependencyError
 
 INFIX = b"_frame_"
-REMAP_BYTES = 256 << 20  # map at most this much of the LMDB before reopening it
-KEY_BYTES = 64  # rough leaf-page bytes a key scan touches per key
+REMAP_BYTES = 128 << 20  # map at most this much of the LMDB before reopening it
 
 
 @dataclass
@@ -58,7 +58,6 @@ class RulstmLmdb:
         if not self.path.exists():
             raise ConfigError(f"{self.path}: no such LMDB")
         self.remap_bytes = int(remap_bytes)
-        self._mapped = 0
         self.env = self._open()
         with self.env.begin() as txn:
             cursor = txn.cursor()
@@ -69,6 +68,8 @@ class RulstmLmdb:
                 raise DataError(f"{self.path}: value of {cursor.key().decode(errors='replace')!r} has {n} bytes, not float32 features")
         self.dim = n // 4
         self.entries = self.env.stat()["entries"]
+        per_entry = max(1, self.data_file.stat().st_size // max(1, self.entries))  # file bytes an entry spans
+        self._remap_entries, self._walked = max(1, self.remap_bytes // per_entry), 0
 
     def _open(self):
         try:
@@ -76,12 +77,28 @@ class RulstmLmdb:
         except self._lmdb.Error as e:
             raise DataError(f"{self.path}: not a readable LMDB ({e})") from None
 
-    def _touched(self, nbytes: int) -> None:
-        """Count mapped bytes read; past ``remap_bytes``, drop the map (and its resident pages)."""
-        self._mapped += nbytes
-        if self._mapped > self.remap_bytes:
-            self.env.close()
-            self.env, self._mapped = self._open(), 0
+    def _walk(self, key: bytes | None, values: bool) -> Iterator[tuple[bytes, memoryview | None]]:
+        """(key, value) of every entry from ``key`` (None: the first) on, in key order.
+
+        The map is dropped and reopened after every ``remap_bytes`` of the file walked past,
+        over all walks (touching one page maps its neighbours too, so the walked span is what
+        counts). With ``values``, keys and values are views into the map, valid until the
+        next step.
+        """
+        while True:
+            if self._walked >= self._remap_entries:
+                self.env.close()
+                self.env, self._walked = self._open(), 0
+            with self.env.begin(buffers=values) as txn:
+                cursor = txn.cursor()
+                if not (cursor.first() if key is None else cursor.set_key(key)):
+                    return
+                while self._walked < self._remap_entries:
+                    self._walked += 1
+                    yield cursor.key(), cursor.value() if values else None
+                    if not cursor.next():
+                        return
+                key = bytes(cursor.key())
 
     def close(self) -> None:
         self.env.close()
@@ -106,23 +123,25 @@ class RulstmLmdb:
         finished: set[bytes] = set()
         key = None
         while True:
-            with self.env.begin() as txn:
-                cursor = txn.cursor()
-                if not (cursor.first() if key is None else cursor.set_key(key)):
-                    return
-                first = cursor.key()
-                video, number = _parse_key(self.path, first)
-                if video in finished:
-                    raise DataError(f"{self.path}: frames of video {video.decode()!r} are not contiguous in key order")
-                prefix, numbers, key = video + INFIX, [], None
-                for k in cursor.iternext(keys=True, values=False):
-                    if k.startswith(prefix) and k.endswith(b".jpg") and k[len(prefix):-4].isdigit():
-                        numbers.append(int(k[len(prefix):-4]))
-                        continue
-                    if _parse_key(self.path, k)[0] == video:  # e.g. <video>_frame_<a>_frame_<b>.jpg
-                        raise DataError(f"{self.path}: key {k[:80]!r} is not <video>_frame_<number>.jpg")
-                    key = k  # the next video's first key
-                    break
+            video = prefix = first = None
+            numbers, key_next = [], None
+            walk = self._walk(key, values=False)
+            for k, _ in walk:
+                if video is None:
+                    video, number = _parse_key(self.path, k)
+                    if video in finished:
+                        raise DataError(f"{self.path}: frames of video {video.decode()!r} are not contiguous in key order")
+                    prefix, first = video + INFIX, k
+                if k.startswith(prefix) and k.endswith(b".jpg") and k[len(prefix):-4].isdigit():
+                    numbers.append(int(k[len(prefix):-4]))
+                    continue
+                if _parse_key(self.path, k)[0] == video:  # e.g. <video>_frame_<a>_frame_<b>.jpg
+                    raise DataError(f"{self.path}: key {k[:80]!r} is not <video>_frame_<number>.jpg")
+                key_next = k  # the next video's first key
+                break
+            walk.close()  # ends its read transaction
+            if video is None:
+                return
             numbers = np.asarray(numbers, dtype=np.int64)  # [n]
             if (np.diff(numbers) <= 0).any():
                 i = int(np.flatnonzero(np.diff(numbers) <= 0)[0])
@@ -131,43 +150,35 @@ class RulstmLmdb:
                     " order (frame numbers must be zero-padded to one width, each once)"
                 )
             finished.add(video)
-            self._touched(len(numbers) * KEY_BYTES)
             yield LmdbVideo(video.decode(), numbers, first)
-            if key is None:
+            if key_next is None:
                 return
+            key = key_next
 
-    def read(self, video: LmdbVideo, keep: np.ndarray, block_rows: int = 16384) -> Iterator[np.ndarray]:
+    def read(self, video: LmdbVideo, keep: np.ndarray, block_rows: int = 4096) -> Iterator[np.ndarray]:
         """The features of ``video``'s entries where ``keep`` [n] is True, in order, as float32
         ``[b, dim]`` blocks. Each block reuses one buffer: use it before asking for the next."""
-        n, dim = len(video.numbers), self.dim
         keep = np.asarray(keep, bool)
-        buf = np.empty((min(block_rows, max(1, int(keep.sum()))), dim), np.float32)
-        key, i = video.first_key, 0
-        while i < n:
-            filled = 0
-            with self.env.begin(buffers=True) as txn:  # values are views into the map until copied
-                cursor = txn.cursor()
-                if not cursor.set_key(key):
-                    raise DataError(f"{self.path}: key {key[:80]!r} disappeared while reading (is the LMDB being written?)")
-                while True:
-                    if keep[i]:
-                        value = cursor.value()
-                        if len(value) != 4 * dim:
-                            k = bytes(cursor.key()).decode(errors="replace")
-                            raise DataError(f"{self.path}: {k!r} holds {len(value) / 4:g} float32 features, the first key {dim}")
-                        buf[filled] = np.frombuffer(value, np.float32)
-                        filled += 1
-                    i += 1
-                    if i == n:
-                        break
-                    if not cursor.next():
-                        raise DataError(f"{self.path}: video {video.name!r} ends after {i} of {n} entries (is the LMDB being written?)")
-                    if filled == len(buf):
-                        key = bytes(cursor.key())
-                        break
-            if filled:
-                yield buf[:filled]
-            self._touched(filled * 4 * dim)
+        buf = np.empty((min(block_rows, max(1, int(keep.sum()))), self.dim), np.float32)
+        filled, walk = 0, self._walk(video.first_key, values=True)
+        for i, wanted in enumerate(keep.tolist()):
+            entry = next(walk, None)
+            if entry is None:
+                raise DataError(f"{self.path}: video {video.name!r} ends after {i} of {len(keep)} entries (is the LMDB being written?)")
+            if not wanted:
+                continue
+            key, value = entry
+            if len(value) != 4 * self.dim:
+                raise DataError(f"{self.path}: {bytes(key).decode(errors='replace')!r} holds {len(value) / 4:g} float32 features,"
+                                f" the first key {self.dim}")
+            buf[filled] = np.frombuffer(value, np.float32)
+            filled += 1
+            if filled == len(buf):
+                yield buf
+                filled = 0
+        walk.close()
+        if filled:
+            yield buf[:filled]
 
 
 def frame_key(video: str, number: int) -> bytes:
