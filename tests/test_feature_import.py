@@ -430,3 +430,19 @@ def test_a_resumed_lmdb_import_never_takes_videos_of_another_lmdb(tmp_path):
     for v in EPIC:
         np.testing.assert_array_equal(fs.frames(v)[0], a[v].astype(np.float16))
         np.testing.assert_array_equal(fs.frames(v)[1], frames[v] / 30)
+
+
+def test_a_second_import_adds_videos_and_their_source_counts(tmp_path):
+    from kdstore.inspect import summary
+
+    for folder, videos in (("one", ("P01_01", "P01_02")), ("two", ("P01_03",))):
+        (tmp_path / folder).mkdir()
+        for v in videos:
+            np.save(tmp_path / folder / f"{v}.npy", features(v, np.arange(40), 8))
+    store = make_store(tmp_path / "s.zarr", {v: [30] for v in ("P01_01", "P01_02", "P01_03")})
+    import_arrays(store, tmp_path / "one", "f", native_fps=4.0, fps=1.0, progress=False)
+    r = import_arrays(store, tmp_path / "two", "f", native_fps=4.0, fps=1.0, progress=False)
+    assert (r.source_frames, r.kept_frames) == (40, 11)  # this import's video: 0-9.75 s at 4 fps; grid 0, 1, .., 10 s
+    fs = Store.open(tmp_path / "s.zarr").video("f")
+    assert fs.videos == ["P01_01", "P01_02", "P01_03"] and fs.attrs["source_frames"] == {"P01_01": 40, "P01_02": 40, "P01_03": 40}
+    assert summary(Store.open(tmp_path / "s.zarr"))["video"]["f"]["kept"] == {"source_frames": 120, "fraction": 33 / 120}

@@ -157,12 +157,13 @@ def _run(store: Store, writer: VideoWriter, videos: Iterator[tuple[str, np.ndarr
             bar.update(task, advance=len(ts_all) if unit == "frames" else 1, info=f"{video}, {rate:.0f} frames/s")
     if check:
         segs.finish(store, writer.name)
+    source = sum(source_frames.values())
     if writer.name in store.feature_sets():  # the counts of stored videos that the commit keeps
         source_frames = {**store.video(writer.name).attrs.get("source_frames", {}), **source_frames}
     writer.attrs["source_frames"] = source_frames
     writer.commit(provenance)
     return ImportReport(writer.name, videos_done, skipped, frames, frames * writer.dim * np.dtype(writer.dtype).itemsize,
-                        time.perf_counter() - t0, sum(source_frames.values()), kept)
+                        time.perf_counter() - t0, source, kept)
 
 
 def _selection(fps: float | None, windows: WindowSpec | None) -> Selection:

@@ -128,7 +128,7 @@ class RulstmLmdb:
             walk = self._walk(key, values=False)
             for k, _ in walk:
                 if video is None:
-                    video, number = _parse_key(self.path, k)
+                    video = _parse_key(self.path, k)[0]
                     if video in finished:
                         raise DataError(f"{self.path}: frames of video {video.decode()!r} are not contiguous in key order")
                     prefix, first = video + INFIX, k
