@@ -59,10 +59,6 @@ class WindowSpec:
             raise ConfigError(f"--tau-a: expected A or A:B in seconds (e.g. 1 or 0.5:2), found {tau_a!r}")
         return cls(lo, hi, int(num_frames), float(fps))
 
-    def covers(self, tau_a: float, num_frames: int, fps: float) -> bool:
-        """Whether a student window (tau_a, num_frames, fps) reads only frames this spec kept."""
-        return self.tau_min <= tau_a <= self.tau_max and num_frames <= self.num_frames and fps == self.fps
-
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -77,10 +73,6 @@ class Selection:
     def __post_init__(self):
         if self.fps is not None and not self.fps > 0:
             raise ConfigError(f"--fps must be positive, found {self.fps}")
-
-    @property
-    def everything(self) -> bool:
-        return self.fps is None and self.windows is None
 
     def mask(self, ts: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """[n] bool: the frames to keep of one video with timestamps ``ts`` [n] (seconds,
