@@ -471,16 +471,16 @@ def run(tiny: bool = False, out_dir: str | Path | None = None, tmp_dir: str | Pa
                      "peak_rss_mib": r["peak_rss_mib"]})
 
         # -- peak RSS at two sizes, on both backends (an HDF5 store a size: HDF5 does not reclaim deleted groups)
-        do_import("full@quarter", {}, lmdb_q, "quarter")
+        do_import("full@quarter", VARIANTS["full"], lmdb_q, "quarter")
         delete("full@quarter")
         for src, size in ((lmdb_q, "quarter"), (lmdb, "all")):
             create_store(d / f"{size}.h5", names, segs)
-            do_import("full", {}, src, size, d / f"{size}.h5")
+            do_import("full", VARIANTS["full"], src, size, d / f"{size}.h5")
             (d / f"{size}.h5").unlink()
             shutil.rmtree(d / f"{size}.h5.staging", ignore_errors=True)
         shutil.rmtree(lmdb_q)
         # -- the full import and its epoch; the LMDB readers on the same samples (AVT's on the first batches)
-        do_import("full", {}, lmdb, "all")
+        do_import("full", VARIANTS["full"], lmdb, "all")
         epochs("full")
         in_child("plan", {"store": str(store), "name": "full", "out": str(plan)})
         for reader, batches in (("per_frame", None), ("avt_normal", cfg["reader_batches"])):

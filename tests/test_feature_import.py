@@ -4,7 +4,6 @@ resume after SIGKILL at chosen points, and staged videos never reused from anoth
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from trainers.student.config import preset
 from trainers.student.data import StudentData
 from trainers.video.imports import import_arrays, import_lmdb
 from trainers.video.rulstm_lmdb import RulstmLmdb, write_rulstm_lmdb
-from trainers.video.select import Selection, WindowSpec, grid_mask, window_mask
+from trainers.video.select import WindowSpec, grid_mask, window_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 RULSTM_FPS = 30.0  # RULSTM numbers the frames of every dataset at 30 fps
