@@ -54,7 +54,8 @@ def info(store: Path, as_json: bool = typer.Option(False, "--json", help="Print 
     g = s["segments"]
     out.print(f"segments: {g['total']} in {g['videos']} videos at {g['fps']} fps; " + ", ".join(f"{k} {v}" for k, v in g["splits"].items()))
     for n, v in s["video"].items():
-        out.print(f"video/{n}: {v['frames']} frames x {v['dim']} {v['dtype']} in {v['videos']} videos, "
+        kept = f" (kept {v['kept']['fraction']:.1%} of {v['kept']['source_frames']} source frames)" if v["kept"] else ""
+        out.print(f"video/{n}: {v['frames']} frames x {v['dim']} {v['dtype']} in {v['videos']} videos{kept}, "
                   f"{v['bytes'] / 2**20:.1f} MiB, {v['segments_without_features']} segments without features")
     for n, p in s["predictions"].items():
         met = ", ".join(f"{k} {v:.2f}" for k, v in p["metrics"].items() if isinstance(v, (int, float)))
@@ -313,27 +314,44 @@ def import_features(
     source: Path = typer.Argument(..., help="RULSTM LMDB, or a folder of per-video .npy/.npz arrays (frames x D)."),
     name: str = typer.Option(..., "--name", help="Feature set name: video/<name>."),
     fmt: str = typer.Option("auto", "--format", help="lmdb, npy or auto (LMDB if the source holds data.mdb)."),
-    native_fps: Optional[float] = typer.Option(None, help="LMDB: frame n is at n / native-fps s (default: the store's fps)."),
-    fps: Optional[float] = typer.Option(None, help="Arrays: frame i is at i / fps s (required for npy)."),
+    native_fps: Optional[float] = typer.Option(
+        None, help="Source frame rate: LMDB frame n is at n / native-fps s (default: the store's fps); "
+        "array row i at i / native-fps s (required for npy)."),
+    fps: Optional[float] = typer.Option(None, help="Keep only the frames nearest a regular grid at this rate."),
+    windows: bool = typer.Option(False, "--windows", help="Keep only the frames a student window can reach "
+                                 "(--tau-a, --num-frames, --window-fps)."),
+    tau_a: Optional[str] = typer.Option(None, help="--windows: anticipation time A or range A:B, seconds."),
+    num_frames: int = typer.Option(10, help="--windows: frames per student window (shorter ones are covered too)."),
+    window_fps: Optional[float] = typer.Option(None, help="--windows: the student's frame rate (default: --fps)."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
     check_segments: bool = typer.Option(False, help="Fail, before committing, if a segment has no frames in its window."),
     window: float = typer.Option(10.0, help="Observed window before a segment start for --check-segments, seconds."),
+    restart: bool = typer.Option(False, "--restart", help="Discard a partial import of this name instead of resuming it."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
     from trainers.video.imports import import_arrays, import_lmdb
+    from trainers.video.select import WindowSpec
 
+    spec = None
+    if windows:
+        if tau_a is None or (window_fps or fps) is None:
+            raise typer.BadParameter("--windows needs --tau-a and the student's rate (--window-fps, or --fps)")
+        spec = WindowSpec.parse(tau_a, num_frames, window_fps or fps)
+    elif tau_a is not None or window_fps is not None:
+        raise typer.BadParameter("--tau-a and --window-fps describe --windows; add --windows")
     if fmt == "auto":
         fmt = "lmdb" if (source / "data.mdb").is_file() or source.suffix in (".mdb", ".lmdb") else "npy"
+    options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress)
     if fmt == "lmdb":
-        r = import_lmdb(store, source, name, native_fps=native_fps, dtype=dtype, check=check_segments, window=window,
-                        progress=progress)
+        r = import_lmdb(store, source, name, native_fps=native_fps, **options)
     elif fmt == "npy":
-        r = import_arrays(store, source, name, fps=fps, dtype=dtype, check=check_segments, window=window, progress=progress)
+        r = import_arrays(store, source, name, native_fps=native_fps, **options)
     else:
         raise typer.BadParameter(f"--format must be lmdb, npy or auto, found {fmt!r}")
+    kept = f", kept {r.kept_frames} of {r.source_frames} source frames ({r.kept_frames / max(r.source_frames, 1):.1%})"
     console.print(f"video/{name}: {r.videos} videos imported, {r.skipped} resumed, {r.frames} frames, "
-                  f"{r.bytes_written / 2**20:.1f} MiB in {r.seconds:.1f} s", highlight=False)
+                  f"{r.bytes_written / 2**20:.1f} MiB in {r.seconds:.1f} s{kept}", highlight=False)
 
 
 # --- student commands -------------------------------------------------------------------

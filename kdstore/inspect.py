@@ -19,6 +19,15 @@ def _nbytes(store: Store, group: str) -> int:
     return total
 
 
+def _kept(fs) -> dict | None:
+    """Frames kept of the source's (an import with ``--fps``/``--windows``), when every video's count is known."""
+    source = fs.attrs.get("source_frames") or {}
+    if not fs.videos or any(v not in source for v in fs.videos):
+        return None
+    total = int(sum(source[v] for v in fs.videos))
+    return {"source_frames": total, "fraction": len(fs) / total if total else None}
+
+
 def summary(store: Store) -> dict:
     """Counts, arrays, sizes, feature sets and prediction groups of a store."""
     seg, cls = store.segments, store.classes
@@ -43,6 +52,8 @@ def summary(store: Store) -> dict:
             "frame_rate": fs.frame_rate, "backbone": fs.attrs.get("backbone"),
             "bytes": _nbytes(store, f"video/{name}"),
             "segments_without_features": int((fs.video_index(seg.videos)[seg.video] < 0).sum()),
+            "selection": fs.attrs.get("selection"),
+            "kept": _kept(fs),
         }
     for name in store.predictions():
         p = store.teacher(name)

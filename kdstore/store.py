@@ -351,15 +351,16 @@ class Store:
 
     def video_writer(
         self, name: str, dim: int, dtype: str = "float16", frame_rate: float | None = None, attrs: dict | None = None,
-        settings: dict | None = None,
+        settings: dict | None = None, restart: bool = False,
     ) -> "VideoWriter":
         """A resumable writer of per-video features into ``video/<name>``.
 
-        ``settings`` (JSON-able, e.g. the encoder) must equal those of a partial build being
-        resumed, so that one group never mixes the features of two encoders.
+        ``settings`` (JSON-able, e.g. the encoder, or an import's source and frame selection)
+        must equal those of a partial build being resumed, so that one group never mixes the
+        features of two encoders or sources; ``restart`` discards a partial build first.
         """
         _check_name(name)
-        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {})
+        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {}, restart)
 
 
 def _check_name(name: str) -> None:
@@ -601,6 +602,32 @@ class _Staged:
     frames: int
 
 
+class _AtomicFile:
+    """A file written under a temporary name, synced, then renamed into place; removed on error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+
+    def __enter__(self):
+        self.f = open(self.tmp, "wb")
+        return self.f
+
+    def __exit__(self, exc_type, *exc) -> None:
+        written = False
+        try:
+            if exc_type is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                written = True
+        finally:
+            self.f.close()
+            if written:
+                self.tmp.replace(self.path)
+            else:
+                self.tmp.unlink(missing_ok=True)
+
+
 class VideoWriter:
     """Stage per-video features beside the store, then commit them as one contiguous group.
 
@@ -611,7 +638,7 @@ class VideoWriter:
     """
 
     def __init__(self, store: Store, name: str, dim: int, dtype: np.dtype, frame_rate: float | None, attrs: dict,
-                 settings: dict):
+                 settings: dict, restart: bool = False):
         if dtype not in (np.float16, np.float32):
             raise DataError(f"video/{name}: dtype must be float16 or float32, found {dtype}")
         self.store, self.name, self.dim, self.dtype = store, name, int(dim), dtype
@@ -627,14 +654,22 @@ class VideoWriter:
         self._lock, self._holds_lock = contextlib.ExitStack(), os.environ.get("RANK", "0") == "0"
         if self._holds_lock:
             self._lock.enter_context(locked(self._lock_file, f"{store.path}: video/{name}", timeout=1))
-        self.dir.mkdir(exist_ok=True)
         meta = json.loads(json.dumps({"dim": self.dim, "dtype": dtype.name, "frame_rate": frame_rate, "settings": settings}))
         meta_file = self.dir / "writer.json"
+        # Staged files without writer.json are what a killed deletion of the directory left:
+        # nothing tells what they were staged from, so none is reused. (A directory holding
+        # nothing else yet is one that another rank of this build is creating.)
+        if self.dir.exists() and (restart or (not meta_file.exists() and any(
+                not p.name.startswith(("writer.json", ".writer.json.")) for p in self.dir.iterdir()))):
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         if meta_file.exists():
             old = json.loads(meta_file.read_text())
             if old != meta:
-                raise ConfigError(f"{self.dir}: a partial build with other settings exists ({old}), this one is {meta}; "
-                                  "remove it or rerun with those")
+                raise ConfigError(
+                    f"{self.dir}: a partial build with other settings is staged ({old}); this one is {meta}."
+                    " Rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)"
+                )
         else:
             _write_json(meta_file, meta)
 
@@ -645,43 +680,82 @@ class VideoWriter:
     def _stem(self, video: str) -> Path:
         return self.dir / hashlib.sha1(video.encode()).hexdigest()[:20]
 
-    def done(self, video: str) -> bool:
-        """Whether ``video`` was already staged (by this or an earlier, crashed run)."""
-        return self._stem(video).with_suffix(".json").exists()
+    def _complete(self, stem: Path) -> _Staged | None:
+        """The record of a completely staged video: its JSON and both arrays, at full size."""
+        try:
+            d = json.loads(stem.with_suffix(".json").read_text())
+            feats = np.load(stem.with_name(stem.name + ".feat.npy"), mmap_mode="r", allow_pickle=False)
+            ts = np.load(stem.with_name(stem.name + ".ts.npy"), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, KeyError):  # missing, truncated or half-deleted
+            return None
+        n = d.get("frames")
+        if feats.shape != (n, self.dim) or feats.dtype != self.dtype or ts.shape != (n,):
+            return None
+        return _Staged(d["video"], n)
 
-    def put(self, video: str, features: np.ndarray, timestamps: np.ndarray) -> None:
-        """Stage one video's ``[n, D]`` features with their timestamps in seconds."""
-        features, timestamps = np.asarray(features), np.asarray(timestamps, dtype=np.float64)
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(features.shape)}, expected [n, {self.dim}]")
-        if len(features) == 0:
+    def done(self, video: str) -> bool:
+        """Whether ``video`` is completely staged (by this or an earlier, crashed run)."""
+        return self._complete(self._stem(video)) is not None
+
+    def put(self, video: str, features: np.ndarray | Iterable[np.ndarray], timestamps: np.ndarray) -> None:
+        """Stage one video's features with their timestamps in seconds.
+
+        ``features`` is an ``[n, D]`` array or an iterable of ``[b, D]`` row blocks that add
+        up to ``n = len(timestamps)`` rows; blocks are written as they come, so a long video
+        never has to be in memory at once.
+        """
+        timestamps = np.asarray(timestamps, dtype=np.float64)
+        n = len(timestamps)
+        if isinstance(features, np.ndarray):
+            if features.ndim != 2 or features.shape[1] != self.dim:
+                raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(features.shape)}, expected [n, {self.dim}]")
+            if len(features) == 0:
+                raise DataError(f"video/{self.name}, video {video!r}: no frames")
+            if timestamps.shape != (len(features),):
+                raise DataError(f"video/{self.name}, video {video!r}: {len(timestamps)} timestamps for {len(features)} frames")
+            features = [features]
+        if timestamps.ndim != 1 or n == 0:
             raise DataError(f"video/{self.name}, video {video!r}: no frames")
-        if timestamps.shape != (len(features),):
-            raise DataError(f"video/{self.name}, video {video!r}: {len(timestamps)} timestamps for {len(features)} frames")
-        if not np.isfinite(features).all():
-            bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
-            raise DataError(f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has NaN or inf")
-        if self.dtype == np.float16 and np.abs(features).max() > _FP16_MAX:  # would be stored as inf
-            bad = int(np.flatnonzero((np.abs(features) > _FP16_MAX).any(axis=1))[0])
-            raise DataError(
-                f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has a value beyond"
-                f" the float16 range (|x| > {_FP16_MAX:g}); store float32 features or rescale them"
-            )
         if not np.isfinite(timestamps).all() or (np.diff(timestamps) <= 0).any():
             raise DataError(f"video/{self.name}, video {video!r}: timestamps must be finite and increasing")
         stem = self._stem(video)
-        for suffix, arr in ((".feat.npy", features.astype(self.dtype)), (".ts.npy", timestamps)):
-            tmp = stem.with_name(f".{stem.name}{suffix}.{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            tmp.replace(stem.with_name(stem.name + suffix))
-            crash_point("video.put")
-        _write_json(stem.with_suffix(".json"), {"video": video, "frames": len(features)})
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n, self.dim)}
+        with _AtomicFile(stem.with_name(stem.name + ".feat.npy")) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            row = 0
+            for block in features:
+                block = np.asarray(block)
+                if block.ndim != 2 or block.shape[1] != self.dim:
+                    raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(block.shape)}, expected [n, {self.dim}]")
+                if row + len(block) > n:
+                    raise DataError(f"video/{self.name}, video {video!r}: {n} timestamps for more than {n} frames")
+                self._check_block(video, block, timestamps[row : row + len(block)], row)
+                f.write(np.ascontiguousarray(block, dtype=self.dtype).data)
+                row += len(block)
+            if row != n:
+                raise DataError(f"video/{self.name}, video {video!r}: {n} timestamps for {row} frames")
+        crash_point("video.put")
+        with _AtomicFile(stem.with_name(stem.name + ".ts.npy")) as f:
+            np.save(f, timestamps, allow_pickle=False)
+        crash_point("video.put")
+        _write_json(stem.with_suffix(".json"), {"video": video, "frames": n})
         crash_point("video.staged")
 
+    def _check_block(self, video: str, block: np.ndarray, timestamps: np.ndarray, first: int) -> None:
+        if not np.isfinite(block).all():
+            bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise DataError(f"video/{self.name}, video {video!r}: frame {first + bad} (t={timestamps[bad]:.3f}s) has NaN or inf")
+        if self.dtype == np.float16 and len(block) and np.abs(block).max() > _FP16_MAX:  # would be stored as inf
+            bad = int(np.flatnonzero((np.abs(block) > _FP16_MAX).any(axis=1))[0])
+            raise DataError(
+                f"video/{self.name}, video {video!r}: frame {first + bad} (t={timestamps[bad]:.3f}s) has a value beyond"
+                f" the float16 range (|x| > {_FP16_MAX:g}); store float32 features or rescale them"
+            )
+
     def staged(self) -> list[_Staged]:
-        out = [json.loads(p.read_text()) for p in self.dir.glob("*.json") if p.name != "writer.json"]
-        return sorted((_Staged(d["video"], d["frames"]) for d in out), key=lambda s: s.video)
+        """The completely staged videos, by name."""
+        out = [self._complete(p.with_suffix("")) for p in self.dir.glob("*.json") if p.name != "writer.json"]
+        return sorted((s for s in out if s is not None), key=lambda s: s.video)
 
     def commit(self, provenance: dict | None = None) -> FeatureSet:
         """Write every staged video (plus untouched stored ones) as ``video/<name>``."""

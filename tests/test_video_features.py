@@ -354,7 +354,7 @@ def test_npy_import_and_bad_arrays(tmp_path):
     np.save(arrays / "a.npy", a)
     np.savez(arrays / "b.npz", features=b)
     res = CliRunner().invoke(cli.app, ["import-features", str(tmp_path / "s.zarr"), str(arrays), "--name", "np",
-                                       "--fps", "4", "--dtype", "float32", "--no-progress"])
+                                       "--native-fps", "4", "--dtype", "float32", "--no-progress"])
     assert res.exit_code == 0, res.output
     fs = Store.open(tmp_path / "s.zarr").video("np")
     np.testing.assert_array_equal(fs.frames("b")[0], b)
@@ -364,13 +364,13 @@ def test_npy_import_and_bad_arrays(tmp_path):
     bad.mkdir()
     np.save(bad / "a.npy", np.zeros((2, 3, 8)))
     with pytest.raises(DataError, match=r"a\.npy: expected a \[frames, D\] array, found shape \[2, 3, 8\]"):
-        import_arrays(tmp_path / "s.zarr", bad, "x", fps=1, progress=False)
+        import_arrays(tmp_path / "s.zarr", bad, "x", native_fps=1, progress=False)
     np.save(bad / "a.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match=r"a\.npy: cannot read the array"):
-        import_arrays(tmp_path / "s.zarr", bad, "x", fps=1, progress=False)
+        import_arrays(tmp_path / "s.zarr", bad, "x", native_fps=1, progress=False)
     np.save(bad / "a.npy", np.zeros((4, 16), np.float32))  # video/np holds 8-d features
     with pytest.raises(DataError, match="feature dimension 16 differs from the stored 8"):
-        import_arrays(tmp_path / "s.zarr", bad, "np", fps=1, progress=False)
+        import_arrays(tmp_path / "s.zarr", bad, "np", native_fps=1, progress=False)
     np.testing.assert_array_equal(Store.open(tmp_path / "s.zarr").video("np").frames("b")[0], b)  # intact
 
 
