@@ -1,11 +1,12 @@
 """Video feature throughput: decode + preprocess, backbone alone, the whole build, LMDB import.
 
     python bench/video_features.py [--tiny] [--device cpu|cuda] [--backbone vit-small|vit-b16]
-        [--sizes 640x480,1920x1080] [--videos N] [--seconds S] [--workers W] [--batch B]
+        [--sizes 640x480,1920x1080] [--videos N[,N]] [--seconds S] [--gop S] [--workers W] [--batch B]
 
-For each frame size it writes synthetic H.264 videos with PyAV (moving shapes at 24 fps,
-a keyframe every second, 2 B-frames; ``--tiny``: 64x48) and lists each of them several
-times under other names (symlinks), so that a long run needs few encoded seconds. Sampling
+For each frame size it writes two synthetic H.264 videos with PyAV (moving shapes at 24 fps,
+a keyframe every ``--gop`` seconds (1), 2 B-frames; ``--tiny``: 64x48) and lists them
+``--videos`` times in all under other names (symlinks; one count per size, or one for all),
+so that a long run needs few encoded seconds. Sampling
 at 2 fps it measures, in sampled frames per second:
 
 - ``decode+preprocess``: the build's data path alone (decoding workers, shared memory,
@@ -39,7 +40,7 @@ from trainers.video.backbones import load_backbone
 from trainers.video.decode import VideoSource, find_videos
 from trainers.video.extract import (DeviceBatches, autocast_dtype, build_video_features, decode_options, default_workers,
                                     resolve_device)
-from trainers.video.workers import Chunk, DecodePool, Failed, Finished
+from trainers.video.workers import DecodePool
 
 BENCH = "video_features"
 NATIVE_FPS, SAMPLE_FPS = 24, 2.0
@@ -52,7 +53,7 @@ def make_video(path: Path, seconds: float, fps: int, size: tuple[int, int], seed
 
     w, h = size
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "g": str(gop or fps), "bf": "2"})
+        s = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "g": str(gop or fps), "bf": "2", "sc_threshold": "0"})
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         for i in range(int(seconds * fps)):
             img = np.zeros((h, w, 3), np.uint8)
@@ -65,11 +66,11 @@ def make_video(path: Path, seconds: float, fps: int, size: tuple[int, int], seed
             c.mux(p)
 
 
-def make_videos(folder: Path, videos: int, distinct: int, seconds: float, size: tuple[int, int]) -> list[VideoSource]:
+def make_videos(folder: Path, videos: int, distinct: int, seconds: float, size: tuple[int, int], gop: float = 1.0) -> list[VideoSource]:
     """``distinct`` encoded videos, listed ``videos`` times in all under distinct names (symlinks)."""
     folder.mkdir(parents=True, exist_ok=True)
     for d in range(distinct):
-        make_video(folder / f"base{d}.mp4", seconds, NATIVE_FPS, size, seed=d)
+        make_video(folder / f"base{d}.mp4", seconds, NATIVE_FPS, size, seed=d, gop=max(1, round(gop * NATIVE_FPS)))
     for v in range(videos):
         (folder / f"v{v:04d}.mp4").symlink_to(folder / f"base{v % distinct}.mp4")
     return [s for s in find_videos(folder) if s.video.startswith("v")]
@@ -105,34 +106,32 @@ def decode_and_preprocess(sources: list[VideoSource], bb, dev: torch.device, bat
     """The build's data path into an encoder that only averages the pixels: sampled frames/s."""
     options = decode_options(bb.preprocess, SAMPLE_FPS, 0.0, dev, workers)
     t0 = time.perf_counter()
-    frames = decoded = 0
+    frames = 0
     with DecodePool(sources, options, workers, chunk=batch) as pool, torch.inference_mode():
         batches = DeviceBatches(lambda x: x.mean((2, 3)), bb.preprocess, dev, None, batch, pool.slot_bytes)  # [b, 3]
         for event in pool:
-            if isinstance(event, Chunk):
-                batches.add(event)
-            elif isinstance(event, Finished):
-                batches.finish(event.index, event.frames)
-                decoded += event.decoded
-            elif isinstance(event, Failed):
-                raise RuntimeError(event.message)
+            batches.handle(event)
             frames += sum(len(t) for _, _, t in batches.ready())
         batches.flush()
         frames += sum(len(t) for _, _, t in batches.ready())
+    if batches.failed:
+        raise RuntimeError(batches.failed[0].message)
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "frames": frames, "sampled_frames_per_s": frames / dt, "decoded_frames_per_s": decoded / dt,
+    return {"seconds": dt, "frames": frames, "sampled_frames_per_s": frames / dt, "decoded_frames_per_s": batches.decoded / dt,
             "notes": "; ".join(pool.notes)}
 
 
 def run(tiny: bool = False, device: str | None = None, out_dir: Path | None = None, backbone: str | None = None,
-        sizes: list[tuple[int, int]] | None = None, videos: int | None = None, seconds: float | None = None,
-        workers: int | None = None, batch: int | None = None) -> list[dict]:
+        sizes: list[tuple[int, int]] | None = None, videos: list[int] | None = None, seconds: float | None = None,
+        gop: float = 1.0, workers: int | None = None, batch: int | None = None) -> list[dict]:
     """Run every measurement and append one row each; returns the rows."""
     dev = resolve_device(device)
     name = backbone or ("vit-tiny" if tiny else "vit-small")
     sizes = sizes or ([(64, 48)] if tiny else [(640, 480), (1920, 1080)])
-    videos = videos or (4 if tiny else 16)
-    distinct = min(videos, 2)
+    videos = videos or [4 if tiny else 16]
+    videos = videos * len(sizes) if len(videos) == 1 else videos
+    if len(videos) != len(sizes):
+        raise SystemExit(f"--videos: one count, or one per size ({len(sizes)}), found {len(videos)}")
     seconds = seconds or (2.0 if tiny else 8.0)
     workers = default_workers() if workers is None else workers
     batch = batch or (8 if tiny else 32)
@@ -158,11 +157,12 @@ def run(tiny: bool = False, device: str | None = None, out_dir: Path | None = No
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for size in sizes:
+        for size, n in zip(sizes, videos):
             folder = tmp / f"{size[0]}x{size[1]}"
-            sources = make_videos(folder, videos, distinct, seconds, size)
-            cfg = {"videos": videos, "distinct": distinct, "seconds": seconds, "native_fps": NATIVE_FPS, "size": list(size),
-                   "fps": SAMPLE_FPS, "batch": batch, "workers": workers, "codec": "h264 gop 1 s, 2 b-frames"}
+            distinct = min(n, 2)
+            sources = make_videos(folder, n, distinct, seconds, size, gop)
+            cfg = {"videos": n, "distinct": distinct, "seconds": seconds, "native_fps": NATIVE_FPS, "size": list(size),
+                   "fps": SAMPLE_FPS, "batch": batch, "workers": workers, "codec": f"h264 veryfast, gop {gop:g} s, 2 b-frames"}
             row("decode+preprocess", cfg, decode_and_preprocess(sources, bb, dev, batch, workers))
             store = make_store(folder / "s.zarr", [s.video for s in sources])
             report = build_video_features(store, sources, bb, "bench", fps=SAMPLE_FPS, batch_size=batch, workers=workers,
@@ -190,14 +190,16 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--backbone", choices=["vit-tiny", "vit-small", "vit-b16"], default=None)
     p.add_argument("--sizes", default=None, help="frame sizes, e.g. 640x480,1920x1080")
-    p.add_argument("--videos", type=int, default=None, help="videos listed per size (symlinks to two encoded ones)")
+    p.add_argument("--videos", default=None, help="videos listed per size (symlinks to two encoded ones): N or N,N,...")
     p.add_argument("--seconds", type=float, default=None, help="length of each video")
+    p.add_argument("--gop", type=float, default=1.0, help="seconds between keyframes")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores)")
     p.add_argument("--batch", type=int, default=None)
     args = p.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")] if args.sizes else None
-    for r in run(tiny=args.tiny, device=args.device, backbone=args.backbone, sizes=sizes, videos=args.videos,
-                 seconds=args.seconds, workers=args.workers, batch=args.batch):
+    videos = [int(v) for v in args.videos.split(",")] if args.videos else None
+    for r in run(tiny=args.tiny, device=args.device, backbone=args.backbone, sizes=sizes, videos=videos,
+                 seconds=args.seconds, gop=args.gop, workers=args.workers, batch=args.batch):
         shown = {k: r[k] for k in r if k.endswith(("per_s", "median_s", "seconds")) or k in ("stage", "ratio", "load1", "decoding")}
         print(r["config"], shown)
 

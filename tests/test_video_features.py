@@ -234,6 +234,21 @@ def test_hardware_decoding_falls_back_to_software(tmp_path, video_dir):
     assert line.startswith("decoding: software for 3 video(s); ") and line.endswith(f"; {note}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_hardware_decoding_on_cuda(tmp_path):
+    """NVDEC through PyAV gives the software decoder's frames (H.264 decoding is bit-exact)."""
+    note = probe_hwaccel("cuda")
+    if note is not None:
+        pytest.skip(f"no CUDA decoding on this machine: {note}")
+    encode_video(tmp_path / "h264.mp4", "libx264", 24, 72, w=320, h=240, options={"g": "12", "bf": "2"})
+    source = VideoSource("h264", tmp_path / "h264.mp4", False)
+    ref_frames, ref_times = decode(source, 2.0)
+    for skip in (True, False):
+        times, frames, reader = _sampled(source, fps=2.0, skip=skip, hwaccel="cuda", hw_device="0")
+        assert reader.decoder == "cuda" and times == list(ref_times)
+        assert np.abs(np.stack(frames).astype(int) - ref_frames).mean() < 1.0
+
+
 # ---------------------------------------------------------------------------------------
 # decoding workers
 
@@ -413,6 +428,29 @@ def test_build_matches_the_model_on_decoded_frames(tmp_path, video_dir, tiny, su
         else:
             np.testing.assert_allclose(feats, ref, atol=1e-5)
     assert len(Store.open(tmp_path / f"s{suffix}").manifest["provenance"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_build_on_cuda_matches_the_cpu_reference(tmp_path, video_dir, monkeypatch):
+    """Pinned staging buffers, uploads on a side stream, preprocessing and batches on the device."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, to compare at 1e-4
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    bb = load_backbone("vit-tiny", random_init=True, seed=0)
+    ref = {s.video: features_of(bb, decode(s, 2.0)[0]) for s in find_videos(video_dir)}
+    for scaled in (False, True):
+        store = tiny_store(tmp_path / f"s{scaled}.zarr")
+        report = build_video_features(store, video_dir, bb, "g", fps=2, dtype="float32", batch_size=3, workers=2,
+                                      device="cuda", precision="fp32", scale_in_decoder=scaled,
+                                      hwaccel="auto" if scaled else "none", progress=False)
+        assert (report.videos, report.frames, report.bad) == (3, 14, [])
+        fs = Store.open(tmp_path / f"s{scaled}.zarr").video("g")
+        for video, want in ref.items():
+            got = fs.frames(video)[0]
+            if scaled:
+                assert np.abs(got - want).mean() < 0.02
+            else:
+                np.testing.assert_allclose(got, want, atol=1e-4)
+        bb.to("cpu")
 
 
 def test_a_video_whose_plan_fails_restarts_in_the_build(tmp_path, video_dir, tiny, monkeypatch):

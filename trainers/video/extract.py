@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,7 +31,7 @@ from kdstore.store import Store, provenance_entry
 from .backbones import Backbone
 from .decode import DecodeOptions, VideoSource, find_videos
 from .preprocess import Preprocess
-from .workers import Chunk, DecodePool, Failed, Finished, Restarted
+from .workers import Chunk, DecodePool, Event, Failed, Finished, Restarted
 
 AVT_FPS = {"egtea": 1.0, "ek55": 2.0}  # AVT's sampling rates per dataset
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,7 +148,8 @@ class _Video:
 
 
 class DeviceBatches:
-    """Chunks of uint8 frames in, per-video features out, with the device kept busy.
+    """A :class:`DecodePool`'s events in (:meth:`handle`), per-video features out (:meth:`ready`),
+    with the device kept busy.
 
     Each chunk is copied out of shared memory into a pinned staging buffer (its slot is free
     at once), uploaded on a side CUDA stream, preprocessed on the device
@@ -171,6 +173,9 @@ class DeviceBatches:
         self.filled = 0
         self.launched: deque[tuple[object, torch.Tensor, list]] = deque()  # (event, host features, rows)
         self.videos: dict[int, _Video] = {}
+        self.frames_in = self.decoded = 0  # frames received; frames the decoders returned
+        self.decoders: dict[str, int] = {}  # videos per decoder
+        self.failed: list[Failed] = []
 
     def add(self, chunk: Chunk) -> None:
         """Stage, upload and preprocess one chunk; run every batch it fills."""
@@ -202,18 +207,20 @@ class DeviceBatches:
             if self.filled == self.batch_size:
                 self._launch()
 
-    def restart(self, index: int) -> None:
-        """Forget what video ``index`` sent so far (its decoder starts over)."""
-        video = self.videos.setdefault(index, _Video())
-        self.videos[index] = _Video(generation=video.generation + 1)
-
-    def finish(self, index: int, frames: int) -> None:
-        """Video ``index`` has ``frames`` frames in all."""
-        self.videos.setdefault(index, _Video()).total = frames
-
-    def drop(self, index: int) -> None:
-        """Forget video ``index`` for good (it failed)."""
-        self.videos.pop(index, None)
+    def handle(self, event: Event) -> None:
+        """Take one event of a :class:`DecodePool`: frames, a finished, restarted or failed video."""
+        if isinstance(event, Chunk):
+            self.add(event)
+            self.frames_in += len(event.times)
+        elif isinstance(event, Finished):
+            self.videos.setdefault(event.index, _Video()).total = event.frames
+            self.decoders[event.decoder] = self.decoders.get(event.decoder, 0) + 1
+            self.decoded += event.decoded
+        elif isinstance(event, Restarted):  # what it sent so far is void
+            self.videos[event.index] = _Video(generation=self.videos.setdefault(event.index, _Video()).generation + 1)
+        elif isinstance(event, Failed):
+            self.videos.pop(event.index, None)
+            self.failed.append(event)
 
     def _launch(self) -> None:
         pixels = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]  # [b, 3, S, S]
@@ -363,43 +370,27 @@ def build_video_features(
                                     attrs={**settings, "source": "build-video-features"}, settings=settings)
         mine = sources[rank::world]
         todo = [s for s in mine if not writer.done(s.video)]
-        backbone.to(dev)
-        local = {"videos": 0, "frames": 0, "bad": [], "decoders": {}, "decoded": 0, "notes": []}
-        pool = DecodePool(todo, options, workers, chunk=batch_size)
-        with _progress(progress and rank == 0) as bar, pool, torch.inference_mode():
+        staged = staged_frames = 0
+        with DecodePool(todo, options, workers, chunk=batch_size) as pool, _progress(progress and rank == 0) as bar:
+            backbone.to(dev)  # while the workers start
             task = bar.add_task(f"video/{name}", total=len(todo), info="")
-            batches = DeviceBatches(backbone, backbone.preprocess, dev, amp, batch_size, pool.slot_bytes)
-            t0, frames = time.perf_counter(), 0
-
-            def stage(done: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
-                for index, feats, stamps in done:
-                    writer.put(todo[index].video, feats, stamps)  # [n, D], [n]
-                    local["videos"] += 1
-                    local["frames"] += len(stamps)
-                    if on_video is not None:
-                        on_video(todo[index].video)
-                    bar.advance(task)
-
-            for event in pool:
-                if isinstance(event, Chunk):
-                    batches.add(event)
-                    frames += len(event.times)
-                    bar.update(task, info=f"{frames} frames, {frames / (time.perf_counter() - t0):.1f} frames/s")
-                elif isinstance(event, Finished):
-                    batches.finish(event.index, event.frames)
-                    local["decoders"][event.decoder] = local["decoders"].get(event.decoder, 0) + 1
-                    local["decoded"] += event.decoded
-                elif isinstance(event, Restarted):
-                    batches.restart(event.index)
-                elif isinstance(event, Failed):  # a bad video: report it at the end, store nothing for it
-                    batches.drop(event.index)
-                    local["bad"].append([str(todo[event.index].path), event.message])
-                    bar.advance(task)
-                stage(batches.ready())
-            batches.flush()
-            stage(batches.ready())
-            local["notes"] = pool.notes
-        local["skipped"] = len(mine) - len(todo)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                batches = DeviceBatches(backbone, backbone.preprocess, dev, amp, batch_size, pool.slot_bytes)
+                for event in chain(pool, [None]):  # None: the end, flush the last batch
+                    if event is None:
+                        batches.flush()
+                    else:
+                        batches.handle(event)
+                    for index, feats, stamps in batches.ready():
+                        writer.put(todo[index].video, feats, stamps)  # [n, D], [n]
+                        staged, staged_frames = staged + 1, staged_frames + len(stamps)
+                        if on_video is not None:
+                            on_video(todo[index].video)
+                    rate = batches.frames_in / (time.perf_counter() - t0)
+                    bar.update(task, completed=staged + len(batches.failed), info=f"{batches.frames_in} frames, {rate:.1f} frames/s")
+        local = {"videos": staged, "skipped": len(mine) - len(todo), "frames": staged_frames, "decoders": batches.decoders,
+                 "decoded": batches.decoded, "notes": pool.notes, "bad": [[str(todo[f.index].path), f.message] for f in batches.failed]}
         ranks = _all_gather_json(local, dev) if world > 1 else [local]
         report = BuildReport(
             name,

@@ -305,6 +305,7 @@ class DecodePool:
         self._ring: _Ring | None = None
 
     def __enter__(self) -> DecodePool:
+        self.start()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -328,7 +329,12 @@ class DecodePool:
             for msg in _video_messages(index, source, options, self.chunk, slot):
                 yield _event(msg, lambda _: slot.buffer, lambda _: None)
 
-    def _start(self, n: int) -> None:
+    def start(self) -> None:
+        """Start the worker processes now (they import and probe while this process prepares
+        the device); iterating waits until they are ready. Iterating starts them if needed."""
+        n = min(self.workers, len(self.sources))
+        if n <= 0 or self._procs:
+            return
         self._ring = _Ring(n * SLOTS * self.slot_bytes)
         config = {"options": asdict(self.options), "ring": self._ring.path, "ring_bytes": self._ring.size,
                   "slot_bytes": self.slot_bytes, "chunk": self.chunk, "parent": os.getpid()}
@@ -338,6 +344,8 @@ class DecodePool:
             slots = list(range(w * SLOTS, (w + 1) * SLOTS))
             cmd = [sys.executable, "-m", "trainers.video.workers", json.dumps({**config, "slots": slots})]
             self._procs.append(_Proc(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env), slots))
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         for p in self._procs:
             msg = self._next_message(p, deadline)
@@ -372,12 +380,12 @@ class DecodePool:
         p.send({"op": "free", "slot": slot})
 
     def _from_workers(self) -> Iterator[Event]:
-        n = min(self.workers, len(self.sources))
-        if n == 0:
+        if not self.sources:
             return
         completed = False
         try:
-            self._start(n)
+            self.start()
+            self._wait_ready()
             ring, sb = self._ring.array, self.slot_bytes
             pending = deque(range(len(self.sources)))
             remaining = len(self.sources)
