@@ -265,7 +265,7 @@ def build_video_features(
     native_fps: Optional[float] = typer.Option(None, help="Frame rate of frame folders (default: the store's annotation fps)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default: the backbone's)."),
     batch_size: int = typer.Option(32, help="Frames per backbone batch."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the cores, shared by local ranks; 0: decode in the main process)."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the cores per local rank but one; 0: decode in the main process)."),
     scale_in_decoder: bool = typer.Option(True, "--scale-in-decoder/--full-size-frames", help="Scale frames to the backbone's resize in FFmpeg (recorded) or upload them full size."),
     decode_all: bool = typer.Option(False, "--decode-all", help="Decode every frame, not only the GOPs holding sampled ones (same output, slower)."),
     hwaccel: str = typer.Option("auto", help="Hardware decoding: auto (CUDA's when encoding on CUDA), none, or an FFmpeg device type; falls back to software."),

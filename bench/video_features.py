@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--videos", default=None, help="videos listed per size (symlinks to two encoded ones): N or N,N,...")
     p.add_argument("--seconds", type=float, default=None, help="length of each video")
     p.add_argument("--gop", type=float, default=1.0, help="seconds between keyframes")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores but one)")
     p.add_argument("--batch", type=int, default=None)
     args = p.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")] if args.sizes else None

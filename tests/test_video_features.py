@@ -139,14 +139,15 @@ def _sources(video_dir: Path, gop_dir: Path) -> list[VideoSource]:
 def test_sampled_frames_equal_the_reference(video_dir, gop_dir, fps):
     for source in _sources(video_dir, gop_dir):
         ref_frames, ref_times = decode(source, fps)
-        for skip in (True, False):
-            times, frames, reader = _sampled(source, fps=fps, skip=skip)
-            assert times == list(ref_times), (source.video, skip)
-            np.testing.assert_array_equal(np.stack(frames), ref_frames, err_msg=f"{source.video} skip={skip}")
+        for skip, threads in ((True, 0), (True, 1), (False, 0)):  # one thread: unreferenced frames dropped too
+            times, frames, reader = _sampled(source, fps=fps, skip=skip, threads=threads)
+            assert times == list(ref_times), (source.video, skip, threads)
+            np.testing.assert_array_equal(np.stack(frames), ref_frames, err_msg=f"{source.video} skip={skip} threads={threads}")
             assert reader.decoder == "software" and reader.source_size == (48, 64)
-    # short GOPs at a low rate: only the GOPs that hold sampled frames are decoded
+    # short GOPs at a low rate: only the GOPs that hold sampled frames are decoded, and with one
+    # thread not their unreferenced B-frames either
     gop = VideoSource("gop", gop_dir / "gop.mp4", False)
-    assert _sampled(gop, fps=1.0)[2].decoded < 0.25 * 90
+    assert _sampled(gop, fps=1.0, threads=1)[2].decoded < _sampled(gop, fps=1.0)[2].decoded < 0.25 * 90
     assert _sampled(gop, fps=1.0, skip=False)[2].decoded == 90
 
 
@@ -155,7 +156,7 @@ def test_sampled_frames_equal_the_reference(video_dir, gop_dir, fps):
 def test_gop_plan_keeps_the_reference_frames_at_any_rate(gop_dir, fps):
     source = VideoSource("gop", gop_dir / "gop.mp4", False)
     ref_frames, ref_times = decode(source, fps)
-    times, frames, _ = _sampled(source, fps=fps)
+    times, frames, _ = _sampled(source, fps=fps, threads=1)
     assert times == list(ref_times)
     np.testing.assert_array_equal(np.stack(frames), ref_frames)
 
@@ -165,8 +166,8 @@ def test_a_wrong_plan_restarts_from_a_full_decode(gop_dir, monkeypatch):
     plan = SampledFrames._plan
 
     def wrong(self):  # plans a frame that no packet holds
-        kept, known, feed = plan(self)
-        return {**kept, max(known) + 1: 99.0}, known, feed
+        kept, known, feed, keep = plan(self)
+        return {**kept, max(known) + 1: 99.0}, known, feed, keep
 
     monkeypatch.setattr(SampledFrames, "_plan", wrong)
     items = list(SampledFrames(source, DecodeOptions(fps=2.0)))
@@ -458,8 +459,8 @@ def test_a_video_whose_plan_fails_restarts_in_the_build(tmp_path, video_dir, tin
     plan = SampledFrames._plan
 
     def wrong(self):  # plans a frame that no packet holds
-        kept, known, feed = plan(self)
-        return {**kept, max(known) + 1: 99.0}, known, feed
+        kept, known, feed, keep = plan(self)
+        return {**kept, max(known) + 1: 99.0}, known, feed, keep
 
     monkeypatch.setattr(SampledFrames, "_plan", wrong)  # in this process: workers=0
     store = tiny_store(tmp_path / "s.zarr")

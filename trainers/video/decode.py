@@ -416,9 +416,10 @@ class SampledFrames:
                 return self._scaler.reformat(frame, width=w, height=h, format="rgb24", interpolation=SCALER).to_ndarray()
         return frame.to_ndarray(format="rgb24")
 
-    def _plan(self) -> tuple[dict[int, float], set[int], np.ndarray] | None:
+    def _plan(self) -> tuple[dict[int, float], set[int], np.ndarray, np.ndarray] | None:
         """From the packets alone: (kept pts -> time, every frame's pts, [packets] which to feed
-        the decoder, in demux order); None if some packet has no pts."""
+        the decoder, [packets] which hold a kept frame, in demux order); None if some packet
+        has no pts."""
         import av
 
         path = self.source.path
@@ -458,11 +459,14 @@ class SampledFrames:
                 feed[a : a + hit[-1] + 1] = True  # the GOP up to its last kept frame in decode order
                 if g and (pts_a[a + hit] < pts_a[a]).any():  # shown before its keyframe: an open GOP
                     feed[starts[g - 1] : a] = True  # may reference the GOP before
-        return kept, set(order), feed
+        return kept, set(order), feed, keep
 
-    def _decode_planned(self, kept: dict[int, float], known: set[int], feed: np.ndarray) -> Iterator[tuple[float, np.ndarray]]:
+    def _decode_planned(self, kept: dict[int, float], known: set[int], feed: np.ndarray,
+                        keep: np.ndarray) -> Iterator[tuple[float, np.ndarray]]:
         """Decode the fed packets, flushing the decoder before each skipped stretch; raise
-        _PlanMismatch unless the decoder returns exactly the planned frames."""
+        _PlanMismatch unless the decoder returns exactly the planned frames. A single-threaded
+        software decoder also drops the fed frames that are neither kept nor referenced
+        (``skip_frame``, set per packet: with frame threads it would reach the wrong frame)."""
         emitted, last = set(), -math.inf
 
         def take(frames) -> Iterator[tuple[float, np.ndarray]]:
@@ -482,6 +486,8 @@ class SampledFrames:
         path = self.source.path
         with self._open(path) as container:
             stream = _video_stream(container, path)
+            codec = stream.codec_context
+            drop_unreferenced = self.options.threads == 1 and self.decoder == "software"
             i, fed = 0, False
             for packet in container.demux(stream):
                 if packet.size == 0:
@@ -489,11 +495,13 @@ class SampledFrames:
                 if i >= len(feed):
                     raise _PlanMismatch("more packets than planned")
                 if feed[i]:
+                    if drop_unreferenced:
+                        codec.skip_frame = "DEFAULT" if keep[i] else "NONREF"
                     yield from take(stream.decode(packet))
                     fed = True
                 elif fed:  # drain the frames still in the decoder, then restart it at the next keyframe
                     yield from take(stream.decode(None))
-                    stream.codec_context.flush_buffers()
+                    codec.flush_buffers()
                     fed = False
                 i += 1
             if fed:

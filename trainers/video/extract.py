@@ -295,10 +295,15 @@ def _weight_files(weights: str | None) -> list[Path]:
     return sorted(q for q in p.iterdir() if q.suffix in (".safetensors", ".bin")) if p.is_dir() else [p]
 
 
-def default_workers() -> int:
-    """Decoding processes per rank: this machine's cores shared by the ranks on it."""
+def _cores_per_rank() -> int:
+    """This machine's cores shared by the ranks on it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def default_workers() -> int:
+    """Decoding processes per rank: its cores but one, which feeds the device."""
+    return max(1, _cores_per_rank() - 1)
 
 
 def decode_options(preprocess: Preprocess, fps: float, native_fps: float, device: torch.device, workers: int, *,
@@ -307,12 +312,12 @@ def decode_options(preprocess: Preprocess, fps: float, native_fps: float, device
     decoder when encoding on CUDA), ``none`` or an FFmpeg device type."""
     if hwaccel == "auto":
         hwaccel = "cuda" if device.type == "cuda" else "none"
-    cores = default_workers()
     return DecodeOptions(
         fps=fps, native_fps=native_fps, resize=preprocess.resize if scale_in_decoder else 0, crop=preprocess.crop,
         skip=not decode_all, hwaccel=None if hwaccel == "none" else hwaccel,
         hw_device=str(device.index) if hwaccel == "cuda" and device.index is not None else None,
-        threads=max(1, cores // workers) if workers > 0 else 0,
+        # FFmpeg threads share the cores left over; with one, the decoder also drops unreferenced frames
+        threads=max(1, _cores_per_rank() // (workers + 1)) if workers > 0 else 0,
     )
 
 
