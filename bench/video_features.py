@@ -10,7 +10,8 @@ so that a long run needs few encoded seconds. Sampling
 at 2 fps it measures, in sampled frames per second:
 
 - ``decode+preprocess``: the build's data path alone (decoding workers, shared memory,
-  pinned upload, preprocessing on the device) into a trivial encoder;
+  pinned upload, preprocessing on the device) into a trivial encoder, with its CPU time
+  per sampled frame (workers included);
 - ``backbone``: the backbone alone on a batch already on the device (random weights);
 - ``build``: the whole ``build_video_features`` command; ``ratio`` = build / backbone.
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 
@@ -102,10 +104,17 @@ def make_lmdb(path: Path, frames: int, dim: int, videos: int) -> int:
     return per * videos * dim * 4
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the decoding workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def decode_and_preprocess(sources: list[VideoSource], bb, dev: torch.device, batch: int, workers: int) -> dict:
-    """The build's data path into an encoder that only averages the pixels: sampled frames/s."""
+    """The build's data path into an encoder that only averages the pixels: sampled frames/s,
+    and CPU ms per sampled frame (workers included: a figure the machine's load hardly moves)."""
     options = decode_options(bb.preprocess, SAMPLE_FPS, 0.0, dev, workers)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     frames = 0
     with DecodePool(sources, options, workers, chunk=batch) as pool, torch.inference_mode():
         batches = DeviceBatches(lambda x: x.mean((2, 3)), bb.preprocess, dev, None, batch, pool.slot_bytes)  # [b, 3]
@@ -116,9 +125,9 @@ def decode_and_preprocess(sources: list[VideoSource], bb, dev: torch.device, bat
         frames += sum(len(t) for _, _, t in batches.ready())
     if batches.failed:
         raise RuntimeError(batches.failed[0].message)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     return {"seconds": dt, "frames": frames, "sampled_frames_per_s": frames / dt, "decoded_frames_per_s": batches.decoded / dt,
-            "notes": "; ".join(pool.notes)}
+            "cpu_ms_per_frame": 1000 * cpu / frames, "decoded": batches.decoded, "notes": "; ".join(pool.notes)}
 
 
 def run(tiny: bool = False, device: str | None = None, out_dir: Path | None = None, backbone: str | None = None,
@@ -200,7 +209,7 @@ def main() -> None:
     videos = [int(v) for v in args.videos.split(",")] if args.videos else None
     for r in run(tiny=args.tiny, device=args.device, backbone=args.backbone, sizes=sizes, videos=videos,
                  seconds=args.seconds, gop=args.gop, workers=args.workers, batch=args.batch):
-        shown = {k: r[k] for k in r if k.endswith(("per_s", "median_s", "seconds")) or k in ("stage", "ratio", "load1", "decoding")}
+        shown = {k: r[k] for k in r if k.endswith(("per_s", "median_s", "seconds", "per_frame")) or k in ("stage", "ratio", "load1", "decoding")}
         print(r["config"], shown)
 
 

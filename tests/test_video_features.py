@@ -742,14 +742,20 @@ def test_bad_videos_are_reported_and_the_rest_committed(tmp_path, video_dir):
     data = (video_dir / "c.webm").read_bytes()
     (videos / "cut.webm").write_bytes(data[: len(data) // 2])
     encode_video(videos / "short.mp4", "mpeg4", 10, 4)  # 0.4 s: no frame at 1 fps
+    with av.open(str(videos / "sound.mkv"), "w") as c:  # audio only
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
     store = tiny_store(tmp_path / "s.h5")
     args = ["build-video-features", str(tmp_path / "s.h5"), "--videos", str(videos), "--backbone", "vit-tiny",
             "--random-init", "--name", "v", "--fps", "1", "--no-progress"]
     res = CliRunner().invoke(cli.app, args)
     assert res.exit_code != 0 and isinstance(res.exception, DataError)
     msg = str(res.exception)
-    assert "\n" not in msg and msg.startswith("3 bad video(s) skipped (the other 2 are in video/v)")
-    assert "cut.webm: truncated video" in msg and "junk.mp4: cannot decode video" in msg
+    assert "\n" not in msg and msg.startswith("4 bad video(s) skipped (the other 2 are in video/v)")
+    assert "cut.webm: truncated video" in msg and "junk.mp4: cannot decode video" in msg and "sound.mkv: no video stream" in msg
     assert "short.mp4: no frames at 1 fps (the video lasts 0.400 s" in msg
     assert Store.open(store.path).video("v").videos == ["a", "b"]
 

@@ -186,7 +186,9 @@ def _check_complete(path: Path, end: float, stream) -> None:
 
 
 def _video_stream(container, path: Path):
+    """The container's first video stream; DataError (the container closed) if it has none."""
     if not container.streams.video:
+        container.close()
         raise DataError(f"{path}: no video stream")
     return container.streams.video[0]
 
