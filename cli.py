@@ -282,7 +282,10 @@ def build_video_features(
     native_fps: Optional[float] = typer.Option(None, help="Frame rate of frame folders (default: the store's annotation fps)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default: the backbone's)."),
     batch_size: int = typer.Option(32, help="Frames per backbone batch."),
-    workers: int = typer.Option(4, help="Decoding threads (0: decode in the main thread)."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the cores per local rank but one; 0: decode in the main process)."),
+    scale_in_decoder: bool = typer.Option(True, "--scale-in-decoder/--full-size-frames", help="Scale frames to the backbone's resize in FFmpeg (recorded) or upload them full size."),
+    decode_all: bool = typer.Option(False, "--decode-all", help="Decode every frame, not only the GOPs holding sampled ones (same output, slower)."),
+    hwaccel: str = typer.Option("auto", help="Hardware decoding: auto (CUDA's when encoding on CUDA), none, or an FFmpeg device type; falls back to software."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
@@ -299,12 +302,14 @@ def build_video_features(
                       "its features are meaningless outside tests and demos[/bold red]", highlight=False)
     bb = load_backbone(backbone, weights=weights, random_init=random_init, seed=seed, resize=resize)
     report = run(store, videos, bb, name, fps=fps, native_fps=native_fps, batch_size=batch_size, workers=workers,
-                 device=device, precision=precision, dtype=dtype, progress=progress)
+                 device=device, precision=precision, dtype=dtype, scale_in_decoder=scale_in_decoder,
+                 decode_all=decode_all, hwaccel=hwaccel, progress=progress)
     if report.rank != 0:
         return
     if report.committed:
         console.print(f"video/{name}: {report.videos} videos encoded, {report.skipped} resumed, {report.frames} frames "
                       f"in {report.seconds:.1f} s", highlight=False)
+    console.print(f"decoding: {report.decoding}", highlight=False, soft_wrap=True)
     report.raise_for_bad()
 
 
