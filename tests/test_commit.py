@@ -107,7 +107,7 @@ def test_validate_reports_and_gc_removes_leftovers(store, tmp_path):
     feats.mkdir()
     for i, v in enumerate(store.segments.videos):
         np.save(feats / f"{v}.npy", np.full((30, 16), i, np.float32))
-    r = cli("import-features", path, feats, "--name", "imp", "--fps", 2, "--no-progress", crash="video.staged:3")
+    r = cli("import-features", path, feats, "--name", "imp", "--native-fps", 2, "--no-progress", crash="video.staged:3")
     assert r.returncode == CRASHED, r.stderr
     staged = "zarr.staged:1" if path.suffix == ".zarr" else "hdf5.staged:1"
     assert script(OVERWRITE, path, "exchange", 3, crash=staged).returncode == CRASHED
@@ -130,7 +130,7 @@ def test_validate_reports_and_gc_removes_leftovers(store, tmp_path):
         with h5py.File(path, "r") as f:
             assert "_staging" not in f and "_trash" not in f
     # the import runs from scratch after gc
-    assert cli("import-features", path, feats, "--name", "imp", "--fps", 2, "--no-progress").returncode == 0
+    assert cli("import-features", path, feats, "--name", "imp", "--native-fps", 2, "--no-progress").returncode == 0
     assert len(Store.open(path).video("imp").videos) == len(store.segments.videos)
 
 
@@ -211,7 +211,7 @@ def test_a_second_writer_waits_or_refuses_naming_the_holder(store, tmp_path):
     feats.mkdir()
     for v in store.segments.videos:
         np.save(feats / f"{v}.npy", np.ones((4, 8), np.float32))
-    args = ["import-features", store.path, feats, "--name", "f2", "--fps", 1, "--no-progress"]
+    args = ["import-features", store.path, feats, "--name", "f2", "--native-fps", 1, "--no-progress"]
     with locked(store_lock_path(store.path), "test"):
         r = cli(*args, env={"KDSTORE_LOCK_TIMEOUT": "0"})
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -141,10 +141,10 @@ def test_two_imports_of_one_name_at_once(tmp_path, synthetic_tables):
         np.save(src / f"{v}.npy", np.ones((6, 8), np.float32))
     w = s.video_writer("imp", 8, "float32", frame_rate=1.0)  # an import in progress (this process)
     w.put(s.segments.videos[0], np.zeros((6, 8), np.float32), np.arange(6.0))
-    msg = one_line(cli("import-features", s.path, src, "--name", "imp", "--fps", 1, "--no-progress"))
+    msg = one_line(cli("import-features", s.path, src, "--name", "imp", "--native-fps", 1, "--no-progress"))
     assert f"video/imp: in use by pid {os.getpid()} (" in msg
     w.commit()
-    assert cli("import-features", s.path, src, "--name", "imp", "--fps", 1, "--no-progress").returncode == 0
+    assert cli("import-features", s.path, src, "--name", "imp", "--native-fps", 1, "--no-progress").returncode == 0
     assert (Store.open(s.path).video("imp").features[:] == 1).all()
 
 
@@ -170,7 +170,7 @@ def test_read_only_store(tmp_path, synthetic_tables):
         p.chmod(0o555 if p.is_dir() else 0o444)
     try:
         kw = {"preexec_fn": _drop_dac_override} if as_root else {}
-        r = cli("import-features", h5.path, src, "--name", "f", "--fps", 1, "--no-progress", **kw)
+        r = cli("import-features", h5.path, src, "--name", "f", "--native-fps", 1, "--no-progress", **kw)
         if r.returncode == 99:
             pytest.skip("cannot drop CAP_DAC_OVERRIDE here")
         assert f"error: {h5.path}: cannot be written" in one_line(r)
@@ -179,7 +179,7 @@ def test_read_only_store(tmp_path, synthetic_tables):
                     "--set", "threads=1", **kw)
             assert f"error: {store}: cannot be written" in one_line(r)
             assert not Path(f"{store}.teacher-work").exists()  # refused before training
-        r = cli("import-features", zarr_store.path, src, "--name", "f", "--fps", 1, "--no-progress", **kw)
+        r = cli("import-features", zarr_store.path, src, "--name", "f", "--native-fps", 1, "--no-progress", **kw)
         assert f"{zarr_store.path}: cannot be written" in one_line(r)
     finally:
         for p in [zarr_store.path, *zarr_store.path.rglob("*"), h5.path]:
