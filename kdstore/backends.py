@@ -438,10 +438,11 @@ class ZarrBackend(Backend):
             return
         chunk = d / "c" / "/".join("0" for _ in shape)
         chunk.parent.mkdir(parents=True)
-        out = np.memmap(chunk, dtype=dtype.newbyteorder("<"), mode="w+", shape=shape)
-        _copy_blocks(src, out, chunk)
-        out.flush()
-        del out
+        # plain writes, not a memmap: dirty pages of a written map count towards the writer's
+        # resident set, so a memmap commit of a large group grows with the group
+        little = dtype.newbyteorder("<")
+        with open(chunk, "wb") as f:
+            _copy_blocks(src, lambda i, block: f.write(np.ascontiguousarray(block, dtype=little).data), chunk)
 
 
 # ---------------------------------------------------------------------------------------
@@ -594,7 +595,8 @@ class HDF5Backend(Backend):
                         src = as_source(src)
                         ds = g.create_dataset(name, shape=src.shape, dtype=src.dtype)  # contiguous, uncompressed
                         if ds.size:
-                            _copy_blocks(src, ds, f"{self.path}:{group}/{name}")
+                            rows = lambda i, block, ds=ds: ds.__setitem__(slice(i, i + len(block)), block)  # noqa: E731
+                            _copy_blocks(src, rows, f"{self.path}:{group}/{name}")
                 except BaseException:
                     del f[tmp]  # a failed write leaves no staging group behind
                     raise
@@ -701,13 +703,14 @@ def _h5_set_attrs(g, attrs: dict, trash: str | None = None) -> None:
     g.create_dataset(HDF5Backend.ATTRS, data=json.dumps(attrs), dtype=h5py.string_dtype())
 
 
-def _copy_blocks(src: ArraySource, out, where) -> None:
+def _copy_blocks(src: ArraySource, write, where) -> None:
+    """Hand ``src``'s row blocks in order to ``write(first_row, block)``, checking their shapes."""
     i = 0
     for block in src.blocks():
         block = np.asarray(block)
         if block.shape[1:] != tuple(src.shape[1:]):
             raise StoreFormatError(f"{where}: block of shape {block.shape} does not fit {tuple(src.shape)}")
-        out[i : i + len(block)] = block
+        write(i, block)
         i += len(block)
     if i != src.shape[0]:
         raise StoreFormatError(f"{where}: expected {src.shape[0]} rows, got {i}")
