@@ -43,7 +43,7 @@ NOUNS = [
     "bowl", "cutting:board", "knife", "eating:utensil", "fridge", "cabinet", "faucet", "stove",
     "oil", "salt", "recipe", "lettuce", "condiment:container", "plate",
 ]
-ANNOTATION_FPS = 24.0  # like EGTEA
+ANNOTATION_FPS = 24.0  # the frame numbering of the synthetic CSVs
 CORPUS_FILE = "recipes.txt"  # the recipe text corpus beside the annotations (``corpus_size``)
 
 

@@ -44,7 +44,7 @@ def test_query_and_export(ingested, tmp_path):
     s.write_predictions("t", uids, logits, topk=3)
     r = runner.invoke(app, ["query", str(ingested), str(uids[0]), str(s.segments.uid[20]), "--json"])
     assert r.exit_code == 0, r.output
-    first, second = (json.loads(line) for line in r.stdout.splitlines())
+    first, second = json.loads(r.stdout)  # one JSON document: a list for several ids
     assert first["top"][0]["action"] == first["true"]["action"] and first["true"]["rank"] == 1
     assert second["present"] is False and "top" not in second
     out = tmp_path / "t.npz"

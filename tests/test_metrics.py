@@ -71,24 +71,28 @@ def test_top5_boundary_and_ties():
 
 
 def test_many_shot_recall_over_present_many_shot_actions():
-    # verbs 0, 1 many-shot; nouns 0, 2 many-shot -> many-shot actions a0 (v0,n0), a2 (v1,n0), a3 (v1,n2)
-    classes = table([0, 0, 1, 1, 2, 2, 2], [0, 1, 0, 2, 0, 1, 2], ms_verbs=[1, 1, 0], ms_nouns=[1, 0, 1])
-    assert classes.many_shot_actions.tolist() == [True, False, True, True, False, False, False]
+    # verb 0 many-shot, noun 2 many-shot -> many-shot actions (RULSTM: verb OR noun): a0, a1 (v0), a3, a6 (n2)
+    classes = table([0, 0, 1, 1, 2, 2, 2], [0, 1, 0, 2, 0, 1, 2], ms_verbs=[1, 0, 0], ms_nouns=[0, 0, 1])
+    assert classes.many_shot_actions.tolist() == [True, True, False, True, False, False, True]
     scores = np.tile(np.arange(7.0)[::-1], (4, 1))  # ranks: a0 1st ... a6 7th
-    labels = np.array([0, 6, 5, 1])  # many-shot present: a0 only (hit); a6, a5 misses; a1 not many-shot
+    labels = np.array([0, 6, 5, 2])  # many-shot present: a0 (hit), a6 (miss); a5, a2 not many-shot
     m = compute_metrics(scores, labels, classes)
-    assert m["many_shot_top5_recall"] == pytest.approx(100.0)
-    assert m["mean_top5_recall"] == pytest.approx(50.0)  # a0 1, a1 1, a5 0, a6 0
+    assert m["many_shot_top5_recall"] == pytest.approx(50.0)
+    assert m["mean_top5_recall"] == pytest.approx(50.0)  # a0 1, a2 1, a5 0, a6 0
 
 
 def test_bad_input():
     with pytest.raises(DataError, match="expected \\[N, 4\\]"):
         compute_metrics(np.zeros((2, 3)), np.array([0, 1]), CLASSES)
-    with pytest.raises(DataError, match="no samples"):
+    with pytest.raises(DataError, match="no labelled samples"):
         compute_metrics(np.zeros((0, 4)), np.zeros(0, int), CLASSES)
+    with pytest.raises(DataError, match=r"no labelled samples to evaluate \(2 unlabelled left out\)"):
+        compute_metrics(np.zeros((2, 4)), np.array([-1, -1]), CLASSES)
     with pytest.raises(DataError, match="NaN"):
         compute_metrics(np.array([[np.nan, 0, 0, 0]]), np.array([0]), CLASSES)
     with pytest.raises(DataError, match="label outside"):
         compute_metrics(np.zeros((1, 4)), np.array([4]), CLASSES)
+    with pytest.raises(DataError, match="label outside"):
+        compute_metrics(np.zeros((1, 4)), np.array([-2]), CLASSES)
     with pytest.raises(DataError, match="labels for"):
         compute_metrics(np.zeros((2, 4)), np.array([0]), CLASSES)

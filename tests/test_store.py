@@ -460,7 +460,7 @@ class StoreTests:
         p = store.teacher("teacher")
         uid = int(seg.uid[seg.rows_in("training1")[3]])
         r = p.predict(uid, k=5)
-        assert r["present"] and r["uid"] == uid and r["split"] == "training1" and r["kind"] == "teacher"
+        assert r["present"] and r["id"] == uid and r["splits"] == ["training1"] and r["kind"] == "teacher"
         row = seg.row_of([uid])[0]
         assert r["video"] == seg.videos[seg.video[row]]
         assert r["true"]["action"] == seg.action[row] and r["true"]["name"] == cls.action_names[seg.action[row]]
@@ -475,7 +475,7 @@ class StoreTests:
             assert r["top"][r["true"]["rank"] - 1]["action"] == r["true"]["action"]
         assert r["feature_norm"] > 0
         absent = p.predict(int(seg.uid[seg.rows_in("validation1")[0]]))
-        assert absent["present"] is False and "top" not in absent and absent["split"] == "validation1"
+        assert absent["present"] is False and "top" not in absent and absent["splits"] == ["validation1"]
         with pytest.raises(MissingError, match="UID 999999"):
             p.predict(999999)
 
