@@ -262,11 +262,17 @@ def _open_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise AnnotationError(f"{path}: not a readable CSV ({e})") from None
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _int(path: Path, lineno: int, name: str, text: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise AnnotationError(f"{path}, row {lineno}: {name} must be an integer, found {text!r}") from None
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise AnnotationError(f"{path}, row {lineno}: {name} {text} is outside the 64-bit integer range")
+    return value
 
 
 def _split_name(path: Path, n: int, aid: int, name: str, sep: str, example: str) -> tuple[str, str]:
@@ -432,10 +438,12 @@ class RawSegments:
 
 
 def _key(text: str) -> int | str:
+    """An integer uid if ``text`` is one that fits in 64 bits, else the string id."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         return text
+    return value if _INT64[0] <= value <= _INT64[1] else text
 
 
 def read_segments_csv(path: str | Path, classes: ClassTable | None = None) -> RawSegments:

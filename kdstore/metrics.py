@@ -130,8 +130,10 @@ def compute_metrics(
     heads = {"verb": verb_scores, "noun": noun_scores}
     for task, h in heads.items():
         num = classes.num_verbs if task == "verb" else classes.num_nouns
-        if h is not None and (np.shape(h) != (len(scores), num) or not np.isfinite(h).all()):
-            raise DataError(f"metrics: {task} scores of shape {list(np.shape(h))}, expected finite [{len(scores)}, {num}]")
+        if h is not None and np.shape(h) != (len(scores), num):
+            raise DataError(f"metrics: {task} scores of shape {list(np.shape(h))}, expected [{len(scores)}, {num}]")
+        if h is not None and not np.isfinite(h).all():
+            raise DataError(f"metrics: {task} scores: row {int(np.flatnonzero(~np.isfinite(h).all(axis=1))[0])} has NaN or inf")
     keep = np.flatnonzero(labelled)
     probs = as_probabilities(scores[keep], kind)  # [n, A]
     y = {"action": labels[keep], "verb": classes.action_verb[labels[keep]], "noun": classes.action_noun[labels[keep]]}
