@@ -365,3 +365,24 @@ def test_real_ek100_slice_pipeline(ek100_real, tmp_path):
     assert head["version"] == "0.2" and head["segments"] == len(s.segments.rows_in("validation"))
     doc = json.loads(out.read_text())
     assert set(doc["results"]) == set(s.segments.ids[s.segments.rows_in("validation")])
+
+
+def test_student_predictions_cover_unlabelled_segments(ek100_dir, tmp_path, one_thread):
+    from kdstore.synthetic import synthetic_features
+    from trainers.student.config import preset as student_preset
+    from trainers.student.train import predict_into_store, train_student
+
+    s = ingest(ek100_dir, tmp_path / "s.zarr", dataset="ek100")
+    w = s.video_writer("feat", 16, frame_rate=2.0)
+    for video, (f, t) in synthetic_features(s.classes, s.segments, dim=16, rate=2.0).items():
+        w.put(video, f, t)
+    w.commit()
+    cfg = student_preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, epochs=1, batch_size=16,
+                         distill_mode="none", topk=5)
+    train_student(s.path, "feat", tmp_path / "run", cfg, train_split="training", eval_split="validation", progress=False)
+    metrics = predict_into_store(s.path, tmp_path / "run", "student")
+    seg = Store.open(s.path).segments
+    g = Store.open(s.path).teacher("student")
+    assert g.present.all()  # features and student predictions cover the unlabelled test segments too
+    assert metrics["test_timestamps"] == {"unlabelled": int(seg.in_split("test_timestamps").sum())}
+    assert metrics["validation"]["n"] == int(seg.in_split("validation").sum())
