@@ -216,8 +216,8 @@ def synthetic_features(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-video ``(features [n, dim] float32, timestamps [n])`` sampled at ``rate`` fps.
 
-    A frame inside a segment shows ``verb_emb + noun_emb`` of its action (the latest-started
-    segment if several overlap); frames between segments show a background vector; every
+    A frame inside a labelled segment shows ``verb_emb + noun_emb`` of its action (the
+    latest-started segment if several overlap); other frames show a background vector; every
     frame adds Gaussian noise and a per-video offset.
     """
     rng = np.random.default_rng(seed)
@@ -234,7 +234,7 @@ def synthetic_features(
         inside = (cover >= 0) & (t <= end_s[rows][cover.clip(0)])
         seg = rows[cover.clip(0)]
         signal = verb_emb[segments.verb[seg]] + noun_emb[segments.noun[seg]]  # [n, dim]
-        signal[~inside] = background
+        signal[~inside | (segments.action[seg] < 0)] = background  # an unlabelled segment shows no class
         offset = rng.normal(size=dim) * 0.3 / np.sqrt(dim)
         feats = signal + offset + rng.normal(size=(len(t), dim)) * noise / np.sqrt(dim)
         out[video] = (feats.astype(np.float32), t)
