@@ -46,7 +46,7 @@ def as_probabilities(scores: np.ndarray, kind: str = "auto") -> np.ndarray:
     """
     s = np.asarray(scores, dtype=np.float64)
     if kind == "auto":
-        kind = "probs" if (s >= 0).all() and np.allclose(s.sum(axis=1), 1.0, atol=1e-4) else "logits"
+        kind = "probs" if _all_probabilities(s) else "logits"
     if kind == "probs":
         return s
     if kind == "logits":
@@ -68,11 +68,13 @@ def marginalise(probs: np.ndarray, index: np.ndarray, num: int) -> np.ndarray:
 
 def label_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[N] 0-based rank of each label in its row (ties towards the lower class index)."""
-    scores = np.asarray(scores)
-    n, c = scores.shape
-    own = scores[np.arange(n), labels][:, None]  # [N, 1]
-    before = (scores > own) | ((scores == own) & (np.arange(c)[None, :] < labels[:, None]))  # [N, C]
-    return before.sum(axis=1)
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    own = scores[np.arange(len(scores)), labels][:, None]  # [N, 1]
+    rank = (scores > own).sum(axis=1)  # [N]
+    tied = np.flatnonzero((scores == own).sum(axis=1) > 1)  # rows where another class scores the same
+    for i in tied:
+        rank[i] += int((scores[i, : labels[i]] == own[i, 0]).sum())
+    return rank
 
 
 def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -113,52 +115,77 @@ def compute_metrics(
     subset name (``unseen``, ``tail``) to a per-task [N] mask. Raises DataError on no
     labelled row, a class-count mismatch, NaN or a label outside the class table.
     """
-    scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     A = classes.num_actions
-    if scores.ndim != 2 or scores.shape[1] != A:
-        raise DataError(f"metrics: scores of shape {list(scores.shape)}, expected [N, {A}] (the class table has {A} actions)")
+    if np.ndim(scores) != 2 or np.shape(scores)[1] != A:
+        raise DataError(f"metrics: scores of shape {list(np.shape(scores))}, expected [N, {A}] (the class table has {A} actions)")
     if labels.shape != (len(scores),):
         raise DataError(f"metrics: {len(labels)} labels for {len(scores)} score rows")
     if len(labels) and (labels.max() >= A or labels.min() < -1):
         raise DataError(f"metrics: label outside 0..{A - 1} (found {labels.min()}..{labels.max()}; -1 marks unlabelled)")
-    labelled = labels >= 0
-    if not labelled.any():
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) == 0:
         raise DataError(f"metrics: no labelled samples to evaluate ({len(labels)} unlabelled left out)")
-    if not np.isfinite(scores).all():
-        raise DataError(f"metrics: row {int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])} has NaN or inf scores")
     heads = {"verb": verb_scores, "noun": noun_scores}
+    nums = {"verb": classes.num_verbs, "noun": classes.num_nouns}
     for task, h in heads.items():
-        num = classes.num_verbs if task == "verb" else classes.num_nouns
-        if h is not None and np.shape(h) != (len(scores), num):
-            raise DataError(f"metrics: {task} scores of shape {list(np.shape(h))}, expected [{len(scores)}, {num}]")
-        if h is not None and not np.isfinite(h).all():
-            raise DataError(f"metrics: {task} scores: row {int(np.flatnonzero(~np.isfinite(h).all(axis=1))[0])} has NaN or inf")
-    keep = np.flatnonzero(labelled)
-    probs = as_probabilities(scores[keep], kind)  # [n, A]
+        if h is not None and np.shape(h) != (len(scores), nums[task]):
+            raise DataError(f"metrics: {task} scores of shape {list(np.shape(h))}, expected [{len(scores)}, {nums[task]}]")
+    for what, arr in (("", scores), *((f"{t} ", h) for t, h in heads.items() if h is not None)):
+        bad = _first_nonfinite_row(arr)
+        if bad is not None:
+            raise DataError(f"metrics: row {bad} has NaN or inf {what}scores")
+    if kind == "auto":
+        kind = "probs" if _all_probabilities(scores) else "logits"
     y = {"action": labels[keep], "verb": classes.action_verb[labels[keep]], "noun": classes.action_noun[labels[keep]]}
-    task_scores = {"action": probs}
+    rank = {t: np.empty(len(keep), np.int64) for t in TASKS}
+    # in row blocks: a [N, A] float64 copy of EK100's 67k x 3806 scores alone would be 2 GB
+    for lo in range(0, len(keep), BLOCK_ROWS):
+        idx, sl = keep[lo : lo + BLOCK_ROWS], slice(lo, lo + BLOCK_ROWS)
+        probs = as_probabilities(np.asarray(scores[idx], np.float64), kind)  # [b, A]
+        rank["action"][sl] = label_ranks(probs, y["action"][sl])
+        for task, index in (("verb", classes.action_verb), ("noun", classes.action_noun)):
+            h = heads[task]
+            s = np.asarray(h[idx], np.float64) if h is not None else marginalise(probs, index, nums[task])  # [b, V|N]
+            rank[task][sl] = label_ranks(s, y[task][sl])
     many = {"action": classes.many_shot_actions, "verb": classes.many_shot_verbs, "noun": classes.many_shot_nouns}
-    for task, index, num in (("verb", classes.action_verb, classes.num_verbs), ("noun", classes.action_noun, classes.num_nouns)):
-        h = heads[task]
-        task_scores[task] = np.asarray(h, np.float64)[keep] if h is not None else marginalise(probs, index, num)
     out: dict = {"n": int(len(keep))}
     if len(keep) < len(labels):
         out["unlabelled"] = int(len(labels) - len(keep))
     for task in TASKS:
         p = "" if task == "action" else f"{task}_"
-        rank = label_ranks(task_scores[task], y[task])
-        out[f"{p}top1"] = float(100.0 * (rank < 1).mean())
-        out[f"{p}top5"] = float(100.0 * (rank < 5).mean())
+        r = rank[task]
+        out[f"{p}top1"] = float(100.0 * (r < 1).mean())
+        out[f"{p}top5"] = float(100.0 * (r < 5).mean())
         if task == "action":
-            out["mean_top1_recall"] = class_mean_recall(rank < 1, y[task])
-        out[f"{p}mean_top5_recall"] = class_mean_recall(rank < 5, y[task])
-        out[f"{p}many_shot_top5_recall"] = None if many[task] is None else class_mean_recall(rank < 5, y[task], many[task])
+            out["mean_top1_recall"] = class_mean_recall(r < 1, y[task])
+        out[f"{p}mean_top5_recall"] = class_mean_recall(r < 5, y[task])
+        out[f"{p}many_shot_top5_recall"] = None if many[task] is None else class_mean_recall(r < 5, y[task], many[task])
         for name, masks in (subsets or {}).items():
             if task in masks:
                 m = np.asarray(masks[task], bool)[keep]
-                out[f"{name}_{task}_mean_top5_recall"] = class_mean_recall((rank < 5)[m], y[task][m])
+                out[f"{name}_{task}_mean_top5_recall"] = class_mean_recall((r < 5)[m], y[task][m])
     return out
+
+
+BLOCK_ROWS = 2048
+
+
+def _first_nonfinite_row(arr: np.ndarray) -> int | None:
+    for lo in range(0, len(arr), BLOCK_ROWS):
+        ok = np.isfinite(np.asarray(arr[lo : lo + BLOCK_ROWS])).all(axis=1)
+        if not ok.all():
+            return lo + int(np.flatnonzero(~ok)[0])
+    return None
+
+
+def _all_probabilities(scores: np.ndarray) -> bool:
+    """Whether every row is non-negative and sums to 1 (to 1e-4): ``as_probabilities``'s "auto"."""
+    for lo in range(0, len(scores), BLOCK_ROWS):
+        block = np.asarray(scores[lo : lo + BLOCK_ROWS], np.float64)
+        if not ((block >= 0).all() and np.allclose(block.sum(axis=1), 1.0, atol=1e-4)):
+            return False
+    return True
 
 
 def epic_subsets(segments: SegmentTable, rows: np.ndarray, split: str) -> dict[str, dict[str, np.ndarray]]:
