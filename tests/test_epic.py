@@ -386,3 +386,17 @@ def test_student_predictions_cover_unlabelled_segments(ek100_dir, tmp_path, one_
     assert g.present.all()  # features and student predictions cover the unlabelled test segments too
     assert metrics["test_timestamps"] == {"unlabelled": int(seg.in_split("test_timestamps").sum())}
     assert metrics["validation"]["n"] == int(seg.in_split("validation").sum())
+
+
+def test_report_uses_the_challenge_metrics(ek100_dir, tmp_path):
+    from kdstore.report import format_table, metrics_table, write_report
+
+    s = ingest(ek100_dir, tmp_path / "s.zarr", dataset="ek100")
+    seg = s.segments
+    rows = seg.rows_in("validation")
+    s.write_predictions("t", seg.uid[rows], np.random.default_rng(0).normal(size=(len(rows), s.classes.num_actions)))
+    page = write_report(s, tmp_path / "report").read_text()  # default split: validation
+    assert "split <b>validation</b>" in page and "action tail (%)" in page and "verb unseen (%)" in page
+    [row] = metrics_table(s)
+    assert row["n"] == len(rows) and row["tail_action_mean_top5_recall"] is not None
+    assert "action overall" in format_table([row], "ek100")
