@@ -265,13 +265,13 @@ def _open_rows(path: Path) -> list[tuple[int, list[str]]]:
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def _int(path: Path, lineno: int, name: str, text: str) -> int:
+def _int(path: Path, lineno: int, name: str, text: str, bits: int = 64) -> int:
     try:
         value = int(text)
     except ValueError:
         raise AnnotationError(f"{path}, row {lineno}: {name} must be an integer, found {text!r}") from None
-    if not _INT64[0] <= value <= _INT64[1]:
-        raise AnnotationError(f"{path}, row {lineno}: {name} {text} is outside the 64-bit integer range")
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):  # stored as int64 (ids: int32)
+        raise AnnotationError(f"{path}, row {lineno}: {name} {text.strip()} is beyond the int{bits} range it is stored in")
     return value
 
 
@@ -481,7 +481,8 @@ def read_segments_csv(path: str | Path, classes: ClassTable | None = None) -> Ra
             raise AnnotationError(f"{path}, row {n}: {_what(key)} appears twice (rows {seen[key]} and {n})")
         seen[key] = n
         start, end = _int(path, n, "start_frame", row[2]), _int(path, n, "end_frame", row[3])
-        verb, noun, action = (_int(path, n, k, v) for k, v in zip(("verb", "noun", "action"), row[4:])) if width == 7 else (-1, -1, -1)
+        labels = zip(("verb", "noun", "action"), row[4:])
+        verb, noun, action = (_int(path, n, k, v, bits=32) for k, v in labels) if width == 7 else (-1, -1, -1)
         if end < start:
             raise AnnotationError(f"{path}, row {n}: {_what(key)} ends at frame {end} before it starts at {start}")
         if start < 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .store import Store
 
 
@@ -17,6 +17,15 @@ def _nbytes(store: Store, group: str) -> int:
         shape, dtype = store.backend.array_info(f"{group}/{key}")
         total += int(np.prod(shape)) * dtype.itemsize
     return total
+
+
+def _kept(fs) -> dict | None:
+    """Frames kept of the source's (an import with ``--fps``/``--windows``), when every video's count is known."""
+    source = fs.attrs.get("source_frames") or {}
+    if not fs.videos or any(v not in source for v in fs.videos):
+        return None
+    total = int(sum(source[v] for v in fs.videos))
+    return {"source_frames": total, "fraction": len(fs) / total if total else None}
 
 
 def summary(store: Store) -> dict:
@@ -50,6 +59,8 @@ def summary(store: Store) -> dict:
             "frame_rate": fs.frame_rate, "backbone": fs.attrs.get("backbone"),
             "bytes": _nbytes(store, f"video/{name}"),
             "segments_without_features": int((fs.video_index(seg.videos)[seg.video] < 0).sum()),
+            "selection": fs.attrs.get("selection"),
+            "kept": _kept(fs),
         }
     for name in store.predictions():
         p = store.teacher(name)
@@ -70,7 +81,7 @@ def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None
     if fmt not in ("npz", "jsonl", "epic"):
         raise DataError(f"{out}: unknown export format {fmt!r} (jsonl, npz or epic)")
     if not out.parent.is_dir():
-        raise DataError(f"{out}: the folder {out.parent} does not exist")
+        raise ConfigError(f"{out}: the folder {out.parent} does not exist")
     p = store.teacher(name)
     if fmt == "npz":
         arrays = {"uids": p.uids, "logits": np.asarray(p.logits), "topk_values": np.asarray(p.topk_values),

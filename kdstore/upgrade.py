@@ -24,24 +24,25 @@ def upgrade_store(path: str | Path) -> dict:
     if store.schema_version != 1:
         raise StoreFormatError(f"{store.path}: cannot upgrade schema version {store.schema_version}")
     b = store.backend
-    classes, seg = store.classes, store.segments  # read in either layout
-    old, new = store.manifest["segments_sha256"], segments_fingerprint(seg)
-    if uids_fingerprint(seg.uid) != old and old != new:
-        raise StoreFormatError(f"{store.path}: manifest segments_sha256 does not match its segments; validate the store first")
-    if not b.has("segments/split_mask"):
-        b.write_group("classes", *class_group(classes), overwrite=True)
-        b.write_group("segments", *segment_group(seg), overwrite=True)
-    restamped, foreign = [], []
-    for name in b.children("teacher"):
-        attrs = b.attrs(f"teacher/{name}")
-        if attrs.get("segments_sha256") in (old, new):
-            if attrs["segments_sha256"] != new:
-                b.set_attrs(f"teacher/{name}", {**attrs, "segments_sha256": new})
-            restamped.append(name)
-        else:
-            foreign.append(name)
-    m = store.manifest
-    m.update(schema_version=SCHEMA_VERSION, segments_sha256=new)
-    m["provenance"] = [*m.get("provenance", []), provenance_entry("upgrade", from_version=1, to_version=SCHEMA_VERSION)]
-    b.set_attrs("", m)
-    return {"restamped": restamped, "foreign": foreign}
+    with b.writing():  # one writer: nothing changes the store between reading and re-stamping
+        classes, seg = store.classes, store.segments  # read in either layout
+        old, new = store.manifest["segments_sha256"], segments_fingerprint(seg)
+        if uids_fingerprint(seg.uid) != old and old != new:
+            raise StoreFormatError(f"{store.path}: manifest segments_sha256 does not match its segments; validate the store first")
+        if not b.has("segments/split_mask"):
+            b.write_group("classes", *class_group(classes), overwrite=True)
+            b.write_group("segments", *segment_group(seg), overwrite=True)
+        restamped, foreign = [], []
+        for name in b.children("teacher"):
+            attrs = b.attrs(f"teacher/{name}")
+            if attrs.get("segments_sha256") in (old, new):
+                if attrs["segments_sha256"] != new:
+                    b.set_attrs(f"teacher/{name}", {**attrs, "segments_sha256": new})
+                restamped.append(name)
+            else:
+                foreign.append(name)
+        m = store.manifest
+        m.update(schema_version=SCHEMA_VERSION, segments_sha256=new)
+        m["provenance"] = [*m.get("provenance", []), provenance_entry("upgrade", from_version=1, to_version=SCHEMA_VERSION)]
+        b.set_attrs("", m)
+        return {"restamped": restamped, "foreign": foreign}

@@ -13,7 +13,9 @@ from .annotations import DATASET_FPS
 from .errors import KDStoreError
 from .store import Store, segments_fingerprint, uids_fingerprint
 
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+# installed: kdstore/schemas (shipped with the package); source tree: schemas/ at the top
+_HERE = Path(__file__).resolve().parent
+SCHEMA_DIR = next((d for d in (_HERE / "schemas", _HERE.parent / "schemas") if (d / "layout.json").is_file()), _HERE / "schemas")
 SCAN_ROWS = 1 << 16  # rows checked for NaN/inf per step, to bound memory on big arrays
 
 
@@ -51,6 +53,14 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
             return layout["groups"][f"{group}@1"]
         return next(s for pat, s in layout["groups"].items() if fnmatch.fnmatch(group, pat))
 
+    try:
+        left = b.leftovers()
+    except KDStoreError as e:
+        return [str(e)]
+    for lo in left:
+        if lo.hides:
+            problems.append(f"{store.path}: {lo.hides}: missing until its interrupted commit is finished"
+                            " (by the next writer, or kdstore gc)")
     check_attrs("manifest", store.manifest, manifest_schema)
     groups = ["classes", "segments"] + [f"video/{n}" for n in store.feature_sets()] + [
         f"teacher/{n}" for n in store.predictions()
@@ -178,6 +188,15 @@ def store_warnings(path: str | Path) -> list[str]:
     if store.schema_version == 1:
         out.append(f"{store.path}: schema version 1, read as version 2; `kdstore upgrade {store.path}` rewrites it")
     return out
+
+
+def leftovers(path: str | Path) -> list[str]:
+    """What crashed or interrupted writers left in the store at ``path``, a line each
+    (``kdstore gc`` or the next writer removes them; partial feature builds only ``gc``)."""
+    try:
+        return [lo.what for lo in Store.open(path).backend.leftovers() if not lo.hides]
+    except KDStoreError:  # a damaged store: validate_store reports it
+        return []
 
 
 def _scan_finite(arr: np.ndarray, key: str, name_row, problems: list[str], path: Path) -> None:

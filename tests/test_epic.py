@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from kdstore.annotations import action_text, action_words, guess_dataset, load_annotations, read_classes
-from kdstore.errors import AnnotationError, DataError, KDStoreError, MissingError
+from kdstore.errors import AnnotationError, ConfigError, DataError, KDStoreError, MissingError
 from kdstore.ingest import ingest
 from kdstore.inspect import export_predictions, summary
 from kdstore.store import Store
@@ -173,7 +173,7 @@ def test_predictions_by_narration_id(ek100_dir, tmp_path):
     export_predictions(s, "t", tmp_path / "t.npz")
     with np.load(tmp_path / "t.npz") as z:
         assert z["ids"].tolist() == list(seg.ids[val]) and z["ids"].dtype.kind == "U"
-    with pytest.raises(DataError, match="the folder .*nope does not exist"):
+    with pytest.raises(ConfigError, match="the folder .*nope does not exist"):
         export_predictions(s, "t", tmp_path / "nope" / "t.jsonl")
 
 
@@ -250,7 +250,7 @@ def ek100_files(d: Path, **replace: str) -> Path:
         ({"validation": "P02_01_0,P02_01,1,56,1,2,3\n7,P02_01,46,73,0,0,0\n"},
          "validation.csv, row 2: segment key '7' is not a string id like row 1's"),
         ({"validation": "P02_01_0,P02_01,1,99999999999999999999999,1,2,3\n"},
-         "validation.csv, row 1: end_frame 99999999999999999999999 is outside the 64-bit integer range"),
+         "validation.csv, row 1: end_frame 99999999999999999999999 is beyond the int64 range"),
         ({"stray_ids": "P02_01_0\n"}, r"stray_ids.csv: an id list is named <split>_<subset>_ids.csv; no split CSV matches"),
     ],
 )
