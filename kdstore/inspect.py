@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import replacing
 from .errors import ConfigError, DataError
+from .faults import crash_point
 from .store import Store
 
 
@@ -75,7 +77,8 @@ def summary(store: Store) -> dict:
 def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None = None, k: int = 5, **epic) -> Path:
     """Write a prediction group to JSONL (one segment a line, top-``k``, keyed by the
     dataset's id), NPZ (all arrays, with ``ids`` for string-keyed datasets) or the EPIC
-    leaderboard JSON (``fmt="epic"``, options ``epic`` of ``submission.epic_entries``)."""
+    leaderboard JSON (``fmt="epic"``, options ``epic`` of ``submission.epic_entries``).
+    The file appears whole or not at all."""
     out = Path(out)
     fmt = fmt or out.suffix.lstrip(".").lower()
     if fmt not in ("npz", "jsonl", "epic"):
@@ -91,12 +94,13 @@ def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None
         for key in ("features", "verb_logits", "noun_logits"):
             if getattr(p, key) is not None:
                 arrays[key] = np.asarray(getattr(p, key))
-        with open(out, "wb") as f:
+        with replacing(out, "wb") as f:
             np.savez(f, **arrays)
     elif fmt == "jsonl":
-        with open(out, "w") as f:
+        with replacing(out) as f:
             for key in p.ids():
                 f.write(json.dumps(p.predict(key, k=k)) + "\n")
+                crash_point("export.segment")
     else:
         from .submission import write_epic_submission
 

@@ -244,6 +244,12 @@ class Store:
     def schema_version(self) -> int:
         return self.manifest["schema_version"]
 
+    def made_for_segments(self, fingerprint: str | None) -> bool:
+        """Whether a group stamped with ``fingerprint`` was made for this store's segments.
+        A schema-1 store also accepts the schema-2 stamp of an upgrade killed part-way."""
+        ours = self.manifest.get("segments_sha256")
+        return fingerprint == ours or (self.schema_version == 1 and fingerprint == segments_fingerprint(self.segments))
+
     @property
     def dataset(self) -> str | None:
         """The dataset the store was ingested from (egtea, ek55, ek100), if known."""
@@ -514,7 +520,7 @@ class Predictions:
         self.store, self.name = store, name
         self.key = f"teacher/{name}"
         self.attrs = store.backend.attrs(self.key)
-        if self.attrs.get("segments_sha256") != store.manifest.get("segments_sha256"):
+        if not store.made_for_segments(self.attrs.get("segments_sha256")):
             raise StoreFormatError(
                 f"{store.path}: predictions {name!r} were made for other segments (other uids, ids, labels or splits:"
                 f" segments sha256 {str(self.attrs.get('segments_sha256'))[:12]}, store {store.manifest.get('segments_sha256', '')[:12]})"

@@ -21,7 +21,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .backends import replacing
 from .errors import DataError, MissingError
+from .faults import crash_point
 from .metrics import marginalise, softmax
 from .store import Store
 
@@ -104,13 +106,14 @@ def _short(x: float) -> float:
 
 def write_epic_submission(store: Store, name: str, out: str | Path, **options) -> dict:
     """Write the leaderboard JSON of ``teacher/<name>`` to ``out`` (streamed, one segment at
-    a time); returns the header and the number of segments written."""
+    a time, renamed into place when whole); returns the header and the number of segments written."""
     header, entries = epic_entries(store, name, **options)
     n = 0
-    with open(out, "w") as f:
+    with replacing(out) as f:
         f.write(json.dumps(header)[:-1] + ', "results": {')
         for key, value in entries:
             f.write(("" if n == 0 else ", ") + json.dumps(key) + ": " + json.dumps(value))
             n += 1
+            crash_point("export.segment")
         f.write("}}\n")
     return {**header, "segments": n}

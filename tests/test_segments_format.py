@@ -170,6 +170,22 @@ def test_upgrade_killed_part_way_finishes_on_rerun(tmp_path, synthetic_tables):
     assert validate_store(s.path) == []
 
 
+def test_upgrade_holds_the_writer_lock(tmp_path, synthetic_tables):
+    """While another writer holds the store, an upgrade refuses (timeout 0) naming the
+    holder, and leaves the store at schema 1."""
+    import os
+
+    from kdstore.lock import locked, store_lock_path
+    from processes import cli
+
+    s = make_v1_store(tmp_path / "v1.zarr", *synthetic_tables)
+    with locked(store_lock_path(s.path), "test"):
+        r = cli("upgrade", s.path, env={"KDSTORE_LOCK_TIMEOUT": "0"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and f"in use by pid {os.getpid()} (" in r.stderr
+    assert Store.open(s.path).schema_version == 1
+    assert cli("upgrade", s.path).returncode == 0 and Store.open(s.path).schema_version == 2
+
+
 def test_frame_rate_warning(tmp_path, egtea_dir):
     classes, seg = load_annotations(egtea_dir, ["training1", "validation1"], fps=24.0)
     s = Store.create(tmp_path / "egtea24.zarr", classes, seg, dataset="egtea")

@@ -40,7 +40,7 @@ def array_keys(store: Store) -> list[str]:
     """Every array key of a store, from its logical layout."""
     b = store.backend
     keys = [f"classes/{k}" for k in ("action_verb", "action_noun", "many_shot_verbs", "many_shot_nouns")]
-    keys += [f"segments/{c}" for c in SegmentTable.COLUMNS]
+    keys += [f"segments/{c}" for c in (*SegmentTable.COLUMNS, "id", "subset_mask")]
     for name in store.feature_sets():
         keys += [f"video/{name}/{k}" for k in ("features", "timestamps", "offsets")]
     for name in store.predictions():
