@@ -23,18 +23,21 @@ console = Console(stderr=True, soft_wrap=True)  # one message, one line, however
 def ingest(
     annotations: Path = typer.Argument(..., help="RULSTM/AVT annotation folder (actions.csv + split CSVs)."),
     store: Path = typer.Argument(..., help="New store: a directory (Zarr) or a .h5 file (HDF5)."),
-    splits: Optional[list[str]] = typer.Option(None, "--split", help="Split CSV stems to read (default: all)."),
-    fps: Optional[float] = typer.Option(None, help="Annotation frame rate (default: by dataset)."),
-    dataset: Optional[str] = typer.Option(None, help="egtea or ek55 (default: guessed from the class count)."),
+    splits: Optional[list[str]] = typer.Option(None, "--split", help="Split CSV stems to read (default: every split CSV)."),
+    fps: Optional[float] = typer.Option(None, help="Frame rate of the CSVs' frame numbers (default: 30, RULSTM's for EGTEA, EK55, EK100)."),
+    dataset: Optional[str] = typer.Option(None, help="egtea, ek55 or ek100 (default: guessed from the class count)."),
     backend: Optional[str] = typer.Option(None, help="zarr or hdf5 (default: by suffix)."),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
-    """Read annotations into a new store."""
+    """Read annotations into a new store: every split, the evaluation id lists, class names."""
     from kdstore.ingest import ingest as run
 
     s = run(annotations, store, splits=splits, fps=fps, dataset=dataset, backend=backend, overwrite=overwrite)
     seg = s.segments
-    console.print(f"{s.path}: {len(seg)} segments, {len(seg.videos)} videos, {s.classes.num_actions} actions")
+    unlabelled = int((~seg.labelled).sum())
+    console.print(f"{s.path}: {len(seg)} segments ({unlabelled} unlabelled) in {len(seg.videos)} videos at {seg.fps:g} fps,"
+                  f" {s.classes.num_actions} actions; splits {', '.join(seg.splits)}"
+                  + (f"; subsets {', '.join(seg.subsets)}" if seg.subsets else ""), highlight=False)
 
 
 @app.command()
@@ -47,12 +50,18 @@ def info(store: Path, as_json: bool = typer.Option(False, "--json", help="Print 
     if as_json:
         print(json.dumps(s, indent=1))
         return
-    out = Console()
+    out = Console(highlight=False)
     out.print(f"[bold]{s['path']}[/bold] ({s['backend']}, schema v{s['schema_version']}, {s['dataset'] or 'custom'} data)")
     c = s["classes"]
-    out.print(f"classes: {c['actions']} actions, {c['verbs']} verbs, {c['nouns']} nouns")
+    several, unused = c["several_names"], c["without_action"]
+    out.print(f"classes: {c['actions']} actions, {c['verbs']} verbs, {c['nouns']} nouns; several surface names:"
+              f" {several['verbs']} verbs, {several['nouns']} nouns"
+              + (f"; used by no action: {unused['verbs']} verbs, {unused['nouns']} nouns" if any(unused.values()) else ""))
     g = s["segments"]
-    out.print(f"segments: {g['total']} in {g['videos']} videos at {g['fps']} fps; " + ", ".join(f"{k} {v}" for k, v in g["splits"].items()))
+    splits = ", ".join(f"{k} {v}" + (f" ({g['unlabelled'][k]} unlabelled)" if g["unlabelled"][k] else "") for k, v in g["splits"].items())
+    out.print(f"segments: {g['total']} in {g['videos']} videos at {g['fps']:g} fps, keyed by {g['key']}; {splits}")
+    if g["subsets"]:
+        out.print("subsets: " + ", ".join(f"{k} {v}" for k, v in g["subsets"].items()))
     for n, v in s["video"].items():
         kept = f" (kept {v['kept']['fraction']:.1%} of {v['kept']['source_frames']} source frames)" if v["kept"] else ""
         out.print(f"video/{n}: {v['frames']} frames x {v['dim']} {v['dtype']} in {v['videos']} videos{kept}, "
@@ -65,7 +74,7 @@ def info(store: Path, as_json: bool = typer.Option(False, "--json", help="Print 
 @app.command()
 def validate(store: Path, quick: bool = typer.Option(False, help="Skip the NaN/inf scan of big arrays.")) -> None:
     """Check a store against the published format (schemas/) and for consistency."""
-    from kdstore.validate import leftovers, validate_store
+    from kdstore.validate import leftovers, store_warnings, validate_store
 
     problems = validate_store(store, deep=not quick)
     for p in problems:
@@ -77,7 +86,20 @@ def validate(store: Path, quick: bool = typer.Option(False, help="Skip the NaN/i
         console.print(f"`kdstore gc {store}` removes the leftovers", highlight=False)
     if problems:
         raise typer.Exit(code=1)
+    for w in store_warnings(store):
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     console.print(f"{store}: valid")
+
+
+@app.command()
+def upgrade(store: Path) -> None:
+    """Rewrite a schema-1 store as schema 2 in place (re-stamping its prediction groups)."""
+    from kdstore.upgrade import upgrade_store
+
+    r = upgrade_store(store)
+    console.print(f"{store}: schema 2; prediction groups re-stamped: {', '.join(r['restamped']) or 'none'}"
+                  + (f"; made for other segments (left as they were): {', '.join(r['foreign'])}" if r["foreign"] else ""),
+                  highlight=False)
 
 
 @app.command()
@@ -94,12 +116,12 @@ def gc(store: Path) -> None:
 @app.command()
 def query(
     store: Path,
-    uids: list[int] = typer.Argument(..., help="Segment UIDs."),
+    keys: list[str] = typer.Argument(..., help="Segment ids: the dataset's own (P01_11_0 on EK100, integer uids on EGTEA/EK55)."),
     predictions: Optional[str] = typer.Option(None, "--teacher", "-t", help="Prediction group (default: the only/first teacher)."),
-    k: int = typer.Option(5, "-k", help="How many top actions."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    k: int = typer.Option(5, "-k", min=1, help="How many top actions (>= 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: an object for one id, a list for several."),
 ) -> None:
-    """The top-k predicted actions for UIDs, with the true label."""
+    """The top-k predicted actions for segments, with the true label."""
     from kdstore.store import Store
 
     s = Store.open(store)
@@ -107,14 +129,15 @@ def query(
     if name is None:
         raise typer.BadParameter(f"{store}: holds no predictions")
     group = s.teacher(name)
-    out = Console()
-    for uid in uids:
-        r = group.predict(uid, k=k)
-        if as_json:
-            print(json.dumps(r))
-            continue
-        out.print(f"[bold]UID {uid}[/bold] ({r['video']}, {r['split']}) true: {r['true']['name']}"
-                  + (f" (p={r['true']['prob']:.3f}, rank {r['true']['rank']})" if r["present"] else ""))
+    results = [group.predict(key, k=k) for key in keys]
+    if as_json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+        return
+    out = Console(highlight=False)
+    for r in results:
+        true = r["true"]
+        label = "unlabelled" if true is None else true["name"] + (f" (p={true['prob']:.3f}, rank {true['rank']})" if r["present"] else "")
+        out.print(f"[bold]{r['id']}[/bold] ({r['video']}, {', '.join(r['splits'])}) true: {label}")
         if not r["present"]:
             out.print(f"  no prediction in {name}")
             continue
@@ -128,14 +151,27 @@ def query(
 def export(
     store: Path,
     name: str = typer.Argument(..., help="Prediction group to export."),
-    out: Path = typer.Argument(..., help="Output file: .jsonl or .npz."),
-    k: int = typer.Option(5, "-k", help="Top-k per UID in JSONL."),
+    out: Path = typer.Argument(..., help="Output file: .jsonl, .npz, or .json with --format epic."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, npz or epic (default: by suffix)."),
+    k: int = typer.Option(5, "-k", min=1, help="Top-k per segment in JSONL."),
+    split: Optional[str] = typer.Option(None, help="epic: the split to submit (default: the store's unlabelled split)."),
+    version: Optional[str] = typer.Option(None, help="epic: 0.1 (EK55) or 0.2 (EK100; default by dataset)."),
+    sls: str = typer.Option("1,4,3", help="epic 0.2: supervision levels pretraining,labels,data (0-5; default RULSTM's)."),
+    fill_missing: bool = typer.Option(False, help="epic: zero scores for segments without a prediction (as RULSTM)."),
 ) -> None:
-    """Export a prediction group to JSONL or NPZ."""
+    """Export a prediction group to JSONL, NPZ or an EPIC-KITCHENS leaderboard JSON."""
     from kdstore.inspect import export_predictions
     from kdstore.store import Store
 
-    console.print(f"wrote {export_predictions(Store.open(store), name, out, k=k)}")
+    fmt = fmt or ("epic" if out.suffix.lower() == ".json" else None)
+    epic = {}
+    if fmt == "epic":
+        try:
+            levels = tuple(int(x) for x in sls.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"--sls {sls!r}: expected three integers like 1,4,3") from None
+        epic = {"split": split, "version": version, "sls": levels, "fill_missing": fill_missing}
+    console.print(f"wrote {export_predictions(Store.open(store), name, out, fmt=fmt, k=k, **epic)}")
 
 # --- teacher commands -------------------------------------------------------------------
 
@@ -239,23 +275,26 @@ def evaluate(
     store: Path,
     predictions: Optional[str] = typer.Option(None, "--predictions", "-p", help="Prediction group to evaluate."),
     baseline: Optional[str] = typer.Option(None, help="'ngram': fit the n-gram baseline and evaluate it."),
-    split: str = typer.Option("validation1", help="Split to evaluate on."),
-    train_split: str = typer.Option("training1", help="Split the baseline is fitted on."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate on (default: the store's validation split)."),
+    train_split: Optional[str] = typer.Option(None, help="Split the baseline is fitted on (default: its training partner)."),
     order: int = typer.Option(3, help="n-gram order."),
     history: str = typer.Option("gappy", help="Baseline histories: gappy or complete."),
     write: Optional[str] = typer.Option(None, help="Store the baseline's predictions as this group (kind baseline)."),
     overwrite: bool = typer.Option(False, help="Replace an existing group given by --write."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Metrics of a prediction group (or of the n-gram baseline) on one split."""
+    """Metrics of a prediction group or the n-gram baseline (EK55: RULSTM's; EK100: overall/unseen/tail)."""
     from kdstore.store import Store
-    from trainers.teacher.evaluate import evaluate_group, evaluate_ngram, metrics_table
+    from trainers.teacher.evaluate import evaluate_group, evaluate_ngram, metrics_grid, metrics_table
 
     if (predictions is None) == (baseline is None):
         raise typer.BadParameter("give --predictions NAME or --baseline ngram (one of them)")
     if baseline is not None and baseline != "ngram":
         raise typer.BadParameter(f"--baseline {baseline!r}: only 'ngram' is available")
     s = Store.open(store)
+    if split is None:
+        train, split = s.default_splits()
+        train_split = train_split or train
     if predictions:
         label, m = predictions, evaluate_group(s, predictions, split)
     else:
@@ -263,8 +302,11 @@ def evaluate(
         m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite)
     if as_json:
         print(json.dumps(m, indent=1))
-    else:
-        Console().print(metrics_table({label: m}, title=f"{split}"))
+        return
+    title = f"{label} on {split} ({m['n']} segments" + (f", coverage {m['coverage']:.1f}%)" if "coverage" in m else ")")
+    Console().print(metrics_grid(m, title, s.dataset) or metrics_table({label: m}, title=split, dataset=s.dataset))
+    if m.get("unlabelled"):
+        console.print(f"{m['unlabelled']} unlabelled segments of {split} left out", highlight=False)
 
 # --- video feature commands -------------------------------------------------------------
 
@@ -440,7 +482,7 @@ def demo(
 def report(
     store: Path,
     out_dir: Path = typer.Option(Path("report"), "--out", help="Directory for report.html and the PNGs."),
-    split: str = typer.Option("validation1", help="Split to evaluate on."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate on (default: the store's validation split)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher group (default: the first)."),
     kd: Optional[str] = typer.Option(None, help="Distilled student group (default: the first that distils)."),
     plain: Optional[str] = typer.Option(None, help="Student trained without KD (default: the first)."),
@@ -450,8 +492,9 @@ def report(
     from kdstore.store import Store
 
     s = Store.open(store)
+    split = split or s.default_splits()[1]
     path = write_report(s, out_dir, split, teacher=teacher, kd_student=kd, plain_student=plain)
-    print(format_table(metrics_table(s, split)))
+    print(format_table(metrics_table(s, split), s.dataset))
     console.print(f"wrote {path}")
 
 

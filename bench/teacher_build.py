@@ -70,7 +70,7 @@ def run(
                                fresh=True, show_progress=show_progress)
         seconds = time.perf_counter() - t0
         rows = segments.rows_in(eval_split)
-        baselines = {order: compute_metrics(ngram_baseline(segments, classes.num_actions, train_split, rows, order),
+        baselines = {order: compute_metrics(ngram_baseline(segments, classes.num_actions, train_split, rows, order, split=eval_split),
                                             segments.action[rows], classes) for order in (2, 3)}
     teacher = result.metrics[eval_split]
     row = {

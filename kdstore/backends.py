@@ -37,7 +37,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import IO, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -456,11 +456,12 @@ def _damage_is_format_error(method):
     """Report what h5py raises on a damaged file (bad metadata, undecodable attributes) as
     StoreFormatError. While another process holds the store's writer lock the read is
     retried for a few seconds first: a reader that opens the file during the writer's
-    metadata flush can see it half-written."""
+    metadata flush can see it half-written, and once more when the lock is free: the writer
+    may have finished between the failed read and the look at its lock."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        deadline = None
+        deadline, was_free = None, False
         while True:
             try:
                 return method(self, *args, **kwargs)
@@ -472,8 +473,10 @@ def _damage_is_format_error(method):
                 what = str(e).splitlines()[0] if str(e) else type(e).__name__
                 err = StoreFormatError(f"{self.path}: damaged HDF5 store, {method.__name__}({', '.join(map(repr, args))}) failed ({what})")
             deadline = deadline or time.monotonic() + READ_RETRY_S
-            if time.monotonic() > deadline or not held_elsewhere(self.lock_file):
+            free = not held_elsewhere(self.lock_file)
+            if time.monotonic() > deadline or (free and was_free):
                 raise err from None
+            was_free = free
             time.sleep(0.01)
 
     return wrapper
@@ -716,14 +719,26 @@ def _copy_blocks(src: ArraySource, write, where) -> None:
         raise StoreFormatError(f"{where}: expected {src.shape[0]} rows, got {i}")
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half."""
+@contextmanager
+def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing and rename it over ``path`` once
+    written and synced: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically (see ``replacing``)."""
+    with replacing(path) as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync(path: Path | str) -> None:

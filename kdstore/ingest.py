@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .annotations import guess_dataset, load_annotations
+from .annotations import AnnotationFolder, guess_dataset, load_annotations
 from .store import Store, provenance_entry
 
 
@@ -18,11 +18,10 @@ def ingest(
     backend: str | None = None,
     overwrite: bool = False,
 ) -> Store:
-    """Read a RULSTM/AVT annotation folder and create a store holding its classes and segments."""
-    annotations = Path(annotations)
+    """Read a RULSTM/AVT annotation folder and create a store holding its classes, its
+    segments (every split CSV by default) and its evaluation subsets."""
     classes, segments = load_annotations(annotations, splits=splits, fps=fps, dataset=dataset)
-    inputs = [annotations / "actions.csv", *(annotations / f"{s}.csv" for s in segments.splits)]
-    inputs += [p for p in (annotations / "EPIC_many_shot_verbs.csv", annotations / "EPIC_many_shot_nouns.csv") if p.exists()]
+    inputs = AnnotationFolder.scan(annotations).inputs(segments.splits)
     return Store.create(
         store, classes, segments, backend=backend, overwrite=overwrite,
         dataset=dataset or guess_dataset(classes), provenance=provenance_entry("ingest", inputs),

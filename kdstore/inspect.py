@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import replacing
 from .errors import ConfigError, DataError
+from .faults import crash_point
 from .store import Store
 
 
@@ -32,6 +34,8 @@ def summary(store: Store) -> dict:
     """Counts, arrays, sizes, feature sets and prediction groups of a store."""
     seg, cls = store.segments, store.classes
     m = store.manifest
+    several = {k: sum(len(w) > 1 for w in cls.surface_names(k).values()) for k in ("verb", "noun")}
+    unused = {"verbs": int(cls.num_verbs - len(np.unique(cls.action_verb))), "nouns": int(cls.num_nouns - len(np.unique(cls.action_noun)))}
     out = {
         "path": str(store.path),
         "backend": store.backend.name,
@@ -39,9 +43,14 @@ def summary(store: Store) -> dict:
         "created": m["created"],
         "dataset": m.get("dataset"),
         "classes": {"actions": cls.num_actions, "verbs": cls.num_verbs, "nouns": cls.num_nouns,
-                    "many_shot": cls.many_shot_verbs is not None},
-        "segments": {"total": len(seg), "videos": len(seg.videos), "fps": seg.fps,
-                     "splits": {s: int((seg.split == i).sum()) for i, s in enumerate(seg.splits)}},
+                    "many_shot": cls.many_shot_verbs is not None,
+                    "several_names": {"verbs": several["verb"], "nouns": several["noun"]},
+                    "without_action": unused},
+        "segments": {"total": len(seg), "videos": len(seg.videos), "fps": seg.fps, "key": seg.key_type,
+                     "labelled": int(seg.labelled.sum()),
+                     "splits": {s: int(seg.in_split(s).sum()) for s in seg.splits},
+                     "unlabelled": {s: int((seg.in_split(s) & ~seg.labelled).sum()) for s in seg.splits},
+                     "subsets": {s: int(seg.in_subset(s).sum()) for s in seg.subsets}},
         "video": {},
         "predictions": {},
     }
@@ -65,25 +74,35 @@ def summary(store: Store) -> dict:
     return out
 
 
-def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None = None, k: int = 5) -> Path:
-    """Write a prediction group to JSONL (one UID a line, top-``k``) or NPZ (all arrays)."""
+def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None = None, k: int = 5, **epic) -> Path:
+    """Write a prediction group to JSONL (one segment a line, top-``k``, keyed by the
+    dataset's id), NPZ (all arrays, with ``ids`` for string-keyed datasets) or the EPIC
+    leaderboard JSON (``fmt="epic"``, options ``epic`` of ``submission.epic_entries``).
+    The file appears whole or not at all."""
     out = Path(out)
     fmt = fmt or out.suffix.lstrip(".").lower()
+    if fmt not in ("npz", "jsonl", "epic"):
+        raise DataError(f"{out}: unknown export format {fmt!r} (jsonl, npz or epic)")
     if not out.parent.is_dir():
         raise ConfigError(f"{out}: the folder {out.parent} does not exist")
     p = store.teacher(name)
     if fmt == "npz":
         arrays = {"uids": p.uids, "logits": np.asarray(p.logits), "topk_values": np.asarray(p.topk_values),
                   "topk_indices": np.asarray(p.topk_indices)}
+        if store.segments.ids is not None:
+            arrays["ids"] = np.array(p.ids(), dtype=str)
         for key in ("features", "verb_logits", "noun_logits"):
             if getattr(p, key) is not None:
                 arrays[key] = np.asarray(getattr(p, key))
-        with open(out, "wb") as f:
+        with replacing(out, "wb") as f:
             np.savez(f, **arrays)
     elif fmt == "jsonl":
-        with open(out, "w") as f:
-            for uid in p.uids:
-                f.write(json.dumps(p.predict(int(uid), k=k)) + "\n")
+        with replacing(out) as f:
+            for key in p.ids():
+                f.write(json.dumps(p.predict(key, k=k)) + "\n")
+                crash_point("export.segment")
     else:
-        raise DataError(f"{out}: unknown export format {fmt!r} (jsonl or npz)")
+        from .submission import write_epic_submission
+
+        write_epic_submission(store, name, out, **epic)
     return out

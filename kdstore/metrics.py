@@ -1,25 +1,33 @@
 """Action-anticipation metrics (numpy only), shared by teachers, baselines and students.
 
-All values are percentages (0-100) except ``n``:
+All values are percentages (0-100) except the counts ``n`` and ``unlabelled``:
 
-- ``top1``, ``top5``: accuracy, the label among the k highest scores;
+- ``top1``, ``top5``: accuracy, the label among the k highest action scores;
 - ``mean_top1_recall``, ``mean_top5_recall``: per-class top-k recall averaged over the
-  classes present in the evaluated labels (EGTEA's class-mean accuracy);
-- ``many_shot_top5_recall``: the same restricted to the many-shot actions present (EK55:
-  verb and noun both many-shot); ``None`` where the class table has no many-shot lists;
-- ``verb_top1`` ... ``noun_top5``: accuracies of verb and noun scores obtained by summing
-  the action probabilities over the action -> (verb, noun) map.
+  classes present in the evaluated labels (EGTEA's class-mean accuracy; the EPIC
+  challenges' "mean top-5 recall", RULSTM's ``topk_recall``);
+- ``many_shot_top5_recall``: the same over the many-shot classes present (EK55; an action
+  is many-shot when its verb or its noun is, as in RULSTM); None without many-shot lists;
+- ``verb_top1`` ... ``noun_many_shot_top5_recall``: the same of verb and noun scores, a
+  model's own verb/noun head or else the action probabilities summed over the action ->
+  (verb, noun) map (RULSTM's ``marginalize``);
+- ``unseen_<task>_mean_top5_recall``, ``tail_<task>_mean_top5_recall`` (task verb, noun,
+  action): class-mean top-5 recall on the EK100 evaluation subsets (unseen participants;
+  tail verbs for verbs, tail nouns for nouns, tail actions for actions), when given.
 
-Ties between scores are broken towards the lower class index (a stable sort), so a
-constant score vector predicts class 0, 1, 2, ...
+Unlabelled rows (label -1) are left out and counted in ``unlabelled``. Ties between scores
+are broken towards the lower class index, so a constant score vector predicts class 0,
+1, 2, ... (RULSTM's argsort breaks exact ties differently; real scores have none).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .annotations import ClassTable
+from .annotations import ClassTable, SegmentTable
 from .errors import DataError
+
+TASKS = ("verb", "noun", "action")
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -38,7 +46,7 @@ def as_probabilities(scores: np.ndarray, kind: str = "auto") -> np.ndarray:
     """
     s = np.asarray(scores, dtype=np.float64)
     if kind == "auto":
-        kind = "probs" if (s >= 0).all() and np.allclose(s.sum(axis=1), 1.0, atol=1e-4) else "logits"
+        kind = "probs" if _all_probabilities(s) else "logits"
     if kind == "probs":
         return s
     if kind == "logits":
@@ -47,72 +55,177 @@ def as_probabilities(scores: np.ndarray, kind: str = "auto") -> np.ndarray:
 
 
 def marginalise(probs: np.ndarray, index: np.ndarray, num: int) -> np.ndarray:
-    """[N, num] sums of action probabilities ``probs [N, A]`` grouped by ``index [A]``."""
-    onehot = np.zeros((probs.shape[1], num))  # [A, num]
-    onehot[np.arange(probs.shape[1]), index] = 1.0
-    return probs @ onehot  # [N, num]
+    """[N, num] sums of action probabilities ``probs [N, A]`` grouped by ``index [A]``
+    (a class no action maps to gets 0)."""
+    index = np.asarray(index)
+    order = np.argsort(index, kind="stable")
+    present, starts = np.unique(index[order], return_index=True)
+    out = np.zeros((len(probs), num))
+    if len(probs) and len(order):
+        out[:, present] = np.add.reduceat(np.asarray(probs, np.float64)[:, order], starts, axis=1)
+    return out
+
+
+def label_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[N] 0-based rank of each label in its row (ties towards the lower class index)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    own = scores[np.arange(len(scores)), labels][:, None]  # [N, 1]
+    rank = (scores > own).sum(axis=1)  # [N]
+    tied = np.flatnonzero((scores == own).sum(axis=1) > 1)  # rows where another class scores the same
+    for i in tied:
+        rank[i] += int((scores[i, : labels[i]] == own[i, 0]).sum())
+    return rank
 
 
 def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """[N] bool: whether each label is among its row's ``k`` highest scores."""
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [N, k]
-    return (top == labels[:, None]).any(axis=1)
+    return label_ranks(scores, np.asarray(labels)) < k
 
 
 def class_mean_recall(hits: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> float | None:
-    """Mean over the classes present in ``labels`` (and in ``mask [A]``) of their hit rate, %."""
-    present = np.unique(labels)
-    if mask is not None:
-        present = present[mask[present]]
-    if len(present) == 0:
+    """Mean over the classes present in ``labels`` (and in ``mask [C]``) of their hit rate, %."""
+    labels = np.asarray(labels, np.int64)
+    if len(labels) == 0:
         return None
-    recalls = [hits[labels == c].mean() for c in present]
-    return float(100.0 * np.mean(recalls))
+    num = int(labels.max()) + 1
+    count = np.bincount(labels, minlength=num)
+    hit = np.bincount(labels, weights=np.asarray(hits, np.float64), minlength=num)
+    present = count > 0
+    if mask is not None:
+        present &= np.asarray(mask, bool)[:num]  # labels are class ids, so num <= len(mask)
+    if not present.any():
+        return None
+    return float(100.0 * np.mean(hit[present] / count[present]))
 
 
-def compute_metrics(scores: np.ndarray, labels: np.ndarray, classes: ClassTable, kind: str = "auto") -> dict:
-    """Accuracy, class-mean recall and verb/noun accuracies of action ``scores [N, A]``.
+def compute_metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    classes: ClassTable,
+    kind: str = "auto",
+    verb_scores: np.ndarray | None = None,
+    noun_scores: np.ndarray | None = None,
+    subsets: dict[str, dict[str, np.ndarray]] | None = None,
+) -> dict:
+    """Accuracy and class-mean recall of action, verb and noun scores (see the module doc).
 
-    ``scores`` are logits or probabilities (see ``as_probabilities``); ``labels [N]`` are
-    action ids. Raises DataError on empty input, a class-count mismatch, NaN or a label
-    outside the class table.
+    ``scores [N, A]`` are action logits or probabilities (see ``as_probabilities``);
+    ``labels [N]`` action ids, -1 for unlabelled rows (left out). ``verb_scores [N, V]``
+    / ``noun_scores [N, N]``: a model's own heads, else marginalised. ``subsets`` maps a
+    subset name (``unseen``, ``tail``) to a per-task [N] mask. Raises DataError on no
+    labelled row, a class-count mismatch, NaN or a label outside the class table.
     """
-    scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     A = classes.num_actions
-    if scores.ndim != 2 or scores.shape[1] != A:
-        raise DataError(f"metrics: scores of shape {list(scores.shape)}, expected [N, {A}] (the class table has {A} actions)")
+    if np.ndim(scores) != 2 or np.shape(scores)[1] != A:
+        raise DataError(f"metrics: scores of shape {list(np.shape(scores))}, expected [N, {A}] (the class table has {A} actions)")
     if labels.shape != (len(scores),):
         raise DataError(f"metrics: {len(labels)} labels for {len(scores)} score rows")
-    if len(scores) == 0:
-        raise DataError("metrics: no samples to evaluate")
-    if not np.isfinite(scores).all():
-        raise DataError(f"metrics: row {int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])} has NaN or inf scores")
-    if labels.min() < 0 or labels.max() >= A:
-        raise DataError(f"metrics: label outside 0..{A - 1} (found {labels.min()}..{labels.max()})")
-    probs = as_probabilities(scores, kind)  # [N, A]
-    hits = {k: topk_hits(probs, labels, k) for k in (1, 5)}
-    out = {
-        "n": int(len(labels)),
-        "top1": float(100.0 * hits[1].mean()),
-        "top5": float(100.0 * hits[5].mean()),
-        "mean_top1_recall": class_mean_recall(hits[1], labels),
-        "mean_top5_recall": class_mean_recall(hits[5], labels),
-        "many_shot_top5_recall": None,
-    }
-    many = classes.many_shot_actions
-    if many is not None:
-        out["many_shot_top5_recall"] = class_mean_recall(hits[5], labels, many)
-    for part, index, num in (("verb", classes.action_verb, classes.num_verbs), ("noun", classes.action_noun, classes.num_nouns)):
-        p = marginalise(probs, index, num)  # [N, num]
-        y = index[labels]
-        for k in (1, 5):
-            out[f"{part}_top{k}"] = float(100.0 * topk_hits(p, y, k).mean())
+    if len(labels) and (labels.max() >= A or labels.min() < -1):
+        raise DataError(f"metrics: label outside 0..{A - 1} (found {labels.min()}..{labels.max()}; -1 marks unlabelled)")
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) == 0:
+        raise DataError(f"metrics: no labelled samples to evaluate ({len(labels)} unlabelled left out)")
+    heads = {"verb": verb_scores, "noun": noun_scores}
+    nums = {"verb": classes.num_verbs, "noun": classes.num_nouns}
+    for task, h in heads.items():
+        if h is not None and np.shape(h) != (len(scores), nums[task]):
+            raise DataError(f"metrics: {task} scores of shape {list(np.shape(h))}, expected [{len(scores)}, {nums[task]}]")
+    for what, arr in (("", scores), *((f"{t} ", h) for t, h in heads.items() if h is not None)):
+        bad = _first_nonfinite_row(arr)
+        if bad is not None:
+            raise DataError(f"metrics: row {bad} has NaN or inf {what}scores")
+    if kind == "auto":
+        kind = "probs" if _all_probabilities(scores) else "logits"
+    y = {"action": labels[keep], "verb": classes.action_verb[labels[keep]], "noun": classes.action_noun[labels[keep]]}
+    rank = {t: np.empty(len(keep), np.int64) for t in TASKS}
+    # in row blocks: a [N, A] float64 copy of EK100's 67k x 3806 scores alone would be 2 GB
+    for lo in range(0, len(keep), BLOCK_ROWS):
+        idx, sl = keep[lo : lo + BLOCK_ROWS], slice(lo, lo + BLOCK_ROWS)
+        probs = as_probabilities(np.asarray(scores[idx], np.float64), kind)  # [b, A]
+        rank["action"][sl] = label_ranks(probs, y["action"][sl])
+        for task, index in (("verb", classes.action_verb), ("noun", classes.action_noun)):
+            h = heads[task]
+            s = np.asarray(h[idx], np.float64) if h is not None else marginalise(probs, index, nums[task])  # [b, V|N]
+            rank[task][sl] = label_ranks(s, y[task][sl])
+    many = {"action": classes.many_shot_actions, "verb": classes.many_shot_verbs, "noun": classes.many_shot_nouns}
+    out: dict = {"n": int(len(keep))}
+    if len(keep) < len(labels):
+        out["unlabelled"] = int(len(labels) - len(keep))
+    for task in TASKS:
+        p = "" if task == "action" else f"{task}_"
+        r = rank[task]
+        out[f"{p}top1"] = float(100.0 * (r < 1).mean())
+        out[f"{p}top5"] = float(100.0 * (r < 5).mean())
+        if task == "action":
+            out["mean_top1_recall"] = class_mean_recall(r < 1, y[task])
+        out[f"{p}mean_top5_recall"] = class_mean_recall(r < 5, y[task])
+        out[f"{p}many_shot_top5_recall"] = None if many[task] is None else class_mean_recall(r < 5, y[task], many[task])
+        for name, masks in (subsets or {}).items():
+            if task in masks:
+                m = np.asarray(masks[task], bool)[keep]
+                out[f"{name}_{task}_mean_top5_recall"] = class_mean_recall((r < 5)[m], y[task][m])
     return out
 
 
-METRIC_COLUMNS = (
-    "top1", "top5", "mean_top1_recall", "mean_top5_recall", "many_shot_top5_recall",
+BLOCK_ROWS = 2048
+
+
+def _first_nonfinite_row(arr: np.ndarray) -> int | None:
+    for lo in range(0, len(arr), BLOCK_ROWS):
+        ok = np.isfinite(np.asarray(arr[lo : lo + BLOCK_ROWS])).all(axis=1)
+        if not ok.all():
+            return lo + int(np.flatnonzero(~ok)[0])
+    return None
+
+
+def _all_probabilities(scores: np.ndarray) -> bool:
+    """Whether every row is non-negative and sums to 1 (to 1e-4): ``as_probabilities``'s "auto"."""
+    for lo in range(0, len(scores), BLOCK_ROWS):
+        block = np.asarray(scores[lo : lo + BLOCK_ROWS], np.float64)
+        if not ((block >= 0).all() and np.allclose(block.sum(axis=1), 1.0, atol=1e-4)):
+            return False
+    return True
+
+
+def epic_subsets(segments: SegmentTable, rows: np.ndarray, split: str) -> dict[str, dict[str, np.ndarray]]:
+    """The EK100 evaluation subsets of ``rows`` of ``split``, from the store's id lists:
+    ``unseen`` (``<split>_unseen_participants``, every task) and ``tail``
+    (``<split>_tail_verbs`` for verbs, ``_tail_nouns`` for nouns, ``_tail_actions`` for
+    actions); subsets whose id list was not ingested are absent."""
+    have = set(segments.subsets)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if f"{split}_unseen_participants" in have:
+        m = segments.in_subset(f"{split}_unseen_participants")[rows]
+        out["unseen"] = {t: m for t in TASKS}
+    tail = {t: f"{split}_tail_{t}s" for t in TASKS}
+    if any(s in have for s in tail.values()):
+        out["tail"] = {t: segments.in_subset(s)[rows] for t, s in tail.items() if s in have}
+    return out
+
+
+#: Columns shown for a generic (EGTEA-style) store: action metrics.
+GENERIC_COLUMNS = (
+    ("top1", "top-1"), ("top5", "top-5"), ("mean_top1_recall", "class-mean top-1 recall"),
+    ("mean_top5_recall", "class-mean top-5 recall"), ("many_shot_top5_recall", "many-shot top-5 recall"),
+)
+#: EK55 (RULSTM's validation table): top-1/top-5 accuracy, mean top-5 recall (all classes
+#: and many-shot) of verbs, nouns and actions.
+EK55_COLUMNS = tuple(
+    (f"{'' if t == 'action' else t + '_'}{k}", f"{t} {h}") for t in TASKS
+    for k, h in (("top1", "top-1"), ("top5", "top-5"), ("mean_top5_recall", "mean top-5 recall"),
+                 ("many_shot_top5_recall", "many-shot mean top-5 recall"))
+)
+#: EK100 (the anticipation challenge): class-mean top-5 recall, overall / unseen / tail.
+EK100_COLUMNS = tuple(
+    (f"{s}{'' if t == 'action' and not s else t + '_'}mean_top5_recall", f"{t} {h}")
+    for s, h in (("", "overall"), ("unseen_", "unseen"), ("tail_", "tail")) for t in TASKS
+)
+METRIC_COLUMNS = tuple(k for k, _ in GENERIC_COLUMNS) + (
     "verb_top1", "verb_top5", "noun_top1", "noun_top5", "n",
 )
+
+
+def metric_columns(dataset: str | None) -> tuple[tuple[str, str], ...]:
+    """(metric key, header) of the metrics a dataset's results are reported with."""
+    return {"ek55": EK55_COLUMNS, "ek100": EK100_COLUMNS}.get(dataset or "", GENERIC_COLUMNS)

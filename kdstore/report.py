@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MissingError
-from .metrics import compute_metrics
+from .metrics import compute_metrics, epic_subsets, metric_columns
 from .store import Predictions, Store
-
-COLUMNS = [
-    ("top1", "top-1"), ("top5", "top-5"), ("mean_top1_recall", "class-mean top-1 recall"),
-    ("mean_top5_recall", "class-mean top-5 recall"), ("many_shot_top5_recall", "many-shot top-5 recall"),
-]
 
 
 def _split_scores(group: Predictions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,24 +24,37 @@ def _split_scores(group: Predictions, rows: np.ndarray) -> tuple[np.ndarray, np.
     return np.asarray(group.logits[prow[keep]], dtype=np.float32), rows[keep]
 
 
-def metrics_table(store: Store, split: str, names: list[str] | None = None) -> list[dict]:
-    """One row of metrics per prediction group, on the segments of ``split`` it predicts."""
+def metrics_table(store: Store, split: str | None = None, names: list[str] | None = None) -> list[dict]:
+    """One row of metrics per prediction group, on the labelled segments of ``split``
+    (default: the store's evaluation split) it predicts, in the dataset's metrics
+    (EK55: RULSTM's table; EK100: the challenge's, with the store's subsets)."""
     seg, classes = store.segments, store.classes
-    rows = seg.rows_in(split)
+    split = split or store.default_splits()[1]
+    rows = seg.rows_in(split, labelled=True)
     table = []
     for name in names or store.predictions():
         g = store.teacher(name)
-        logits, kept = _split_scores(g, rows)
+        prow = g.row_of_segment[rows]
+        kept = rows[prow >= 0]
         if len(kept) == 0:
             continue
-        m = compute_metrics(logits, seg.action[kept], classes)
-        table.append({"name": name, "kind": g.kind, "n": int(len(kept)), **m})
+        p = prow[prow >= 0]
+        heads = {f"{k}_scores": None if getattr(g, f"{k}_logits") is None else np.asarray(getattr(g, f"{k}_logits")[p], np.float32)
+                 for k in ("verb", "noun")}
+        m = compute_metrics(np.asarray(g.logits[p], np.float32), seg.action[kept], classes, **heads,
+                            subsets=epic_subsets(seg, kept, split))
+        table.append({"name": name, "kind": g.kind, **m, "n": int(len(kept))})
     return table
 
 
-def format_table(table: list[dict]) -> str:
+def table_columns(table: list[dict], dataset: str | None = None) -> list[tuple[str, str]]:
+    """(key, header) of the dataset's metric columns that some row of ``table`` has."""
+    return [(k, h) for k, h in metric_columns(dataset) if any(r.get(k) is not None for r in table)]
+
+
+def format_table(table: list[dict], dataset: str | None = None) -> str:
     """The metrics table as fixed-width text (percentages)."""
-    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in table)]
+    cols = table_columns(table, dataset)
     width = max([len(r["name"]) for r in table] + [10])
     head = f"{'model':<{width}}  {'kind':<8}" + "".join(f"  {h:>{max(len(h), 7)}}" for _, h in cols)
     lines = [head, "-" * len(head)]
@@ -97,7 +105,7 @@ def _plot_recall_diff(store: Store, split: str, kd: str, plain: str, path: Path)
     import matplotlib.pyplot as plt
 
     seg, classes = store.segments, store.classes
-    rows = seg.rows_in(split)
+    rows = seg.rows_in(split, labelled=True)
     r = {}
     for name in (kd, plain):
         logits, kept = _split_scores(store.teacher(name), rows)
@@ -134,7 +142,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
     import matplotlib.pyplot as plt
 
     seg = store.segments
-    logits, kept = _split_scores(store.teacher(teacher), seg.rows_in(split))
+    logits, kept = _split_scores(store.teacher(teacher), seg.rows_in(split, labelled=True))
     c = calibration(logits, seg.action[kept])
     centers = (c["edges"][:-1] + c["edges"][1:]) / 2
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
@@ -154,7 +162,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
 def write_report(
     store: Store | str | Path,
     out_dir: str | Path,
-    split: str,
+    split: str | None = None,
     teacher: str | None = None,
     kd_student: str | None = None,
     plain_student: str | None = None,
@@ -162,13 +170,15 @@ def write_report(
 ) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir``; returns the HTML path.
 
-    Without explicit names the first teacher is used, and the student pair is the first
-    student whose config distils and the first whose config does not.
+    ``split`` defaults to the store's evaluation split. Without explicit names the first
+    teacher is used, and the student pair is the first student whose config distils and
+    the first whose config does not.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     store = store if isinstance(store, Store) else Store.open(store)
+    split = split or store.default_splits()[1]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     students = store.predictions("student")
@@ -188,7 +198,7 @@ def write_report(
     if kd_student and plain_student:
         images.append(("Per-class recall: KD vs no KD", _plot_recall_diff(store, split, kd_student, plain_student, out / "recall_difference.png")))
     images.append(("Teacher calibration", _plot_calibration(store, split, teacher, out / "teacher_calibration.png")))
-    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in table)]
+    cols = table_columns(table, store.dataset)
     rows_html = "".join(
         "<tr><td>" + html.escape(r["name"]) + f"</td><td>{r['kind']}</td><td>{r['n']}</td>"
         + "".join(f"<td>{r[k]:.2f}</td>" if r.get(k) is not None else "<td>-</td>" for k, _ in cols) + "</tr>"

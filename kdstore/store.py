@@ -1,10 +1,11 @@
 """The kdstore store: classes, segments, video features and per-UID predictions.
 
-Logical layout (identical in both backends, see ``schemas/`` and the README)::
+Logical layout (identical in both backends, see ``schemas/`` and docs/format.md)::
 
-    /                   manifest (schema version, creation, provenance)
+    /                   manifest (schema version, creation, provenance, segments_sha256)
     classes/            names (attrs), action_verb [A], action_noun [A], many-shot masks
-    segments/           uid, video, start_frame, end_frame, verb, noun, action, split  [N]
+    segments/           uid, video, start_frame, end_frame, verb, noun, action [S],
+                        split_mask [S, P], id [S, W] (string-keyed datasets), subset_mask [S, Q]
     video/<name>/       features [F, D], timestamps [F], offsets [V+1]; attrs: videos, rate
     teacher/<name>/     uids [P], logits [P, A], topk_values/indices [P, K], lse [P, nT],
                         features [P, H], verb_logits, noun_logits; attrs: config, metrics
@@ -22,6 +23,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,14 +31,16 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from .annotations import ClassTable, SegmentTable
+from .annotations import ClassTable, SegmentTable, default_splits
 from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
                        exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
 from .lock import locked, store_lock_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions ``Store.open`` reads; version 1 stores are read as version 2 (``kdstore upgrade`` rewrites them).
+READABLE_VERSIONS = (1, 2)
 FORMAT = "kdstore"
 DEFAULT_LSE_TEMPERATURES = (1.0, 2.0, 4.0, 10.0)
 # Predictions groups keep student predictions too: ``kind`` tells them apart.
@@ -60,9 +64,52 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def segments_fingerprint(uids: np.ndarray) -> str:
-    """A hash of the segment UIDs: ties prediction groups to the segments they describe."""
+def segments_fingerprint(seg: SegmentTable) -> str:
+    """SHA-256 of everything a prediction group's meaning depends on: each segment's uid,
+    own id, video, frames and labels, and the split names with each segment's membership.
+
+    Rows are taken in uid order and splits in name order, so neither the table's row
+    order nor the order of ``videos``/``splits`` changes it; the frame rate and the
+    evaluation subsets are not part of it.
+    """
+    order = np.argsort(seg.uid, kind="stable")
+    h = hashlib.sha256(b"kdstore segments v2\n")
+
+    def part(tag: bytes, data: bytes) -> None:
+        h.update(tag + len(data).to_bytes(8, "little") + data)
+
+    part(b"uid", seg.uid[order].astype("<i8").tobytes())
+    part(b"id", b"(uid)" if seg.ids is None else "\0".join(seg.ids[order]).encode())
+    part(b"video", "\0".join(np.asarray(seg.videos, dtype=object)[seg.video[order]]).encode())
+    for c in ("start_frame", "end_frame"):
+        part(c.encode(), getattr(seg, c)[order].astype("<i8").tobytes())
+    for c in ("verb", "noun", "action"):
+        part(c.encode(), getattr(seg, c)[order].astype("<i4").tobytes())
+    names = sorted(seg.splits)
+    part(b"splits", "\0".join(names).encode())
+    part(b"split_mask", np.packbits(seg.split_mask[order][:, [seg.splits.index(s) for s in names]]).tobytes())
+    return h.hexdigest()
+
+
+def uids_fingerprint(uids: np.ndarray) -> str:
+    """The schema-1 fingerprint: SHA-256 of the sorted UIDs only."""
     return hashlib.sha256(np.sort(np.asarray(uids, np.int64)).astype("<i8").tobytes()).hexdigest()
+
+
+def encode_ids(ids: Sequence[str]) -> np.ndarray:
+    """[S, W] uint8: each id's UTF-8 bytes, NUL-padded to the longest (W)."""
+    raw = [str(s).encode() for s in ids]
+    bad = next((s for s in raw if not s or b"\0" in s), None)
+    if bad is not None:
+        raise DataError(f"segment id {bad!r}: ids must be non-empty and hold no NUL character")
+    width = max((len(s) for s in raw), default=1)
+    return np.array(raw, dtype=f"S{width}").view(np.uint8).reshape(len(raw), width)
+
+
+def decode_ids(arr: np.ndarray) -> np.ndarray:
+    """[S] str (object array) from ``encode_ids``'s [S, W] uint8."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    return np.array([b.decode() for b in arr.view(f"S{arr.shape[1]}").ravel()], dtype=object)
 
 
 def provenance_entry(action: str, inputs: Iterable[str | Path] = (), **extra) -> dict:
@@ -104,9 +151,10 @@ class Store:
         manifest = backend.attrs("")
         if manifest.get("format") != FORMAT:
             raise StoreFormatError(f"{path}: not a kdstore store (manifest format {manifest.get('format')!r})")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        if manifest.get("schema_version") not in READABLE_VERSIONS:
             raise StoreFormatError(
-                f"{path}: schema version {manifest.get('schema_version')}, this kdstore reads {SCHEMA_VERSION}"
+                f"{path}: schema version {manifest.get('schema_version')}, this kdstore reads"
+                f" {' and '.join(map(str, READABLE_VERSIONS))}"
             )
         return cls(backend)
 
@@ -136,7 +184,7 @@ class Store:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "package_version": __version__,
             "dataset": dataset,
-            "segments_sha256": segments_fingerprint(segments.uid),
+            "segments_sha256": segments_fingerprint(segments),
             "provenance": [provenance or provenance_entry("create")],
         }
         lock = store_lock_path(path)
@@ -150,19 +198,8 @@ class Store:
                     lo.remove()
                 tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
                 b = kind.create(tmp, manifest, lock_file=lock)
-                class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
-                if classes.many_shot_verbs is not None:
-                    class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
-                b.write_group(
-                    "classes",
-                    class_arrays,
-                    {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
-                )
-                b.write_group(
-                    "segments",
-                    {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
-                    {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
-                )
+                b.write_group("classes", *class_group(classes))
+                b.write_group("segments", *segment_group(segments))
                 _fsync_tree(tmp) if tmp.is_dir() else _fsync(tmp)
                 crash_point("create.built")
                 if old is None:
@@ -204,6 +241,21 @@ class Store:
         return self.backend.gc()
 
     @property
+    def schema_version(self) -> int:
+        return self.manifest["schema_version"]
+
+    def made_for_segments(self, fingerprint: str | None) -> bool:
+        """Whether a group stamped with ``fingerprint`` was made for this store's segments.
+        A schema-1 store also accepts the schema-2 stamp of an upgrade killed part-way."""
+        ours = self.manifest.get("segments_sha256")
+        return fingerprint == ours or (self.schema_version == 1 and fingerprint == segments_fingerprint(self.segments))
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the store was ingested from (egtea, ek55, ek100), if known."""
+        return self.manifest.get("dataset")
+
+    @property
     def classes(self) -> ClassTable:
         if self._classes is None:
             b = self.backend
@@ -217,18 +269,22 @@ class Store:
                 action_noun=np.array(b.memmap("classes/action_noun")),
                 many_shot_verbs=np.array(b.memmap("classes/many_shot_verbs")) if ms else None,
                 many_shot_nouns=np.array(b.memmap("classes/many_shot_nouns")) if ms else None,
+                surface_verbs=a.get("surface_verbs"),  # absent in schema 1: the display names
+                surface_nouns=a.get("surface_nouns"),
             )
         return self._classes
 
     @property
     def segments(self) -> SegmentTable:
         if self._segments is None:
-            a = self.backend.attrs("segments")
-            cols = {c: np.array(self.backend.memmap(f"segments/{c}")) for c in SegmentTable.COLUMNS}
-            seg = SegmentTable(**cols, videos=a["videos"], splits=a["splits"], fps=a["fps"])
+            seg = read_segment_group(self.backend)
             _check_segments(self.classes, seg)  # a damaged table stops here, not as an IndexError later
             self._segments = seg
         return self._segments
+
+    def default_splits(self) -> tuple[str, str]:
+        """The (training, evaluation) splits commands use when given none (``default_splits``)."""
+        return default_splits(self.segments)
 
     # -- predictions (teachers, students) -------------------------------------------
 
@@ -252,7 +308,7 @@ class Store:
     def write_predictions(
         self,
         name: str,
-        uids: Sequence[int] | np.ndarray,
+        uids: Sequence[int | str] | np.ndarray,
         logits: np.ndarray,
         *,
         features: np.ndarray | None = None,
@@ -269,6 +325,9 @@ class Store:
     ) -> "Predictions":
         """Check and atomically write per-UID predictions as ``teacher/<name>``.
 
+        ``uids`` are integer uids or the dataset's own ids (``P01_11_0``); rows are stored
+        by uid.
+
         Only UIDs with a prediction are stored; any other segment is absent. The top-K
         logits, their class indices and the full log-sum-exp at each temperature in
         ``lse_temperatures`` are derived here, so top-K distillation reads K numbers a UID.
@@ -276,12 +335,13 @@ class Store:
         if kind not in PREDICTION_KINDS:
             raise DataError(f"predictions {name!r}: kind must be one of {PREDICTION_KINDS}, found {kind!r}")
         _check_name(name)
-        uids = np.asarray(uids, dtype=np.int64)
+        seg = self.segments
+        rows = seg.row_of(np.asarray(uids).tolist())  # uids or the dataset's ids; MissingError names an unknown one
+        uids = seg.uid[rows]
         logits = np.asarray(logits)
-        rows = self.segments.row_of(uids)  # MissingError names an unknown UID
-        if len(np.unique(uids)) != len(uids):
-            u, c = np.unique(uids, return_counts=True)
-            raise DataError(f"predictions {name!r}: UID {u[c > 1][0]} given more than once")
+        if len(np.unique(rows)) != len(rows):
+            r, c = np.unique(rows, return_counts=True)
+            raise DataError(f"predictions {name!r}: {seg.describe(r[c > 1][0])} given more than once")
         A = self.classes.num_actions
         expect = {"logits": (logits, A)}
         if verb_logits is not None:
@@ -363,21 +423,70 @@ class Store:
         return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {}, restart)
 
 
+def class_group(classes: ClassTable) -> tuple[dict, dict]:
+    """(arrays, attrs) of the ``classes`` group."""
+    arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
+    if classes.many_shot_verbs is not None:
+        arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
+    attrs = {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names,
+             "surface_verbs": classes.surface_verbs, "surface_nouns": classes.surface_nouns}
+    return arrays, attrs
+
+
+def segment_group(seg: SegmentTable) -> tuple[dict, dict]:
+    """(arrays, attrs) of the ``segments`` group (schema 2)."""
+    arrays = {c: getattr(seg, c) for c in SegmentTable.COLUMNS}
+    if seg.ids is not None:
+        arrays["id"] = encode_ids(seg.ids)
+    if seg.subsets:
+        arrays["subset_mask"] = seg.subset_mask
+    attrs = {"videos": seg.videos, "splits": seg.splits, "fps": seg.fps, "key": seg.key_type,
+             "subsets": seg.subsets, "subset_splits": seg.subset_splits}
+    return arrays, attrs
+
+
+def read_segment_group(b: Backend) -> SegmentTable:
+    """The segment table of a store; a schema-1 group (one ``split`` index a segment) is
+    read as a split mask."""
+    a = b.attrs("segments")
+    load = lambda name: np.array(b.memmap(f"segments/{name}"))  # noqa: E731
+    cols = {c: load(c) for c in SegmentTable.COLUMNS if c != "split_mask"}
+    if b.has("segments/split_mask"):
+        cols["split_mask"] = load("split_mask")
+    else:  # schema 1
+        cols["split"] = load("split")
+    return SegmentTable(
+        **cols, videos=a["videos"], splits=a["splits"], fps=a["fps"],
+        ids=decode_ids(load("id")) if a.get("key") == "id" else None,
+        subset_mask=load("subset_mask") if b.has("segments/subset_mask") else None,
+        subsets=a.get("subsets", []), subset_splits=a.get("subset_splits", []),
+    )
+
+
 def _check_name(name: str) -> None:
     if not name or name.startswith((".", "_")) or "/" in name or name != name.strip():
         raise DataError(f"group name {name!r}: must be non-empty, without '/', not starting with '.' or '_'")
 
 
 def _check_segments(classes: ClassTable, seg: SegmentTable) -> None:
-    bad = np.flatnonzero((seg.action < 0) | (seg.action >= classes.num_actions))
+    bad = np.flatnonzero((seg.action < -1) | (seg.action >= classes.num_actions))
     if len(bad):
-        raise DataError(f"UID {seg.uid[bad[0]]}: unknown action id {seg.action[bad[0]]} (classes: 0..{classes.num_actions - 1})")
+        raise DataError(f"{seg.describe(bad[0])}: unknown action id {seg.action[bad[0]]} (classes: 0..{classes.num_actions - 1}, -1: unlabelled)")
+    labelled = seg.action >= 0
+    bad = np.flatnonzero(labelled & ((classes.action_verb[seg.action.clip(0)] != seg.verb) | (classes.action_noun[seg.action.clip(0)] != seg.noun)))
+    bad = np.concatenate([bad, np.flatnonzero(~labelled & ((seg.verb != -1) | (seg.noun != -1)))])
+    if len(bad):
+        r = bad[0]
+        raise DataError(f"{seg.describe(r)}: action {seg.action[r]} with verb {seg.verb[r]} noun {seg.noun[r]} disagrees with the class table")
     if len(np.unique(seg.uid)) != len(seg.uid):
         u, c = np.unique(seg.uid, return_counts=True)
         raise DataError(f"UID {u[c > 1][0]}: appears more than once in the segment table")
+    if seg.ids is not None and len(set(seg.ids)) != len(seg.ids):
+        dup = next(k for k, c in Counter(seg.ids).items() if c > 1)
+        raise DataError(f"segment {dup}: appears more than once in the segment table")
     bad = np.flatnonzero(seg.end_frame < seg.start_frame)
     if len(bad):
-        raise DataError(f"UID {seg.uid[bad[0]]}: ends at frame {seg.end_frame[bad[0]]} before it starts at {seg.start_frame[bad[0]]}")
+        raise DataError(f"{seg.describe(bad[0])}: ends at frame {seg.end_frame[bad[0]]} before it starts at {seg.start_frame[bad[0]]}")
 
 
 def _check_finite(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
@@ -411,10 +520,10 @@ class Predictions:
         self.store, self.name = store, name
         self.key = f"teacher/{name}"
         self.attrs = store.backend.attrs(self.key)
-        if self.attrs.get("segments_sha256") != store.manifest.get("segments_sha256"):
+        if not store.made_for_segments(self.attrs.get("segments_sha256")):
             raise StoreFormatError(
-                f"{store.path}: predictions {name!r} were made for other segments"
-                f" (segments sha256 {str(self.attrs.get('segments_sha256'))[:12]}, store {store.manifest.get('segments_sha256', '')[:12]})"
+                f"{store.path}: predictions {name!r} were made for other segments (other uids, ids, labels or splits:"
+                f" segments sha256 {str(self.attrs.get('segments_sha256'))[:12]}, store {store.manifest.get('segments_sha256', '')[:12]})"
             )
         self.uids = np.array(self._array("uids"))
         # segment row -> prediction row (-1: absent), for vectorised gathers by segment row
@@ -445,6 +554,15 @@ class Predictions:
 
     def __len__(self) -> int:
         return len(self.uids)
+
+    @property
+    def segment_rows(self) -> np.ndarray:
+        """[P] the segment-table row of each prediction row."""
+        return self.store.segments.row_of(self.uids.tolist())
+
+    def ids(self) -> list:
+        """The dataset's own id of each prediction row (narration ids, or the uids)."""
+        return self.store.segments.ids_of(self.segment_rows)
 
     @property
     def present(self) -> np.ndarray:
@@ -487,20 +605,23 @@ class Predictions:
             out["lse"] = np.where(present, self.lse[take, self.lse_column(temperature)], 0).astype(np.float32)
         return out
 
-    def predict(self, uid: int, k: int = 5) -> dict:
-        """The top-``k`` actions for one UID with names and probabilities, and the true label."""
+    def predict(self, key: int | str, k: int = 5) -> dict:
+        """The top-``k`` actions for one segment (its dataset id, e.g. ``"P01_11_0"``, or its
+        uid) with names and probabilities, and the true label (None for an unlabelled one)."""
+        if int(k) < 1:
+            raise DataError(f"top-k: k must be >= 1, found {k}")
         seg = self.store.segments
-        row = int(seg.row_of([uid])[0])
+        row = int(seg.row_of([key])[0])
         prow = int(self.row_of_segment[row])
         cls = self.store.classes
         true = int(seg.action[row])
         result = {
-            "uid": int(uid),
+            "id": seg.id_of(row),
             "predictions": self.name,
             "kind": self.kind,
-            "split": seg.splits[seg.split[row]],
+            "splits": seg.splits_of(row),
             "video": seg.videos[seg.video[row]],
-            "true": {"action": true, "name": cls.action_names[true]},
+            "true": {"action": true, "name": cls.action_names[true]} if true >= 0 else None,
             "present": prow >= 0,
         }
         if prow < 0:
@@ -510,8 +631,9 @@ class Predictions:
         p /= p.sum()
         top = np.argsort(-p, kind="stable")[:k]
         result["top"] = [{"action": int(a), "name": cls.action_names[a], "prob": float(p[a])} for a in top]
-        result["true"]["prob"] = float(p[true])
-        result["true"]["rank"] = int((p > p[true]).sum()) + 1
+        if true >= 0:
+            result["true"]["prob"] = float(p[true])
+            result["true"]["rank"] = int((p > p[true]).sum()) + 1
         feats = self.features
         if feats is not None:
             result["feature_norm"] = float(np.linalg.norm(feats[prow].astype(np.float32)))

@@ -43,7 +43,7 @@ NOUNS = [
     "bowl", "cutting:board", "knife", "eating:utensil", "fridge", "cabinet", "faucet", "stove",
     "oil", "salt", "recipe", "lettuce", "condiment:container", "plate",
 ]
-ANNOTATION_FPS = 24.0  # like EGTEA
+ANNOTATION_FPS = 24.0  # the frame numbering of the synthetic CSVs
 CORPUS_FILE = "recipes.txt"  # the recipe text corpus beside the annotations (``corpus_size``)
 
 
@@ -132,6 +132,66 @@ def generate_annotations(out_dir: str | Path, cfg: SyntheticConfig = SyntheticCo
     return out
 
 
+def generate_epic100(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig(), test_fraction: float = 0.15,
+                     tail_fraction: float = 0.3) -> Path:
+    """Write a synthetic dataset in the EPIC-KITCHENS-100 layout of RULSTM's ``data/ek100``.
+
+    ``actions.csv`` (``id,verb,noun,action``, names ``verb noun``), ``training.csv`` /
+    ``validation.csv`` keyed by narration ids ``<video>_<k>``, unlabelled
+    ``test_timestamps.csv``, ``<split>_videos.csv``, and the validation id lists: unseen
+    participants (validation videos of participants without a training video) and tail
+    actions/verbs/nouns (the rarest ``tail_fraction`` of training classes; a segment is a
+    tail action when its verb or noun is a tail class, as in EPIC's own rule). Frames
+    count at 30 fps; splits are by video.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    recipes, distractors = _recipes(rng, cfg)
+    seqs = [_sequence(rng, recipes[int(rng.integers(cfg.n_recipes))], distractors, cfg) for _ in range(cfg.n_videos)]
+    pairs = sorted({p for seq in seqs for p in seq})
+    action_of = {p: i for i, p in enumerate(pairs)}
+    word = lambda w: w.lower().replace(" ", "-")  # noqa: E731  (EK100 verbs are one word: turn-on)
+    order = rng.permutation(len(seqs))
+    n_test = max(1, round(test_fraction * len(seqs)))
+    n_val = min(max(2, round(cfg.val_fraction * len(seqs))), len(seqs) - n_test - 1)
+    split_of = {int(v): "test_timestamps" if k < n_test else "validation" if k < n_test + n_val else "training"
+                for k, v in enumerate(order)}
+    # participants: n_part take turns; every other validation video is an unseen participant's
+    n_part, k_val = max(2, cfg.n_videos // 4), 0
+    videos = []
+    for vi, seq in enumerate(seqs):
+        part = vi % n_part + 1
+        if split_of[vi] == "validation":
+            part, k_val = (n_part + 1 if k_val % 2 == 0 else part), k_val + 1
+        videos.append((f"P{part:02d}_{vi + 1:02d}", seq))
+    rows: dict[str, list[tuple]] = {"training": [], "validation": [], "test_timestamps": []}
+    for vi, (video, seq) in enumerate(videos):
+        t = float(rng.uniform(1.0, 4.0))
+        for k, (v, n) in enumerate(seq):
+            dur = float(rng.uniform(1.0, 4.0))
+            rows[split_of[vi]].append((f"{video}_{k}", video, int(t * 30), int((t + dur) * 30), v, n, action_of[(v, n)]))
+            t += dur + float(rng.uniform(0.2, 1.5))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "actions.csv").write_text("id,verb,noun,action\n" + "".join(
+        f"{a},{v},{n},{word(VERBS[v])} {word(NOUNS[n])}\n" for (v, n), a in action_of.items()))
+    for split, rs in rows.items():
+        cells = [r[:4] if split == "test_timestamps" else r for r in rs]
+        (out / f"{split}.csv").write_text("".join(",".join(map(str, c)) + "\n" for c in cells))
+        if split != "test_timestamps":
+            (out / f"{split}_videos.csv").write_text("".join(v + "\n" for v in dict.fromkeys(r[1] for r in rs)))
+    seen = {r[1].split("_")[0] for r in rows["training"]}
+    ids = {"unseen_participants": [r[0] for r in rows["validation"] if r[1].split("_")[0] not in seen]}
+    for col, kind in ((4, "verbs"), (5, "nouns")):
+        counts = np.bincount([r[col] for r in rows["training"]], minlength=max(p[col - 4] for p in pairs) + 1)
+        rare = set(np.argsort(counts, kind="stable")[: max(1, int(tail_fraction * len(counts)))].tolist())
+        ids[f"tail_{kind}"] = [r[0] for r in rows["validation"] if r[col] in rare]
+    tail = set(ids["tail_verbs"]) | set(ids["tail_nouns"])
+    ids["tail_actions"] = [r[0] for r in rows["validation"] if r[0] in tail]
+    for name, lst in ids.items():
+        (out / f"validation_{name}_ids.csv").write_text("".join(i + "\n" for i in lst))
+    return out
+
+
 def _write_corpus(path: Path, recipes, distractors, exclude: set, cfg: SyntheticConfig) -> None:
     """``cfg.corpus_size`` recipe sequences as teacher text, none equal to a video's sequence.
 
@@ -156,8 +216,8 @@ def synthetic_features(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-video ``(features [n, dim] float32, timestamps [n])`` sampled at ``rate`` fps.
 
-    A frame inside a segment shows ``verb_emb + noun_emb`` of its action (the latest-started
-    segment if several overlap); frames between segments show a background vector; every
+    A frame inside a labelled segment shows ``verb_emb + noun_emb`` of its action (the
+    latest-started segment if several overlap); other frames show a background vector; every
     frame adds Gaussian noise and a per-video offset.
     """
     rng = np.random.default_rng(seed)
@@ -174,7 +234,7 @@ def synthetic_features(
         inside = (cover >= 0) & (t <= end_s[rows][cover.clip(0)])
         seg = rows[cover.clip(0)]
         signal = verb_emb[segments.verb[seg]] + noun_emb[segments.noun[seg]]  # [n, dim]
-        signal[~inside] = background
+        signal[~inside | (segments.action[seg] < 0)] = background  # an unlabelled segment shows no class
         offset = rng.normal(size=dim) * 0.3 / np.sqrt(dim)
         feats = signal + offset + rng.normal(size=(len(t), dim)) * noise / np.sqrt(dim)
         out[video] = (feats.astype(np.float32), t)

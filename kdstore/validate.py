@@ -9,8 +9,9 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 
+from .annotations import DATASET_FPS
 from .errors import KDStoreError
-from .store import Store, segments_fingerprint
+from .store import Store, segments_fingerprint, uids_fingerprint
 
 # installed: kdstore/schemas (shipped with the package); source tree: schemas/ at the top
 _HERE = Path(__file__).resolve().parent
@@ -27,14 +28,20 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
     """Problems found in the store at ``path`` (empty when valid).
 
     Checks the manifest and every group's attributes against the JSON Schemas, every
-    array's dtype, shape and byte size against ``schemas/layout.json``, and the content:
-    ids in range, UIDs unique and known, offsets and timestamps ordered, and (``deep``)
-    no NaN/inf in features or logits. A path that is not a store raises StoreFormatError.
+    array's dtype, shape and byte size against ``schemas/layout.json`` (a schema-1 store
+    against its ``@1`` groups), and the content: ids in range and unique, labels that
+    agree with the class table, split and subset membership, the segment fingerprint,
+    prediction groups made for these segments, offsets and timestamps ordered, and
+    (``deep``) no NaN/inf in features or logits. A path that is not a store raises
+    StoreFormatError.
     """
     store = Store.open(path)
     b = store.backend
     manifest_schema, group_schema, layout = _schemas()
     problems: list[str] = []
+    v1 = store.schema_version == 1
+    # an upgrade killed part-way leaves a schema-2 segments group under a schema-1 manifest
+    seg_v1 = v1 and not b.has("segments/split_mask")
 
     def check_attrs(where: str, attrs: dict, schema: dict | str) -> None:
         if isinstance(schema, str):  # a "#/$defs/<group>" reference into groups.schema.json
@@ -42,6 +49,11 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
         for err in jsonschema.Draft202012Validator(schema).iter_errors(attrs):
             loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
             problems.append(f"{store.path}: {where} attribute {loc}: {err.message}")
+
+    def spec_of(group: str) -> dict:
+        if (seg_v1 if group == "segments" else v1) and f"{group}@1" in layout["groups"]:
+            return layout["groups"][f"{group}@1"]
+        return next(s for pat, s in layout["groups"].items() if fnmatch.fnmatch(group, pat))
 
     try:
         left = b.leftovers()
@@ -57,7 +69,7 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
     ]
     arrays: dict[str, dict[str, np.ndarray]] = {}
     for g in groups:
-        spec = next(s for pat, s in layout["groups"].items() if fnmatch.fnmatch(g, pat))
+        spec = spec_of(g)
         check_attrs(g, b.attrs(g), spec["attrs"])
         arrays[g] = {}
         for name, a in spec["arrays"].items():
@@ -80,9 +92,11 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
         return problems  # content checks assume the layout is right
     try:
         classes, seg = store.classes, store.segments
-    except KDStoreError as e:
-        return [str(e)]
-    sym = {"A": classes.num_actions, "V": classes.num_verbs, "N": classes.num_nouns, "S": len(seg)}
+    except (KDStoreError, UnicodeDecodeError, ValueError) as e:
+        return [f"{store.path}: segments or classes unreadable ({e})"]
+    sa = b.attrs("segments")
+    sym = {"A": classes.num_actions, "V": classes.num_verbs, "N": classes.num_nouns, "S": len(seg),
+           "nSplits": len(seg.splits), "nSubsets": len(seg.subsets)}
 
     def expect(cond: bool, msg: str) -> None:
         if not cond:
@@ -90,18 +104,43 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
 
     for g in groups:
         for name, arr in arrays[g].items():
-            spec = next(s for pat, s in layout["groups"].items() if fnmatch.fnmatch(g, pat))["arrays"][name]
-            for axis, s in enumerate(spec["shape"]):
+            for axis, s in enumerate(spec_of(g)["arrays"][name]["shape"]):
                 if s in sym:
                     expect(arr.shape[axis] == sym[s], f"{g}/{name}: axis {axis} is {arr.shape[axis]}, expected {s}={sym[s]}")
     expect(bool(((classes.action_verb >= 0) & (classes.action_verb < sym["V"])).all()), "classes/action_verb: verb id out of range")
     expect(bool(((classes.action_noun >= 0) & (classes.action_noun < sym["N"])).all()), "classes/action_noun: noun id out of range")
+    expect(len(classes.surface_verbs) == sym["A"] and len(classes.surface_nouns) == sym["A"],
+           f"classes: {len(classes.surface_verbs)} surface verbs and {len(classes.surface_nouns)} nouns for {sym['A']} actions")
     expect(len(np.unique(seg.uid)) == len(seg.uid), "segments/uid: duplicate UIDs")
-    expect(bool(((seg.action >= 0) & (seg.action < sym["A"])).all()), "segments/action: action id out of range")
+    if not seg_v1:
+        expect((sa["key"] == "id") == ("id" in arrays["segments"]), f"segments: attribute key {sa['key']!r} but the id array is {'present' if 'id' in arrays['segments'] else 'absent'}")
+        expect(bool(sa["subsets"]) == ("subset_mask" in arrays["segments"]), "segments: attribute subsets and the subset_mask array disagree")
+    if seg.ids is not None:
+        expect(len(set(seg.ids)) == len(seg.ids), "segments/id: duplicate ids")
+    labelled = seg.action >= 0
+    expect(bool(((seg.action >= -1) & (seg.action < sym["A"])).all()), "segments/action: action id out of range (-1 marks unlabelled)")
+    if ((seg.action >= -1) & (seg.action < sym["A"])).all():
+        a = seg.action.clip(0)
+        agree = np.where(labelled, (classes.action_verb[a] == seg.verb) & (classes.action_noun[a] == seg.noun),
+                         (seg.verb == -1) & (seg.noun == -1))
+        bad = np.flatnonzero(~agree)
+        expect(len(bad) == 0, f"segments: {seg.describe(bad[0]) if len(bad) else ''} has verb/noun labels that disagree with its action")
     expect(bool((seg.end_frame >= seg.start_frame).all()), "segments: a segment ends before it starts")
     expect(bool(((seg.video >= 0) & (seg.video < len(seg.videos))).all()), "segments/video: video index out of range")
-    expect(bool(((seg.split >= 0) & (seg.split < len(seg.splits))).all()), "segments/split: split index out of range")
-    expect(store.manifest.get("segments_sha256") == segments_fingerprint(seg.uid), "manifest segments_sha256 does not match segments/uid")
+    if seg_v1:
+        split = np.asarray(b.memmap("segments/split"))
+        expect(bool(((split >= 0) & (split < len(seg.splits))).all()), "segments/split: split index out of range")
+    else:
+        orphan = np.flatnonzero(~seg.split_mask.any(axis=1))
+        expect(len(orphan) == 0, f"segments/split_mask: {seg.describe(orphan[0]) if len(orphan) else ''} is in no split")
+        expect(len(seg.subset_splits) == len(seg.subsets) and set(seg.subset_splits) <= set(seg.splits),
+               f"segments: subset_splits {seg.subset_splits} must name one split of {seg.splits} per subset")
+        for q, (name, split) in enumerate(zip(seg.subsets, seg.subset_splits)):
+            if split in seg.splits:
+                out = np.flatnonzero(seg.subset_mask[:, q] & ~seg.in_split(split))
+                expect(len(out) == 0, f"segments/subset_mask: {seg.describe(out[0]) if len(out) else ''} is in subset {name!r} but not in its split {split!r}")
+    fingerprint = uids_fingerprint(seg.uid) if v1 else segments_fingerprint(seg)
+    expect(store.manifest.get("segments_sha256") == fingerprint, "manifest segments_sha256 does not match the segment table")
     for name in store.feature_sets():
         g = f"video/{name}"
         a, attrs = arrays[g], b.attrs(g)
@@ -120,7 +159,8 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
         a, attrs = arrays[g], b.attrs(g)
         uids = np.asarray(a["uids"])
         P = len(uids)
-        expect(attrs["segments_sha256"] == store.manifest.get("segments_sha256"), f"{g}: made for other segments (segments_sha256 differs)")
+        expect(store.made_for_segments(attrs["segments_sha256"]),
+               f"{g}: made for other segments (other uids, ids, labels or splits: segments_sha256 differs)")
         expect(len(np.unique(uids)) == P, f"{g}/uids: duplicate UIDs")
         unknown = np.setdiff1d(uids, seg.uid)
         expect(len(unknown) == 0, f"{g}/uids: UID {unknown[:1].tolist()} not in segments")
@@ -133,8 +173,23 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
         if deep:
             for key in ("logits", "topk_values", "lse", "features", "verb_logits", "noun_logits"):
                 if key in a:
-                    _scan_finite(a[key], f"{g}/{key}", lambda i, u=uids: f"UID {u[i]}", problems, store.path)
+                    _scan_finite(a[key], f"{g}/{key}", lambda i, u=uids: seg.describe(seg.row_of([int(u[i])])[0]), problems, store.path)
     return problems
+
+
+def store_warnings(path: str | Path) -> list[str]:
+    """Things that are valid but likely wrong: a known dataset ingested at another frame
+    rate than its files', a schema-1 store not yet upgraded."""
+    store = Store.open(path)
+    out = []
+    dataset, fps = store.dataset, store.segments.fps
+    if dataset in DATASET_FPS and abs(fps - DATASET_FPS[dataset]) > 1e-6:
+        out.append(f"{store.path}: {dataset} frames count at {DATASET_FPS[dataset]:g} fps in its files, but the store was"
+                   f" ingested at {fps:g} fps: every time derived from frames is off by {DATASET_FPS[dataset] / fps:.3g}x"
+                   f" (re-ingest without --fps)")
+    if store.schema_version == 1:
+        out.append(f"{store.path}: schema version 1, read as version 2; `kdstore upgrade {store.path}` rewrites it")
+    return out
 
 
 def leftovers(path: str | Path) -> list[str]:

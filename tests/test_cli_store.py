@@ -44,7 +44,7 @@ def test_query_and_export(ingested, tmp_path):
     s.write_predictions("t", uids, logits, topk=3)
     r = runner.invoke(app, ["query", str(ingested), str(uids[0]), str(s.segments.uid[20]), "--json"])
     assert r.exit_code == 0, r.output
-    first, second = (json.loads(line) for line in r.stdout.splitlines())
+    first, second = json.loads(r.stdout)  # one JSON document: a list for several ids
     assert first["top"][0]["action"] == first["true"]["action"] and first["true"]["rank"] == 1
     assert second["present"] is False and "top" not in second
     out = tmp_path / "t.npz"
@@ -64,3 +64,17 @@ def test_errors_are_one_line(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not a store")
     with pytest.raises(KDStoreError, match="junk.h5: not a kdstore store"):
         runner.invoke(app, ["info", str(tmp_path / "junk.h5")], catch_exceptions=False)
+
+
+def test_real_egtea_one_store_for_every_scheme(egtea_dir, tmp_path):
+    """No --split: all six EGTEA CSVs in one store; commands default to training1/validation1."""
+    store = tmp_path / "egtea.zarr"
+    r = runner.invoke(app, ["ingest", str(egtea_dir), str(store)])
+    assert r.exit_code == 0, r.output
+    assert "10321 segments (0 unlabelled) in 86 videos at 30 fps" in " ".join(r.output.split())
+    r = runner.invoke(app, ["evaluate", str(store), "--baseline", "ngram", "--order", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n"] == 2022  # validation1, fitted on training1
+    r = runner.invoke(app, ["evaluate", str(store), "--baseline", "ngram", "--split", "validation3", "--train-split",
+                            "training3", "--json"])
+    assert json.loads(r.stdout)["n"] == 2021

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL, build_store, synthetic_annotations
+from kdstore.annotations import SegmentTable
 from kdstore.faults import CRASH_ENV
 from kdstore.store import Store
 from kdstore.validate import leftovers, validate_store
@@ -95,19 +96,20 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def kill_everywhere(tmp: Path, base: Path | None, args: Callable[[Path], list], result: Callable[[Path], dict],
-                    target: str | None, cheap: bool, record_property, suffix: str = "") -> None:
+                    target: str | None, cheap: bool, record_property, suffix: str = "",
+                    view: Callable[[Path], dict] = store_state) -> None:
     """Run ``kdstore ARGS`` uninterrupted, then killed at each picked point and rerun (see the
     module doc). ``args(work)``/``result(work)``: the command and its result for a working copy
     ``work`` of ``base`` (None: the command makes it); ``target``: the group the command writes
-    (None: the whole store)."""
+    (None: the whole store); ``view(store)``: what must read as before or as after a kill."""
     suffix = base.suffix if base else suffix
     ref, trace = copy(base, tmp / f"ref{suffix}"), tmp / "trace"
     r = cli(*args(ref), trace=trace)
     assert r.returncode == 0, r.stderr[-3000:]
     want, points = result(ref), crash_points(trace)
     picked = pick(points, cheap)
-    before = store_state(base) if base else None
-    after = store_state(ref) if base else None
+    before = view(base) if base else None
+    after = view(ref) if base else None
     for i, point in enumerate(picked):
         work = copy(base, tmp / f"k{i}{suffix}")
         r = cli(*args(work), crash=point)
@@ -116,7 +118,7 @@ def kill_everywhere(tmp: Path, base: Path | None, args: Callable[[Path], list], 
             assert not work.exists() or target == "run", point  # a new store appears whole or not at all
         else:
             assert validate_store(work) == [], point
-            now = store_state(work)
+            now = view(work)
             if target is None:  # the whole store was being replaced
                 assert equal(now, before) or equal(now, after), point
             else:  # every other group as before, the target as before or as after
@@ -207,3 +209,53 @@ def test_predict(data, tmp_path, record_property):
     root, ann, stores, _ = data
     kill_everywhere(tmp_path, stores[".zarr"], lambda p: ["predict", p, "--run", root / "run", "--name", "st", "--overwrite"],
                     lambda p: store_state(p, "teacher/st"), "teacher/st", False, record_property)
+
+
+def read_view(path: Path) -> dict:
+    """What readers see, whatever the layout: the segment and class tables as read, each
+    prediction group's arrays, and whether it is taken as made for these segments."""
+    s = Store.open(path)
+    seg, cls = s.segments, s.classes
+    out = {f"segments/{c}": getattr(seg, c) for c in SegmentTable.COLUMNS}
+    out["segments@attrs"] = [seg.videos, seg.splits, seg.fps, seg.key_type, seg.subsets, seg.subset_splits]
+    out |= {f"classes/{k}": getattr(cls, k) for k in ("action_verb", "action_noun")}
+    out["classes@attrs"] = [cls.action_names, cls.verb_names, cls.noun_names, cls.surface_verbs, cls.surface_nouns]
+    for name in s.predictions():
+        g = f"teacher/{name}"
+        out |= {f"{g}/{k}": np.array(s.backend.memmap(f"{g}/{k}")) for k in s.backend.children(g)}
+        out[f"{g}@ours"] = s.made_for_segments(s.backend.attrs(g)["segments_sha256"])
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_upgrade(data, tmp_path, suffix, record_property):
+    """A schema-1 store with two prediction groups to re-stamp: killed anywhere, the store
+    validates and reads as before; the rerun finishes the upgrade."""
+    from test_segments_format import make_v1_store
+
+    src = Store.open(data[2][suffix])
+    base = make_v1_store(tmp_path / f"v1{suffix}", src.classes, src.segments)
+    for i, name in enumerate(("a", "b")):
+        base.write_predictions(name, src.segments.uid, np.random.default_rng(i).normal(size=(len(src.segments), src.classes.num_actions)))
+    kill_everywhere(tmp_path, base.path, lambda p: ["upgrade", p], store_state, None, True, record_property, view=read_view)
+    assert Store.open(tmp_path / f"ref{suffix}").schema_version == 2
+
+
+@pytest.mark.parametrize("fmt", ["epic", "jsonl"])
+def test_export(data, tmp_path, fmt, record_property):
+    """A killed export leaves the file it replaces as it was; the rerun writes the whole file."""
+    store = data[2][".zarr"]
+    args = lambda out: ["export", store, "teacher", out, "--format", fmt, *(["--split", "validation1"] if fmt == "epic" else [])]  # noqa: E731
+    ref, trace = tmp_path / "ref.out", tmp_path / "trace"
+    r = cli(*args(ref), trace=trace)
+    assert r.returncode == 0, r.stderr[-3000:]
+    points = crash_points(trace)  # one a segment written
+    picked = [points[0], points[len(points) // 2], points[-1]]
+    for i, point in enumerate(picked):
+        work = tmp_path / f"k{i}.out"
+        work.write_text("earlier export\n")
+        r = cli(*args(work), crash=point)
+        assert r.returncode == CRASHED and work.read_text() == "earlier export\n", point
+        assert cli(*args(work)).returncode == 0 and work.read_bytes() == ref.read_bytes(), point
+    print(f"{len(picked)} kill points")
+    record_property("kill_points", len(picked))

@@ -40,7 +40,7 @@ def array_keys(store: Store) -> list[str]:
     """Every array key of a store, from its logical layout."""
     b = store.backend
     keys = [f"classes/{k}" for k in ("action_verb", "action_noun", "many_shot_verbs", "many_shot_nouns")]
-    keys += [f"segments/{c}" for c in SegmentTable.COLUMNS]
+    keys += [f"segments/{c}" for c in (*SegmentTable.COLUMNS, "id", "subset_mask")]
     for name in store.feature_sets():
         keys += [f"video/{name}/{k}" for k in ("features", "timestamps", "offsets")]
     for name in store.predictions():
@@ -460,7 +460,7 @@ class StoreTests:
         p = store.teacher("teacher")
         uid = int(seg.uid[seg.rows_in("training1")[3]])
         r = p.predict(uid, k=5)
-        assert r["present"] and r["uid"] == uid and r["split"] == "training1" and r["kind"] == "teacher"
+        assert r["present"] and r["id"] == uid and r["splits"] == ["training1"] and r["kind"] == "teacher"
         row = seg.row_of([uid])[0]
         assert r["video"] == seg.videos[seg.video[row]]
         assert r["true"]["action"] == seg.action[row] and r["true"]["name"] == cls.action_names[seg.action[row]]
@@ -475,7 +475,7 @@ class StoreTests:
             assert r["top"][r["true"]["rank"] - 1]["action"] == r["true"]["action"]
         assert r["feature_norm"] > 0
         absent = p.predict(int(seg.uid[seg.rows_in("validation1")[0]]))
-        assert absent["present"] is False and "top" not in absent and absent["split"] == "validation1"
+        assert absent["present"] is False and "top" not in absent and absent["splits"] == ["validation1"]
         with pytest.raises(MissingError, match="UID 999999"):
             p.predict(999999)
 

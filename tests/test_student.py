@@ -482,7 +482,7 @@ def test_predict_into_store(kd, tmp_path):
     assert json.loads((run / "last.json").read_text())["metrics"]["top1"] == metrics["validation1"]["top1"]
     uid = int(data.uid[0])
     r = group.predict(uid, k=3)
-    assert r["present"] and r["kind"] == "student" and len(r["top"]) == 3 and r["split"] == "validation1"
+    assert r["present"] and r["kind"] == "student" and len(r["top"]) == 3 and r["splits"] == ["validation1"]
     assert r["top"][0]["action"] == int(logits[0].argmax())
     with pytest.raises(Exception, match="exists"):
         predict_into_store(dst, run, "student")

@@ -123,7 +123,7 @@ def test_corpus_files(tmp_path):
 def test_histories_and_history_corpus(syn_dir):
     classes, seg = load_annotations(syn_dir, fps=24.0)
     rows = seg.rows_in("training1")
-    texts = history_texts(classes, seg, rows, 3)
+    texts = history_texts(classes, seg, rows, 3, split="training1")
     first = [r for r in rows if not any(  # first training segment of its video
         seg.video[o] == seg.video[r] and seg.start_frame[o] < seg.start_frame[r] for o in rows)]
     assert all(texts[list(rows).index(r)] == "" for r in first)
@@ -238,7 +238,7 @@ def test_out_of_fold_predictions_come_from_other_models(built):
     group = store.teacher("t")
     for split, same in (("training1", False), ("validation1", True)):
         rows = seg.rows_in(split)
-        texts = history_texts(store.classes, seg, rows, cfg.hist_len)
+        texts = history_texts(store.classes, seg, rows, cfg.hist_len, split=split)
         ours = predict(full, encode(tok, texts, cfg.max_len), tok.pad_token_id)["action"]
         stored = np.asarray(group.logits[group.row_of_segment[rows]], np.float32)
         assert np.allclose(ours, stored, atol=2e-2) == same, split
@@ -349,10 +349,11 @@ def test_empty_split_and_empty_histories(tmp_path, syn_dir):
     rows = seg.rows_in("training1")
     first = np.array([rows[seg.video[rows] == v][0] for v in np.unique(seg.video[rows])] + list(seg.rows_in("validation1")))
     cols = {c: getattr(seg, c)[first] for c in SegmentTable.COLUMNS}
+    cols["split_mask"] = np.pad(cols["split_mask"], ((0, 0), (0, 1)))  # and an empty split
     sparse = SegmentTable(**cols, videos=seg.videos, splits=[*seg.splits, "test1"], fps=seg.fps)
     store = Store.create(tmp_path / "s.zarr", classes, sparse)
     quick = preset("tiny", epochs=1, folds=1, **TINY)
-    with pytest.raises(DataError, match="no segments in split 'test1'"):
+    with pytest.raises(DataError, match="no labelled segments in split 'test1'"):
         build_teacher(store, "e", quick, train_split="training1", eval_splits=("test1",), show_progress=False)
     with pytest.raises(DataError, match="every history is empty"):
         build_teacher(store, "e", quick, train_split="training1", show_progress=False)
@@ -384,7 +385,7 @@ def test_ngram_learns_synthetic_sequences(syn_dir):
     val = seg.rows_in("validation1")
     p = ngram_baseline(seg, classes.num_actions, "training1", val, order=2, mode="complete")
     assert (p.argmax(1) == seg.action[val]).mean() > 0.3  # far above chance (1/21)
-    assert action_histories(seg, val, 2).min() >= -1
+    assert action_histories(seg, val, 2, split="validation1").min() >= -1
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -453,14 +454,14 @@ def test_real_egtea_histories_corpus_and_ngram():
     classes, seg = load_annotations(EGTEA_DIR, ["training1", "validation1"])
     assert classes.num_actions == 106
     val = seg.rows_in("validation1")
-    texts = history_texts(classes, seg, val, 15)
+    texts = history_texts(classes, seg, val, 15, split="validation1")
     assert sum(t == "" for t in texts) < 0.05 * len(texts)
     tok = train_tokenizer(history_corpus(classes, seg, "training1"), 512)
     ids = encode(tok, texts, 96)
     assert tok.unk_token_id not in {i for seq in ids for i in seq}  # class words are all in the vocabulary
     from kdstore.metrics import compute_metrics
 
-    m = compute_metrics(ngram_baseline(seg, 106, "training1", val, order=2), seg.action[val], classes)
+    m = compute_metrics(ngram_baseline(seg, 106, "training1", val, order=2, split="validation1"), seg.action[val], classes)
     assert m["top1"] > 20 and m["mean_top1_recall"] > 15
 
 

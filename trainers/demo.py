@@ -112,7 +112,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     for name, extra in baselines.items():
         if name not in store.predictions():
             rows = np.concatenate([seg.rows_in(train_split), seg.rows_in(eval_split)])
-            probs = ngram_baseline(seg, classes.num_actions, train_split, rows, extra=extra)
+            probs = np.concatenate([ngram_baseline(seg, classes.num_actions, train_split, seg.rows_in(s), extra=extra, split=s)
+                                    for s in (train_split, eval_split)])
             store.write_predictions(name, seg.uid[rows], np.log(probs + 1e-9), kind="baseline",
                                     config={"model": "interpolated 3-gram", "train_split": train_split,
                                             "corpus_lines": len(extra) if extra is not None else 0})

@@ -304,12 +304,13 @@ def predict_into_store(
             raise ConfigError(f"video/{state['features']}: dimension {data.dim}, the student was trained on {state['feat_dim']}")
         uids.append(data.uid)
         logits.append(predict_logits(model.to(device), data, device=device))
-    all_logits = np.concatenate(logits)
-    uids_all = np.concatenate(uids)
+    # a segment in several splits (EGTEA's schemes) is predicted once per split, identically: store it once
+    uids_all, first = np.unique(np.concatenate(uids), return_index=True)
+    all_logits = np.concatenate(logits)[first]
     metrics = {}
     for split, u, lg in zip(splits, uids, logits):
-        rows = store.segments.row_of(u)
-        metrics[split] = compute_metrics(lg, store.segments.action[rows], store.classes)
+        labels = store.segments.action[store.segments.row_of(u)]  # -1: unlabelled (test), left out of the metrics
+        metrics[split] = compute_metrics(lg, labels, store.classes) if (labels >= 0).any() else {"unlabelled": len(u)}
     store.write_predictions(name, uids_all, all_logits, kind="student", config={**state["config"], "run_dir": str(run_dir)},
                             metrics=metrics, log=read_log(run_dir), topk=cfg.topk, overwrite=overwrite)
     return metrics

@@ -202,10 +202,11 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         raise DataError(f"{store.path}: predictions {name!r} already exist (pass overwrite to replace them)")
     store.check_writable()  # a read-only or busy store fails now, not after training
     eval_splits = tuple(s for s in dict.fromkeys(eval_splits) if s != train_split)
-    rows = {s: seg.rows_in(s) for s in (train_split, *eval_splits)}
+    rows = {s: seg.rows_in(s, labelled=True) for s in (train_split, *eval_splits)}  # the teacher reads labels
     for s, r in rows.items():
         if len(r) == 0:
-            raise DataError(f"{store.path}: no segments in split {s!r}")
+            raise DataError(f"{store.path}: no labelled segments in split {s!r} ({len(seg.rows_in(s))} unlabelled);"
+                            " the teacher predicts labelled segments only")
     if pretrained and cfg.init_from:
         raise ConfigError("give a pretrained checkpoint or init_from, not both")
     base = Path(pretrained or cfg.init_from) if (pretrained or cfg.init_from) else None
@@ -213,7 +214,8 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         check_checkpoint(base)
     all_rows = np.concatenate(list(rows.values()))
     n_train = len(rows[train_split])
-    texts = {L: history_texts(classes, seg, all_rows, L, cfg.history, cfg.colon) for L in cfg.hist_lens}
+    texts = {L: [t for s, r in rows.items() for t in history_texts(classes, seg, r, L, cfg.history, cfg.colon, split=s)]
+             for L in cfg.hist_lens}
     if not any(t for L in cfg.hist_lens for t in texts[L][:n_train]):
         raise DataError(f"split {train_split!r}: every history is empty (no segment has an earlier action in its video)")
     folds = assign_folds(seg.video[rows[train_split]], cfg.folds, cfg.seed) if cfg.folds > 1 else None
@@ -263,7 +265,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
 
         long = None
         if cfg.history_dropout:  # the actions a thinned history draws from
-            long = action_histories(seg, rows[train_split], 4 * max(cfg.hist_lens), cfg.history)  # [n_train, W]
+            long = action_histories(seg, rows[train_split], 4 * max(cfg.hist_lens), cfg.history, train_split)  # [n_train, W]
             words = [action_words(classes, a, cfg.colon) for a in range(classes.num_actions)]
 
         extra = _corpus_examples(classes, corpus, cfg, tok) if cfg.corpus_examples else None

@@ -88,10 +88,12 @@ def read_corpus(path: str | Path) -> list[str]:
 
 
 def history_texts(
-    classes: ClassTable, segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy", colon: str = "keep"
+    classes: ClassTable, segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy", colon: str = "keep",
+    split: str | None = None,
 ) -> list[str]:
-    """The history text of each segment row ("" for a segment with no earlier action)."""
-    hist = histories(segments, rows, hist_len, mode)  # [n, hist_len], -1 padded
+    """The history text of each segment row ("" for a segment with no earlier action);
+    in gappy mode the history comes from ``split``."""
+    hist = histories(segments, rows, hist_len, mode, split)  # [n, hist_len], -1 padded
     return [action_text(classes, segments.action[h[h >= 0]], colon) for h in hist]
 
 
@@ -104,9 +106,9 @@ def history_corpus(
     Only the split's own labels are read, so pretraining on ``training1`` sees nothing
     of ``validation1``.
     """
-    rows = segments.rows_in(split)
+    rows = segments.rows_in(split, labelled=True)
     if len(rows) == 0:
-        raise DataError(f"split {split!r}: no segments")
+        raise DataError(f"split {split!r}: no labelled segments")
     order = rows[np.lexsort((segments.uid[rows], segments.start_frame[rows], segments.video[rows]))]
     lines = []
     step = max(1, window // 2)

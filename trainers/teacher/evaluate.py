@@ -5,52 +5,65 @@ from __future__ import annotations
 import numpy as np
 
 from kdstore.errors import DataError
-from kdstore.metrics import compute_metrics
+from kdstore.metrics import TASKS, compute_metrics, epic_subsets, metric_columns
 from kdstore.store import Store, provenance_entry
 
 from .ngram import ngram_baseline
 
 
-def evaluate_group(store: Store, name: str, split: str) -> dict:
-    """Metrics of ``teacher/<name>`` on the segments of ``split`` it predicts.
+def evaluate_group(store: Store, name: str, split: str | None = None) -> dict:
+    """Metrics of ``teacher/<name>`` on the labelled segments of ``split`` it predicts
+    (default: the store's evaluation split), with the EK100 subsets the store holds.
 
-    Adds ``coverage`` (% of the split's segments with a prediction); DataError if none.
+    Adds ``coverage`` (% of the split's labelled segments with a prediction) and
+    ``unlabelled`` (segments of the split without a label, left out); DataError if no
+    labelled segment has a prediction.
     """
     seg = store.segments
-    rows = seg.rows_in(split)
+    split = split or store.default_splits()[1]
+    rows, all_rows = seg.rows_in(split, labelled=True), seg.rows_in(split)
     if len(rows) == 0:
-        raise DataError(f"{store.path}: no segments in split {split!r}")
+        raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
     group = store.teacher(name)
     prow = group.row_of_segment[rows]  # [n], -1 where absent
     keep = prow >= 0
     if not keep.any():
-        raise DataError(f"predictions {name!r}: none of the {len(rows)} segments of split {split!r} has a prediction")
-    logits = np.asarray(group.logits[prow[keep]], dtype=np.float32)
-    return {**compute_metrics(logits, seg.action[rows[keep]], store.classes), "coverage": float(100.0 * keep.mean())}
+        raise DataError(f"predictions {name!r}: none of the {len(rows)} labelled segments of split {split!r} has a prediction")
+    p = prow[keep]
+    heads = {k: None if getattr(group, f"{k}_logits") is None else np.asarray(getattr(group, f"{k}_logits")[p], np.float32)
+             for k in ("verb", "noun")}
+    m = compute_metrics(np.asarray(group.logits[p], dtype=np.float32), seg.action[rows[keep]], store.classes,
+                        verb_scores=heads["verb"], noun_scores=heads["noun"], subsets=epic_subsets(seg, rows[keep], split))
+    return {**m, "coverage": float(100.0 * keep.mean()), "unlabelled": int(len(all_rows) - len(rows))}
 
 
 def evaluate_ngram(
     store: Store,
-    train_split: str,
-    split: str,
+    train_split: str | None = None,
+    split: str | None = None,
     order: int = 3,
     mode: str = "gappy",
     write: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Metrics of the n-gram baseline fitted on ``train_split``, on ``split``.
+    """Metrics of the n-gram baseline fitted on ``train_split``'s labelled segments, on the
+    labelled segments of ``split`` (defaults: the store's training and evaluation splits).
 
-    With ``write`` its log-probabilities for ``split`` are stored as a prediction group
-    of kind "baseline", metrics included.
+    With ``write`` its log-probabilities for those segments are stored as a prediction
+    group of kind "baseline", metrics included.
     """
     seg = store.segments
-    rows = seg.rows_in(split)
+    if train_split is None or split is None:
+        train, evaluate = store.default_splits()
+        train_split, split = train_split or train, split or evaluate
+    rows, all_rows = seg.rows_in(split, labelled=True), seg.rows_in(split)
     if len(rows) == 0:
-        raise DataError(f"{store.path}: no segments in split {split!r}")
+        raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
     if write and write in store.predictions() and not overwrite:
         raise DataError(f"{store.path}: predictions {write!r} already exist (pass overwrite to replace them)")
-    probs = ngram_baseline(seg, store.classes.num_actions, train_split, rows, order, mode)  # [n, A]
-    metrics = compute_metrics(probs, seg.action[rows], store.classes, kind="probs")
+    probs = ngram_baseline(seg, store.classes.num_actions, train_split, rows, order, mode, split=split)  # [n, A]
+    metrics = compute_metrics(probs, seg.action[rows], store.classes, kind="probs", subsets=epic_subsets(seg, rows, split))
+    metrics["unlabelled"] = int(len(all_rows) - len(rows))
     if write:
         config = {"model": f"interpolated {order}-gram (Witten-Bell, add-1 unigram)", "order": order,
                   "history": mode, "train_split": train_split}
@@ -60,17 +73,39 @@ def evaluate_ngram(
     return metrics
 
 
-def metrics_table(named: dict[str, dict], title: str | None = None):
-    """A rich Table with one row of metrics per name (percentages, 2 decimals)."""
+def metrics_table(named: dict[str, dict], title: str | None = None, dataset: str | None = None):
+    """A rich Table with one row of metrics per name (percentages, 2 decimals), in the
+    columns the dataset reports (``kdstore.metrics.metric_columns``)."""
     from rich.table import Table
 
-    from kdstore.metrics import METRIC_COLUMNS
-
-    cols = [c for c in METRIC_COLUMNS if any(m.get(c) is not None for m in named.values())]
+    cols = [(k, h) for k, h in metric_columns(dataset) if any(m.get(k) is not None for m in named.values())]
+    cols += [(k, k) for k in ("n", "coverage", "unlabelled") if any(m.get(k) for m in named.values())]
     table = Table(title=title)
     table.add_column("model")
-    for c in cols:
-        table.add_column(c, justify="right")
+    for _, h in cols:
+        table.add_column(h, justify="right")
     for name, m in named.items():
-        table.add_row(name, *("-" if m.get(c) is None else str(m[c]) if c == "n" else f"{m[c]:.2f}" for c in cols))
+        table.add_row(name, *("-" if m.get(k) is None else str(m[k]) if isinstance(m[k], int) else f"{m[k]:.2f}" for k, _ in cols))
+    return table
+
+
+def metrics_grid(m: dict, title: str | None = None, dataset: str | None = None):
+    """One model's EPIC metrics as a rich Table with a column per task (verb, noun,
+    action) and a row per measure (EK55: top-1, top-5, mean top-5 recall, many-shot;
+    EK100: overall, unseen, tail); None for datasets without per-task metrics."""
+    from rich.table import Table
+
+    cells: dict[str, dict[str, float]] = {}
+    for key, header in metric_columns(dataset):
+        task, _, what = header.partition(" ")
+        if task in TASKS and m.get(key) is not None:
+            cells.setdefault(what, {})[task] = m[key]
+    if not cells:
+        return None
+    table = Table(title=title)
+    table.add_column("%")
+    for t in TASKS:
+        table.add_column(t, justify="right")
+    for what, row in cells.items():
+        table.add_row(what, *("-" if row.get(t) is None else f"{row[t]:.2f}" for t in TASKS))
     return table

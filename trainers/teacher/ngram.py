@@ -68,24 +68,28 @@ class NGram:
 
 def ngram_baseline(
     segments: SegmentTable, num_actions: int, train_split: str, rows: np.ndarray, order: int = 3, mode: str = "gappy",
-    extra: list[np.ndarray] | None = None,
+    extra: list[np.ndarray] | None = None, split: str | None = None,
 ) -> np.ndarray:
-    """[len(rows), A] probabilities of an n-gram fitted on ``train_split``'s (history, action) pairs
-    (plus those of the ``extra`` action-id sequences, e.g. a corpus's)."""
-    train = segments.rows_in(train_split)
+    """[len(rows), A] probabilities of an n-gram fitted on the (history, action) pairs of
+    ``train_split``'s labelled segments (plus those of the ``extra`` action-id sequences,
+    e.g. a corpus's). In gappy mode the histories of ``rows`` come from ``split``."""
+    train = segments.rows_in(train_split, labelled=True)
     if len(train) == 0:
-        raise DataError(f"split {train_split!r}: no segments to fit the n-gram on")
+        raise DataError(f"split {train_split!r}: no labelled segments to fit the n-gram on")
     width = max(order - 1, 1)
-    contexts, targets = [action_histories(segments, train, width, mode)], [segments.action[train]]
+    contexts, targets = [action_histories(segments, train, width, mode, train_split)], [segments.action[train]]
     for seq in extra or []:
         padded = np.concatenate([np.full(width, -1, np.int64), np.asarray(seq, np.int64)])
         contexts.append(np.stack([padded[j : j + width] for j in range(len(seq))]).reshape(len(seq), width))
         targets.append(np.asarray(seq, np.int64))
     model = NGram(num_actions, order).fit(np.concatenate(contexts), np.concatenate(targets))
-    return model.predict(action_histories(segments, np.asarray(rows), width, mode))
+    return model.predict(action_histories(segments, np.asarray(rows), width, mode, split))
 
 
-def action_histories(segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy") -> np.ndarray:
-    """[len(rows), hist_len] action ids of each row's history, oldest first, -1 padded."""
-    h = histories(segments, rows, hist_len, mode)  # segment rows, -1 padded
+def action_histories(
+    segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy", split: str | None = None
+) -> np.ndarray:
+    """[len(rows), hist_len] action ids of each row's history (from ``split`` in gappy
+    mode), oldest first, -1 padded."""
+    h = histories(segments, rows, hist_len, mode, split)  # segment rows, -1 padded
     return np.where(h >= 0, segments.action[h.clip(0)], -1)
