@@ -391,7 +391,7 @@ def test_workers_end_with_the_main_process(long_dir, sig):
         pids = json.loads(main.stdout.readline())
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         main.send_signal(sig)
-        main.wait(30)
+        main.wait(90)  # generous: a loaded 2-core CI machine slows interpreter teardown, not the shutdown logic
         assert _gone(pids), "orphan decoding workers"
         assert not _ring_files(main.pid)
         if sig == signal.SIGINT:
