@@ -14,19 +14,13 @@ import numpy as np
 
 from .errors import MissingError
 from .metrics import compute_metrics
-from .store import Predictions, Store
+from .store import Store
+from .targets import present_logits
 
 COLUMNS = [
     ("top1", "top-1"), ("top5", "top-5"), ("mean_top1_recall", "class-mean top-1 recall"),
     ("mean_top5_recall", "class-mean top-5 recall"), ("many_shot_top5_recall", "many-shot top-5 recall"),
 ]
-
-
-def _split_scores(group: Predictions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [n, A] of the rows with a prediction, those rows)."""
-    prow = group.row_of_segment[rows]
-    keep = prow >= 0
-    return np.asarray(group.logits[prow[keep]], dtype=np.float32), rows[keep]
 
 
 def metrics_table(store: Store, split: str, names: list[str] | None = None) -> list[dict]:
@@ -36,7 +30,7 @@ def metrics_table(store: Store, split: str, names: list[str] | None = None) -> l
     table = []
     for name in names or store.predictions():
         g = store.teacher(name)
-        logits, kept = _split_scores(g, rows)
+        logits, kept = present_logits(g, rows)
         if len(kept) == 0:
             continue
         m = compute_metrics(logits, seg.action[kept], classes)
@@ -100,7 +94,7 @@ def _plot_recall_diff(store: Store, split: str, kd: str, plain: str, path: Path)
     rows = seg.rows_in(split)
     r = {}
     for name in (kd, plain):
-        logits, kept = _split_scores(store.teacher(name), rows)
+        logits, kept = present_logits(store.teacher(name), rows)
         r[name] = per_class_recall(logits, seg.action[kept], classes.num_actions)
     diff = (r[kd] - r[plain]) * 100
     present = np.flatnonzero(~np.isnan(diff))
@@ -134,7 +128,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
     import matplotlib.pyplot as plt
 
     seg = store.segments
-    logits, kept = _split_scores(store.teacher(teacher), seg.rows_in(split))
+    logits, kept = present_logits(store.teacher(teacher), seg.rows_in(split))
     c = calibration(logits, seg.action[kept])
     centers = (c["edges"][:-1] + c["edges"][1:]) / 2
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
@@ -176,8 +170,8 @@ def write_report(
     if teacher is None:
         raise MissingError(f"{store.path}: no teacher predictions to report on")
 
-    def distils(name: str) -> bool:
-        return store.teacher(name).config.get("distill_mode", "none") != "none"
+    def distils(name: str) -> bool:  # a student trained with a teacher (predict_into_store records it)
+        return store.teacher(name).config.get("teacher") is not None
 
     kd_student = kd_student or next((s for s in students if distils(s)), None)
     plain_student = plain_student or next((s for s in students if not distils(s)), None)

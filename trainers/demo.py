@@ -19,7 +19,6 @@ from rich.console import Console
 
 from kdstore.errors import KDStoreError
 from kdstore.ingest import ingest
-from kdstore.metrics import compute_metrics
 from kdstore.report import format_table, metrics_table, write_report
 from kdstore.store import Store, provenance_entry
 from kdstore.synthetic import CORPUS_FILE, SyntheticConfig, generate_annotations, synthetic_features
@@ -37,6 +36,7 @@ class DemoConfig:
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(n_videos=120, shared_stages=24, corpus_size=2000))
     annotations: str | None = None  # a RULSTM folder instead of the synthetic data
     split: int = 1  # with ``annotations``: training<split> / validation<split>
+    fps: float | None = None  # with ``annotations``: their frame rate (None: the dataset's default)
     feature_dim: int = 64
     feature_rate: float = 2.0
     feature_noise: float = 2.0
@@ -66,6 +66,7 @@ def _check_dir(out: Path) -> None:
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Console | None = None) -> dict:
     """Run (or resume) the demo in ``out_dir``; returns the summary written to ``summary.json``."""
     from trainers.student.config import preset as student_preset
+    from trainers.student.distill import without_distillation
     from trainers.student.train import predict_into_store, train_student
     from trainers.teacher.build import build_teacher
     from trainers.teacher.corpus import corpus_sequences, read_corpus
@@ -85,7 +86,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     # 1. annotations -> store
     store_path = out / "store.zarr"
     if cfg.annotations:
-        ann, splits, fps = Path(cfg.annotations), [f"training{cfg.split}", f"validation{cfg.split}"], None
+        ann, splits, fps = Path(cfg.annotations), [f"training{cfg.split}", f"validation{cfg.split}"], cfg.fps
     else:
         ann, splits, fps = out / "annotations", ["training1", "validation1"], 24.0
         if not (ann / "actions.csv").exists():
@@ -128,36 +129,34 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
         writer.commit(provenance_entry("synthetic_features", group=f"video/{FEATURES}"))
 
     # 4. students with and without distillation, several seeds
-    results: dict[str, list[dict]] = {"kd": [], "no-kd": []}
+    variants = ("no-kd", "kd")
     for seed in cfg.seeds:
-        for variant in ("kd", "no-kd"):
+        for variant in variants:
             name = f"student-{variant}-s{seed}"
             if name not in store.predictions():
-                over = {**cfg.student_overrides, "seed": seed}
+                scfg = student_preset(cfg.student_preset, **{**cfg.student_overrides, "seed": seed})
                 if variant == "no-kd":
-                    over["distill_mode"] = "none"
-                scfg = student_preset(cfg.student_preset, **over)
+                    scfg = without_distillation(scfg)
                 console.print(f"[bold]4/5[/bold] train {name}")
                 run = out / "runs" / name
                 train_student(store_path, FEATURES, run, scfg, teacher="teacher" if variant == "kd" else None,
                               train_split=train_split, eval_split=eval_split)
                 predict_into_store(store_path, run, name, [train_split, eval_split], overwrite=True)
                 store = Store.open(store_path)
-            g = store.teacher(name)
-            rows = seg.rows_in(eval_split)
-            prow = g.row_of_segment[rows]
-            results[variant].append(compute_metrics(np.asarray(g.logits[prow], np.float32), seg.action[rows], classes))
 
     # 5. table and report
     console.print("[bold]5/5[/bold] evaluate and report")
-    table = metrics_table(store, eval_split, ["teacher", *baselines, *(f"student-{v}-s{s}" for v in ("no-kd", "kd") for s in cfg.seeds)])
+    students = {v: [f"student-{v}-s{s}" for s in cfg.seeds] for v in variants}
+    table = metrics_table(store, eval_split, ["teacher", *baselines, *students["no-kd"], *students["kd"]])
+    by_name = {r["name"]: r for r in table}
     spread = {}
-    for variant, rows in results.items():
+    for variant, names in students.items():
+        rows = [by_name[n] for n in names]
         spread[variant] = {k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows))
                            for k in ("top1", "top5", "mean_top1_recall") if rows[0].get(k) is not None}
     seed_rows = "".join(
         f"<tr><td>student {v}</td>" + "".join(f"<td>{m:.2f} &plusmn; {s:.2f}</td>" for m, s in spread[v].values()) + "</tr>"
-        for v in ("no-kd", "kd")
+        for v in variants
     )
     extra = (f"<h2>Students over {len(cfg.seeds)} seeds (mean &plusmn; std)</h2><table><tr><th>model</th>"
              + "".join(f"<th>{k} (%)</th>" for k in spread["kd"]) + f"</tr>{seed_rows}</table>")

@@ -7,6 +7,7 @@ import numpy as np
 from kdstore.errors import DataError
 from kdstore.metrics import compute_metrics
 from kdstore.store import Store, provenance_entry
+from kdstore.targets import present_logits
 
 from .ngram import ngram_baseline
 
@@ -20,13 +21,10 @@ def evaluate_group(store: Store, name: str, split: str) -> dict:
     rows = seg.rows_in(split)
     if len(rows) == 0:
         raise DataError(f"{store.path}: no segments in split {split!r}")
-    group = store.teacher(name)
-    prow = group.row_of_segment[rows]  # [n], -1 where absent
-    keep = prow >= 0
-    if not keep.any():
+    logits, kept = present_logits(store.teacher(name), rows)  # [n, A], [n]
+    if len(kept) == 0:
         raise DataError(f"predictions {name!r}: none of the {len(rows)} segments of split {split!r} has a prediction")
-    logits = np.asarray(group.logits[prow[keep]], dtype=np.float32)
-    return {**compute_metrics(logits, seg.action[rows[keep]], store.classes), "coverage": float(100.0 * keep.mean())}
+    return {**compute_metrics(logits, seg.action[kept], store.classes), "coverage": float(100.0 * len(kept) / len(rows))}
 
 
 def evaluate_ngram(
