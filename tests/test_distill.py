@@ -35,21 +35,23 @@ class PaperKLDiv(nn.KLDivLoss):
 
 
 class PaperTopKKLDiv(nn.KLDivLoss):
-    """kld_lm.py's top-K block: the teacher's top-50 logits and the student's logits at those classes."""
+    """kld_lm.py's (commented-out) top-K block: the teacher's top-50 logits and the student's logits
+    at those classes; T = 5, as the EK55 runs are named (``*_kldiv_top50_*_wt20_t5``)."""
 
     def __init__(self):
         super().__init__(reduction="none", log_target=True)
 
     def forward(self, inp, tgt):
-        T, k = 10, 50
+        T, k = 5, 50
         tgt_topk, topk_ind = torch.topk(tgt, k=k, sorted=False)
         inp_redist = torch.gather(inp, dim=1, index=topk_ind)
         return super().forward(torch.log_softmax(inp_redist / T, dim=1), torch.log_softmax(tgt_topk / T, dim=1)) * (T**2)
 
 
-def paper_weighted(loss_fn, inp, tgt, weight=150.0):
-    """func/train.py: every loss is reduced with torch.mean, then multiplied by its loss_wts entry."""
-    return weight * torch.mean(loss_fn(inp, tgt))
+def paper_weighted(loss_fn, inp, tgt):
+    """func/train.py: every loss is reduced with torch.mean, then multiplied by its loss_wts entry
+    (conf/config.yaml: distill 150 for EGTEA; the EK55 runs: 20)."""
+    return (20.0 if isinstance(loss_fn, PaperTopKKLDiv) else 150.0) * torch.mean(loss_fn(inp, tgt))
 
 
 def paper_cosine(inp, tgt):
