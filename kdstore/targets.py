@@ -20,6 +20,7 @@ from .store import Predictions
 # their class indices, [B] log-sum-exp of logits / T, [B, H] [CLS] features.
 FIELDS = {"logits": np.float32, "topk_values": np.float32, "topk_indices": np.int32, "lse": np.float32,
           "features": np.float32}
+_TOPK = {"topk_values", "topk_indices"}  # the fields ``k`` cuts
 
 
 class TeacherTargets:
@@ -28,9 +29,9 @@ class TeacherTargets:
     Args:
         group: the prediction group (``Store.teacher(name)``).
         fields: names from :data:`FIELDS`.
-        temperature: the temperature of ``lse`` (required when ``lse`` is asked for).
+        temperature: the temperature of ``lse`` (required when ``lse`` is asked for; unused otherwise).
         k: how many of the stored top-K columns ``topk_values``/``topk_indices`` return
-            (default: all stored).
+            (default: all stored; unused without them).
 
     Raises:
         ConfigError: an unknown field, ``lse`` without a temperature, ``k`` above the stored
@@ -49,7 +50,7 @@ class TeacherTargets:
         if group.attrs["num_classes"] != actions:
             raise ConfigError(f"teacher/{group.name}: {group.attrs['num_classes']} classes, store has {actions}")
         self.k = group.topk if k is None else int(k)
-        if not 1 <= self.k <= group.topk:
+        if _TOPK & set(self.fields) and not 1 <= self.k <= group.topk:
             raise ConfigError(f"teacher/{group.name}: stores top-{group.topk}, asked for top-{self.k}")
         self.row_of_segment = group.row_of_segment  # [N] segment row -> prediction row, -1: absent
         self._arrays: dict[str, np.ndarray] = {}
@@ -69,7 +70,7 @@ class TeacherTargets:
         """Columns of ``field`` as :meth:`gather` returns it (0 for the per-row ``lse``)."""
         if field == "lse":
             return 0
-        return self.k if field.startswith("topk") else int(self._arrays[field].shape[1])
+        return self.k if field in _TOPK else int(self._arrays[field].shape[1])
 
     def gather(self, segment_rows: np.ndarray) -> dict[str, np.ndarray]:
         """``present [B] bool`` and each field for a batch of segment rows (zeros where absent)."""
@@ -80,7 +81,7 @@ class TeacherTargets:
         for field, a in self._arrays.items():
             if field == "lse":
                 x = a[take, self._lse_col]  # [B]
-            elif field.startswith("topk"):
+            elif field in _TOPK:
                 x = a[take, : self.k]  # [B, k]
             else:
                 x = a[take]  # [B, A] or [B, H]

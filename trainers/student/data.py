@@ -68,9 +68,7 @@ class StudentData(torch.utils.data.Dataset):
         self.targets: TeacherTargets | None = None
         wanted = tuple(fields) if fields is not None else reads(cfg)
         if teacher is not None and wanted:
-            self.targets = TeacherTargets(store.teacher(teacher), wanted,
-                                          temperature=cfg.temperature if "lse" in wanted else None,
-                                          k=cfg.topk if any(f.startswith("topk") for f in wanted) else None)
+            self.targets = TeacherTargets(store.teacher(teacher), wanted, temperature=cfg.temperature, k=cfg.topk)
 
     def __len__(self) -> int:
         return len(self.rows)

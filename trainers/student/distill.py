@@ -55,28 +55,31 @@ class Term:
     loss: Loss
 
 
-def _kl(mode: str) -> Loss:
-    def loss(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> Tensor:
-        # Imported on use: importing it JIT-decorates Triton kernels (the decoration reads
-        # TRITON_INTERPRET), which runs without distillation and CPU-only imports needn't pay.
-        from trainers.kernels.topk_kl import topk_kl
+def _topk_kl(logits: Tensor, teacher: Tensor, idx: Tensor, mode: str, lse: Tensor | None, batch: Batch,
+             cfg: StudentConfig) -> Tensor:
+    """T^2 x the KL of trainers.kernels.topk_kl, reduced by cfg.distill_reduction; 0 when no row has a teacher."""
+    # Imported on use: importing it JIT-decorates Triton kernels (the decoration reads
+    # TRITON_INTERPRET), which runs without distillation and CPU-only imports needn't pay.
+    from trainers.kernels.topk_kl import topk_kl
 
-        logits = out["logits"]  # [B, A]
-        if mode == "full":
-            if batch.teacher_logits.shape != logits.shape:
-                raise DataError(f"teacher_logits: expected shape {list(logits.shape)} like the student's "
-                                 f"logits, got {list(batch.teacher_logits.shape)}")
-            # the full KL is the top-K KL with K = every class in order
-            idx = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape)  # [B, A]
-            args = (batch.teacher_logits, idx, "topk", None)
-        else:
-            args = (batch.teacher_topk, batch.teacher_idx, mode, batch.teacher_lse)
-        T = cfg.temperature
-        kl = topk_kl(logits, args[0], args[1], T, mode=args[2], teacher_lse=args[3], mask=batch.teacher_mask,
-                     reduction=cfg.distill_reduction)  # [], 0 where no row has a teacher
-        return T * T * kl
+    T = cfg.temperature
+    return T * T * topk_kl(logits, teacher, idx, T, mode=mode, teacher_lse=lse, mask=batch.teacher_mask,
+                           reduction=cfg.distill_reduction)
 
-    return loss
+
+def _kl_full(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> Tensor:
+    logits = out["logits"]  # [B, A]
+    if batch.teacher_logits.shape != logits.shape:
+        raise DataError(f"teacher_logits: expected shape {list(logits.shape)} like the student's "
+                        f"logits, got {list(batch.teacher_logits.shape)}")
+    # the full KL is the top-K KL with K = every class, in order
+    idx = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape)  # [B, A]
+    return _topk_kl(logits, batch.teacher_logits, idx, "topk", None, batch, cfg)
+
+
+def _kl_topk(mode: str) -> Loss:
+    return lambda out, batch, cfg: _topk_kl(out["logits"], batch.teacher_topk, batch.teacher_idx, mode,
+                                            batch.teacher_lse, batch, cfg)
 
 
 def _masked_mean_rows(per_row: Tensor, mask: Tensor, width: int = 1) -> Tensor:
@@ -108,9 +111,9 @@ def _feat_mse(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> Tenso
 
 NONE = "none"  # distill_mode of a run without a KD term
 KD_MODES: dict[str, Term] = {
-    "full": Term("distill", ("logits",), _kl("full")),
-    "topk": Term("distill", ("topk_values", "topk_indices"), _kl("topk")),
-    "topk_lse": Term("distill", ("topk_values", "topk_indices", "lse"), _kl("topk_lse")),
+    "full": Term("distill", ("logits",), _kl_full),
+    "topk": Term("distill", ("topk_values", "topk_indices"), _kl_topk("topk")),
+    "topk_lse": Term("distill", ("topk_values", "topk_indices", "lse"), _kl_topk("topk_lse")),
 }
 FEATURE_TERMS: dict[str, Term] = {
     "distill_feat": Term("distill_feat", ("features",), _feat_cosine),
