@@ -38,6 +38,8 @@ SETTINGS = {
     "full, elements, w450 T10": {"distill": 450.0},
     "full, elements, w150 T5": {"temperature": 5.0},
     "full, elements, w150 T20": {"temperature": 20.0},
+    "full, elements, w150 T2": {"temperature": 2.0},
+    "full, elements, w150 T1": {"temperature": 1.0},
     "top-20, elements, w150 T10": {"distill_mode": "topk", "topk": 20},
     "full, rows, w150 T10": {"distill_reduction": "rows"},
     "full, rows, w1 T2": {"distill_reduction": "rows", "distill": 1.0, "temperature": 2.0},
