@@ -107,6 +107,7 @@ if __name__ == "__main__":
     ap.add_argument("--settings", nargs="+", default=None, help="setting names (default: all); see --list")
     ap.add_argument("--split", type=int, default=1, help="training<split> / validation<split>")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out-dir", default=None, help="CSV folder (default bench/results)")
     ap.add_argument("--list", action="store_true", help="print the settings and exit")
     a = ap.parse_args()
     if a.list or a.demo_dir is None:
@@ -115,4 +116,4 @@ if __name__ == "__main__":
     unknown = sorted(set(a.settings or ()) - set(SETTINGS))
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; see --list")
-    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny)))
+    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir)))
