@@ -22,6 +22,9 @@ step 180 python3 bench/topk_kl.py --device cuda
 step 90 python3 bench/student_step.py --device cuda
 if [ "${GPU_CHECKS_ALL:-1}" = 1 ]; then
     step 60 python3 bench/attention.py --device cuda
-    step 90 python3 bench/video_features.py --device cuda --backbone vit-b16
+    # the video pipeline on CUDA (pinned uploads, side stream, NVDEC), then ViT-B/16 throughput:
+    # 640x480 and 1920x1080 H.264 (GOP 1 s), 60 s videos sampled at 2 fps, 16 decoding workers
+    step 120 python3 -m pytest -q -p no:cacheprovider tests/test_video_features.py -k cuda -rs
+    step 240 python3 bench/video_features.py --device cuda --backbone vit-b16 --sizes 640x480,1920x1080 --videos 240,48 --seconds 60
 fi
 if [ $# -ge 1 ]; then cp bench/results/{topk_kl,attention,student_step,video_features}.csv "$1"/ 2>/dev/null; fi

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
+from kdstore.faults import crash_point
+
 from .config import TeacherConfig
 from .models import TeacherModel
 from .optim import (load_checkpoint, lr_at, make_optimizer, pad_batch, save_checkpoint, seed_epoch, set_lr,
@@ -128,6 +130,7 @@ def finetune(
         log.append(row)
         if ckpt_dir:
             save_checkpoint(ckpt_dir, model, opt, {"epoch": epoch + 1, "step": step, "log": log})
+            crash_point("teacher.epoch")
         if on_epoch:
             on_epoch(epoch + 1, row)
     return log

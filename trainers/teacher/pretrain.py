@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 
 from kdstore.errors import ConfigError, DataError
+from kdstore.faults import crash_point
 
 from .models import check_checkpoint, encoder_config, load_mlm
 from .optim import lr_at, make_optimizer, num_threads, pad_batch, seed_epoch, set_lr, steps_per_epoch
@@ -128,6 +129,7 @@ def _pretrain(texts, out: Path, cfg: PretrainConfig, tok, on_step) -> dict:
             if on_step:
                 on_step(step, total)
         log.append({"epoch": epoch + 1, "mlm_loss": loss_sum / per_epoch, "seconds": time.perf_counter() - t0})
+        crash_point("teacher.pretrain")
     summary = {"config": cfg.__dict__, "lines": len(texts), "chunks": n, "vocab": len(tok), "log": log}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
