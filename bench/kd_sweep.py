@@ -1,11 +1,12 @@
 """Does distillation help? Train the demo's student under several KD settings over several seeds.
 
-    python bench/kd_sweep.py DEMO_DIR [--seeds 0 1 2] [--settings NAME ...] [--split 1] [--tiny]
+    python bench/kd_sweep.py DEMO_DIR [--seeds 0 1 2] [--settings NAME ...] [--split 1] [--set k=v ...] [--tiny]
 
 Uses the store a ``kdstore demo DEMO_DIR`` run built (frame features ``synthetic`` and the
 text teacher ``teacher``; with ``--annotations`` on real label sequences) and trains the
 demo's student (``DemoConfig``'s preset and overrides) without KD and under each setting,
-appending one row per run (validation metrics, seconds) to ``bench/results/kd_sweep.csv``.
+``--set k=v`` overrides any student config field in every run (e.g.
+``--set epochs=5`` for a shorter sweep), appending one row per run (validation metrics, seconds) to ``bench/results/kd_sweep.csv``.
 Prints a markdown table: class-mean top-1 recall per seed, mean ± std over seeds, and the
 mean top-1 and top-5. ``--list`` prints the settings. Torch threads follow ``OMP_NUM_THREADS``
 (the figures in docs/distillation.md ran with 1: on a shared, busy CPU two threads run 4-8x slower).
@@ -27,6 +28,7 @@ from trainers.demo import FEATURES, DemoConfig  # noqa: E402
 from trainers.student.config import preset  # noqa: E402
 from trainers.student.distill import distills, without_distillation  # noqa: E402
 from trainers.student.train import train_student  # noqa: E402
+from trainers.teacher.config import parse_overrides  # noqa: E402
 
 NO_KD = "no KD"
 # Overrides of the demo student, whose preset distils as the paper does: full KL at T = 10
@@ -48,22 +50,23 @@ SETTINGS = {
 METRICS = ("mean_top1_recall", "top1", "top5")
 
 
-def student_config(setting: str, seed: int, tiny: bool = False):
-    """The demo's student config under ``setting`` for ``seed``."""
+def student_config(setting: str, seed: int, tiny: bool = False, overrides: dict | None = None):
+    """The demo's student config under ``setting`` for ``seed``, with ``overrides`` on every setting."""
     demo = DemoConfig()
-    base = {**demo.student_overrides, **({"epochs": 2, "inter_dim": 32, "n_head": 2} if tiny else {})}
+    base = {**demo.student_overrides, **({"epochs": 2, "inter_dim": 32, "n_head": 2} if tiny else {}), **(overrides or {})}
     cfg = preset(demo.student_preset, **{**base, **SETTINGS[setting], "seed": seed})
     return without_distillation(cfg) if setting == NO_KD else cfg
 
 
-def run(demo_dir: str | Path, seeds=(0,), settings=None, split: int = 1, tiny: bool = False, out_dir=None) -> list[dict]:
+def run(demo_dir: str | Path, seeds=(0,), settings=None, split: int = 1, tiny: bool = False, out_dir=None,
+        overrides: dict | None = None) -> list[dict]:
     """Train every setting for every seed on the demo store; returns the appended rows."""
     store = Path(demo_dir) / "store.zarr"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in settings or SETTINGS:
             for seed in seeds:
-                cfg = student_config(name, seed, tiny)
+                cfg = student_config(name, seed, tiny, overrides)
                 t0 = time.perf_counter()
                 try:
                     m = train_student(store, FEATURES, Path(tmp) / f"{len(rows)}", cfg,
@@ -106,6 +109,8 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--settings", nargs="+", default=None, help="setting names (default: all); see --list")
     ap.add_argument("--split", type=int, default=1, help="training<split> / validation<split>")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
+                    help="student config override for every run (repeatable), e.g. --set epochs=5")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out-dir", default=None, help="CSV folder (default bench/results)")
     ap.add_argument("--list", action="store_true", help="print the settings and exit")
@@ -116,4 +121,4 @@ if __name__ == "__main__":
     unknown = sorted(set(a.settings or ()) - set(SETTINGS))
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; see --list")
-    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir)))
+    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir, parse_overrides(a.overrides))))

@@ -108,6 +108,9 @@ def test_kd_sweep_tiny(demo_dir, tmp_path):
         **{**student_config(NO_KD, 0).to_dict(), "distill_mode": "full", "distill": 150.0})
     for name in SETTINGS:
         student_config(name, 0)
+    # --set overrides apply under every setting, the setting's own fields still win
+    shorter = student_config("full, elements, w150 T5", 0, overrides={"epochs": 3, "temperature": 1.0})
+    assert shorter.epochs == 3 and shorter.temperature == 5.0
 
 
 def test_demo_seed_means_come_from_the_table(demo_dir):
