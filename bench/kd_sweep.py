@@ -1,6 +1,7 @@
 """Does distillation help? Train the demo's student under several KD settings over several seeds.
 
     python bench/kd_sweep.py DEMO_DIR [--seeds 0 1 2] [--settings NAME ...] [--split 1] [--set k=v ...] [--tiny]
+    python bench/kd_sweep.py --table CSV [CSV ...]
 
 Uses the store a ``kdstore demo DEMO_DIR`` run built (frame features ``synthetic`` and the
 text teacher ``teacher``; with ``--annotations`` on real label sequences) and trains the
@@ -8,7 +9,8 @@ demo's student (``DemoConfig``'s preset and overrides) without KD and under each
 ``--set k=v`` overrides any student config field in every run (e.g.
 ``--set epochs=5`` for a shorter sweep), appending one row per run (validation metrics, seconds) to ``bench/results/kd_sweep.csv``.
 Prints a markdown table: class-mean top-1 recall per seed, mean ± std over seeds, and the
-mean top-1 and top-5. ``--list`` prints the settings. Torch threads follow ``OMP_NUM_THREADS``
+mean top-1 and top-5; ``--table CSV ...`` prints that table from the rows of earlier sweeps (e.g.
+several run side by side with their own ``--out-dir``). ``--list`` prints the settings. Torch threads follow ``OMP_NUM_THREADS``
 (the figures in docs/distillation.md ran with 1: on a shared, busy CPU two threads run 4-8x slower).
 """
 
@@ -82,6 +84,17 @@ def run(demo_dir: str | Path, seeds=(0,), settings=None, split: int = 1, tiny: b
     return rows
 
 
+def read_rows(paths) -> list[dict]:
+    """The rows of kd_sweep CSVs, as ``run`` returns them (empty cells dropped)."""
+    import csv
+
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows += [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per setting, class-mean top-1 recall per seed and mean ± std over seeds."""
     import json
@@ -114,7 +127,11 @@ if __name__ == "__main__":
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out-dir", default=None, help="CSV folder (default bench/results)")
     ap.add_argument("--list", action="store_true", help="print the settings and exit")
+    ap.add_argument("--table", nargs="+", metavar="CSV", help="print the table of these sweep CSVs and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(read_rows(a.table)))
+        sys.exit(0)
     if a.list or a.demo_dir is None:
         print("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()))
         sys.exit(0)

@@ -95,7 +95,7 @@ def test_report_helpers_by_hand():
 
 
 def test_kd_sweep_tiny(demo_dir, tmp_path):
-    from bench.kd_sweep import NO_KD, SETTINGS, run, student_config, table
+    from bench.kd_sweep import NO_KD, SETTINGS, read_rows, run, student_config, table
 
     rows = run(demo_dir, seeds=(0, 1), settings=[NO_KD, "paper: full, elements, w150 T10", "paper + feature cosine w1"],
                tiny=True, out_dir=tmp_path)
@@ -103,6 +103,7 @@ def test_kd_sweep_tiny(demo_dir, tmp_path):
     assert all(float(r["seconds"]) > 0 and "error" not in r for r in rows)
     md = table(rows).splitlines()
     assert len(md) == 5 and md[2].startswith(f"| {NO_KD} |") and " ± " in md[3]
+    assert table(read_rows([tmp_path / "kd_sweep.csv"])) == table(rows)  # --table: the same table from the CSV
     # the sweep's "paper" setting is the demo's KD student; every setting is a valid config
     assert student_config("paper: full, elements, w150 T10", 0) == student_config(NO_KD, 0).__class__(
         **{**student_config(NO_KD, 0).to_dict(), "distill_mode": "full", "distill": 150.0})
