@@ -5,13 +5,14 @@
 
 Uses the store a ``kdstore demo DEMO_DIR`` run built (frame features ``synthetic`` and the
 text teacher ``teacher``; with ``--annotations`` on real label sequences) and trains the
-demo's student (``DemoConfig``'s preset and overrides) without KD and under each setting,
-``--set k=v`` overrides any student config field in every run (e.g.
-``--set epochs=5`` for a shorter sweep), appending one row per run (validation metrics, seconds) to ``bench/results/kd_sweep.csv``.
-Prints a markdown table: class-mean top-1 recall per seed, mean ± std over seeds, and the
-mean top-1 and top-5; ``--table CSV ...`` prints that table from the rows of earlier sweeps (e.g.
-several run side by side with their own ``--out-dir``). ``--list`` prints the settings. Torch threads follow ``OMP_NUM_THREADS``
-(the figures in docs/distillation.md ran with 1: on a shared, busy CPU two threads run 4-8x slower).
+demo's student (``DemoConfig``'s preset and overrides) without KD and under each setting;
+``--set k=v`` overrides any student config field in every run (``--set epochs=8`` for a
+shorter sweep). One row per run (validation metrics, seconds) is appended to
+``bench/results/kd_sweep.csv``. Prints a markdown table: class-mean top-1 recall per seed,
+mean ± std over seeds, and the mean top-1 and top-5; ``--table CSV ...`` prints that table
+from the rows of earlier sweeps (several run side by side with their own ``--out-dir``).
+``--list`` prints the settings. Torch threads follow ``OMP_NUM_THREADS`` (the figures in
+docs/distillation.md ran with 1).
 """
 
 from __future__ import annotations
