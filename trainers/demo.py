@@ -47,9 +47,9 @@ class DemoConfig:
     teacher_overrides: dict = field(default_factory=lambda: {
         "hist_len": 10, "max_len": 64, "epochs": 8, "folds": 5, "topk": 50, "pretrain_epochs": 8,
         "vocab_size": 256, "lr": 2e-3, "corpus_examples": 2000})
-    # AVT's egtea head at an eighth of its width (inter_dim 256 of 2048), with the preset's distillation (the paper's: weight
-    # 150, T = 10, mean over B x C elements). SGD lr 1e-2: at AVT's 1e-3 the plain student stays
-    # at chance in 15 epochs on these features.
+    # AVT's egtea head at an eighth of its width (inter_dim 256 of 2048), with the preset's
+    # distillation (the paper's: weight 150, T = 10, mean over B x C elements). SGD lr 1e-2: at
+    # AVT's 1e-3 the plain student stays at chance in 15 epochs on these features.
     student_preset: str = "egtea"
     student_overrides: dict = field(default_factory=lambda: {"inter_dim": 256, "n_head": 4, "epochs": 15, "lr": 1e-2})
     seeds: tuple[int, ...] = (0, 1, 2)
