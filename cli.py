@@ -434,13 +434,13 @@ def train_student(
 ) -> None:
     """Train an AVT-h student on stored features, distilling from a teacher group."""
     from trainers.student.config import preset as make_preset
+    from trainers.student.distill import distills, without_distillation
     from trainers.student.train import train_student as run
 
-    over = _overrides(overrides)
+    cfg = make_preset(preset, **_overrides(overrides))
     if no_distill:
-        over["distill_mode"] = "none"
-    cfg = make_preset(preset, **over)
-    if cfg.distill_mode != "none" and teacher is None:
+        cfg = without_distillation(cfg)
+    if distills(cfg) and teacher is None:
         raise typer.BadParameter("--teacher is required unless --no-distill")
     metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
                   device=device, compile=compile)
@@ -469,13 +469,44 @@ def demo(
     out_dir: Path = typer.Argument(Path("demo-out"), help="Directory for the store, runs and report (resumed if it holds a demo)."),
     annotations: Optional[Path] = typer.Option(None, help="A RULSTM annotation folder (e.g. ../shared/data/egtea) instead of the synthetic data."),
     split: int = typer.Option(1, help="With --annotations: use training<split>/validation<split>."),
+    fps: Optional[float] = typer.Option(None, help="With --annotations: their frame rate (default: by dataset)."),
     seeds: int = typer.Option(3, help="Student seeds per variant (with and without KD)."),
 ) -> None:
     """Run the whole pipeline on a small dataset and print the comparison table."""
     from trainers.demo import DemoConfig, run_demo, summary_text
 
-    cfg = DemoConfig(annotations=str(annotations) if annotations else None, split=split, seeds=tuple(range(seeds)))
+    if fps is not None and annotations is None:
+        raise typer.BadParameter("--fps is the frame rate of --annotations; the synthetic data has its own")
+    cfg = DemoConfig(annotations=str(annotations) if annotations else None, split=split, fps=fps,
+                     seeds=tuple(range(seeds)))
     print(summary_text(run_demo(out_dir, cfg, console=console)))
+
+
+@app.command()
+def ensemble(
+    store: Path,
+    predictions: list[str] = typer.Option(..., "--predictions", "-p", help="A member prediction group (repeat, two or more)."),
+    name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>)."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated member weights, e.g. 2,1,1 (default equal)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
+) -> None:
+    """Write the weighted average of prediction groups as a new group (a KD teacher; evaluate, report, query).
+
+    The members' probabilities are averaged (a mixture), not their logits: members of different
+    kinds and logit scales then count by their beliefs, not by their scale. The group stores the
+    log of the mixture as its logits, with its own top-K and log-sum-exps. Members must predict
+    the same segments over the store's classes.
+    """
+    from kdstore.ensemble import write_ensemble
+    from kdstore.store import Store
+
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise typer.BadParameter(f"--weights {weights!r}: expected comma-separated numbers") from None
+    g = write_ensemble(Store.open(store), predictions, name, weights=w, overwrite=overwrite)
+    mix = ", ".join(f"{m} {x:.3f}" for m, x in zip(predictions, g.config["ensemble"]["weights"]))
+    console.print(f"teacher/{name}: {len(g)} UIDs, kind {g.kind}, probability average of {mix}", highlight=False)
 
 
 @app.command()

@@ -14,14 +14,8 @@ import numpy as np
 
 from .errors import MissingError
 from .metrics import compute_metrics, epic_subsets, metric_columns
-from .store import Predictions, Store
-
-
-def _split_scores(group: Predictions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [n, A] of the rows with a prediction, those rows)."""
-    prow = group.row_of_segment[rows]
-    keep = prow >= 0
-    return np.asarray(group.logits[prow[keep]], dtype=np.float32), rows[keep]
+from .store import Store
+from .targets import present_logits, present_scores
 
 
 def metrics_table(store: Store, split: str | None = None, names: list[str] | None = None) -> list[dict]:
@@ -34,15 +28,11 @@ def metrics_table(store: Store, split: str | None = None, names: list[str] | Non
     table = []
     for name in names or store.predictions():
         g = store.teacher(name)
-        prow = g.row_of_segment[rows]
-        kept = rows[prow >= 0]
+        scores, kept = present_scores(g, rows)
         if len(kept) == 0:
             continue
-        p = prow[prow >= 0]
-        heads = {f"{k}_scores": None if getattr(g, f"{k}_logits") is None else np.asarray(getattr(g, f"{k}_logits")[p], np.float32)
-                 for k in ("verb", "noun")}
-        m = compute_metrics(np.asarray(g.logits[p], np.float32), seg.action[kept], classes, **heads,
-                            subsets=epic_subsets(seg, kept, split))
+        m = compute_metrics(scores["logits"], seg.action[kept], classes, verb_scores=scores["verb_logits"],
+                            noun_scores=scores["noun_logits"], subsets=epic_subsets(seg, kept, split))
         table.append({"name": name, "kind": g.kind, **m, "n": int(len(kept))})
     return table
 
@@ -108,7 +98,7 @@ def _plot_recall_diff(store: Store, split: str, kd: str, plain: str, path: Path)
     rows = seg.rows_in(split, labelled=True)
     r = {}
     for name in (kd, plain):
-        logits, kept = _split_scores(store.teacher(name), rows)
+        logits, kept = present_logits(store.teacher(name), rows)
         r[name] = per_class_recall(logits, seg.action[kept], classes.num_actions)
     diff = (r[kd] - r[plain]) * 100
     present = np.flatnonzero(~np.isnan(diff))
@@ -142,7 +132,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
     import matplotlib.pyplot as plt
 
     seg = store.segments
-    logits, kept = _split_scores(store.teacher(teacher), seg.rows_in(split, labelled=True))
+    logits, kept = present_logits(store.teacher(teacher), seg.rows_in(split, labelled=True))
     c = calibration(logits, seg.action[kept])
     centers = (c["edges"][:-1] + c["edges"][1:]) / 2
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
@@ -186,8 +176,8 @@ def write_report(
     if teacher is None:
         raise MissingError(f"{store.path}: no teacher predictions to report on")
 
-    def distils(name: str) -> bool:
-        return store.teacher(name).config.get("distill_mode", "none") != "none"
+    def distils(name: str) -> bool:  # a student trained with a teacher (predict_into_store records it)
+        return store.teacher(name).config.get("teacher") is not None
 
     kd_student = kd_student or next((s for s in students if distils(s)), None)
     plain_student = plain_student or next((s for s in students if not distils(s)), None)

@@ -584,26 +584,14 @@ class Predictions:
         Returns ``present [B] bool``, ``values [B, K] f32``, ``indices [B, K] i32`` and,
         with a temperature, ``lse [B] f32`` (the full log-sum-exp of logits / T).
         Rows without a prediction hold zeros and must be ignored through ``present``.
+        A view of :class:`kdstore.targets.TeacherTargets`, the reader every consumer uses.
         """
-        prow = self.row_of_segment[np.asarray(segment_rows)]  # [B]
-        present = prow >= 0
-        take = np.where(present, prow, 0)
-        if len(self) == 0:  # nothing to gather from: every row is absent
-            k = self.topk_values.shape[1]
-            out = {"present": present, "values": np.zeros((len(prow), k), np.float32),
-                   "indices": np.zeros((len(prow), k), np.int32)}
-            if temperature is not None:
-                self.lse_column(temperature)
-                out["lse"] = np.zeros(len(prow), np.float32)
-            return out
-        out = {
-            "present": present,
-            "values": np.where(present[:, None], self.topk_values[take], 0).astype(np.float32),
-            "indices": np.where(present[:, None], self.topk_indices[take], 0).astype(np.int32),
-        }
-        if temperature is not None:
-            out["lse"] = np.where(present, self.lse[take, self.lse_column(temperature)], 0).astype(np.float32)
-        return out
+        from .targets import TeacherTargets
+
+        fields = ("topk_values", "topk_indices", *(("lse",) if temperature is not None else ()))
+        g = TeacherTargets(self, fields, temperature=temperature).gather(segment_rows)
+        names = {"present": "present", "topk_values": "values", "topk_indices": "indices", "lse": "lse"}
+        return {names[k]: v for k, v in g.items()}
 
     def predict(self, key: int | str, k: int = 5) -> dict:
         """The top-``k`` actions for one segment (its dataset id, e.g. ``"P01_11_0"``, or its

@@ -26,6 +26,7 @@ from .errors import DataError, MissingError
 from .faults import crash_point
 from .metrics import marginalise, softmax
 from .store import Store
+from .targets import HEADS, TeacherTargets
 
 #: RULSTM's supervision levels (``predictions_to_json(..., sls=True)``): pretraining 1,
 #: training labels 4, training data 3. Set your model's with ``sls``.
@@ -65,29 +66,30 @@ def epic_entries(
         header |= dict(zip(("sls_pt", "sls_tl", "sls_td"), sls))
     group = store.teacher(name)
     rows = seg.rows_in(split)
-    prow = group.row_of_segment[rows]
-    missing = np.flatnonzero(prow < 0)
+    heads = tuple(h for h in HEADS if getattr(group, h) is not None)
+    targets = TeacherTargets(group, ("logits", *heads))
+    missing = np.flatnonzero(targets.row_of_segment[rows] < 0)
     if len(missing) and not fill_missing:
         raise DataError(f"predictions {name!r} cover {len(rows) - len(missing)} of the {len(rows)} segments of split {split!r}"
                         f" (first missing: {seg.id_of(rows[missing[0]])}); pass fill_missing (--fill-missing) to write zero scores for them")
     pairs = [f"{v},{n}" for v, n in zip(cls.action_verb.tolist(), cls.action_noun.tolist())]
     k = min(TOP_ACTIONS, cls.num_actions)
 
-    def scores(p: np.ndarray, task: str) -> np.ndarray:
-        head = getattr(group, f"{task}_logits")
-        if head is not None:
-            return softmax(np.asarray(head[p], np.float32))
+    def scores(g: dict, act: np.ndarray, task: str) -> np.ndarray:
+        if f"{task}_logits" in g:
+            return softmax(g[f"{task}_logits"])
         index, num = (cls.action_verb, cls.num_verbs) if task == "verb" else (cls.action_noun, cls.num_nouns)
-        return marginalise(softmax(np.asarray(group.logits[p], np.float32)), index, num)
+        return marginalise(act, index, num)
 
     def entries() -> Iterator[tuple[str, dict]]:
         for lo in range(0, len(rows), batch):
-            r, p = rows[lo : lo + batch], prow[lo : lo + batch]
-            have = p >= 0
-            take = np.where(have, p, 0)
-            act = np.where(have[:, None], softmax(np.asarray(group.logits[take], np.float32)), 0.0)  # [b, A]
-            verb = np.where(have[:, None], scores(take, "verb"), 0.0)  # [b, V]
-            noun = np.where(have[:, None], scores(take, "noun"), 0.0)  # [b, N]
+            r = rows[lo : lo + batch]
+            g = targets.gather(r)
+            have = g["present"][:, None]  # absent segments (fill_missing) get zero scores
+            act = softmax(g["logits"])  # [b, A]
+            verb = np.where(have, scores(g, act, "verb"), 0.0)  # [b, V]
+            noun = np.where(have, scores(g, act, "noun"), 0.0)  # [b, N]
+            act = np.where(have, act, 0.0)
             top = np.argsort(-act, axis=1, kind="stable")[:, :k]  # [b, k]
             for i, row in enumerate(r):
                 yield str(seg.id_of(row)), {

@@ -51,8 +51,8 @@ def make_batch(B: int = 4, T: int = 6, mask=None, temperature: float = 10.0, see
 
 
 def rows_of(batch: Batch, rows: list[int]) -> Batch:
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows]
-                                         for f in dataclasses.fields(batch)})
+    return dataclasses.replace(batch, **{f.name: v[rows] for f in dataclasses.fields(batch)
+                                         if (v := getattr(batch, f.name)) is not None})
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -139,8 +139,10 @@ def test_presets_have_the_published_values():
     assert (ek.optimizer, ek.lr, ek.weight_decay) == ("adam", 5e-6, 1e-4)
     assert (ek.scheduler, ek.warmup_epochs, ek.batch_size, ek.epochs) == ("cosine", 5, 32, 20)
     assert (ek.distill_mode, ek.topk) == ("topk", 50)
+    assert (eg.distill, eg.temperature, ek.distill, ek.temperature) == (150.0, 10.0, 20.0, 5.0)
     for cfg in (eg, ek):
-        assert (cfg.distill, cfg.temperature, cfg.label_smoothing) == (150.0, 10.0, 0.0)
+        assert cfg.label_smoothing == 0.0
+        assert (cfg.distill_reduction, cfg.distill_feat, cfg.distill_feat_mse) == ("elements", 0.0, 0.0)
 
 
 def test_preset_returns_a_copy_with_overrides():
@@ -165,7 +167,8 @@ def test_unknown_keys_are_rejected():
         preset("nope")
 
 
-@pytest.mark.parametrize("bad", [dict(distill_mode="kl"), dict(n_layer="2"), dict(n_layer=True),
+@pytest.mark.parametrize("bad", [dict(distill_mode="kl"), dict(distill_reduction="mean"), dict(distill_feat=-1.0),
+                                 dict(n_layer="2"), dict(n_layer=True),
                                  dict(inter_dim=30, n_head=4), dict(dropout=1.0), dict(topk=0)])
 def test_bad_values_are_config_errors(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):

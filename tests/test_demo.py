@@ -95,9 +95,41 @@ def test_report_helpers_by_hand():
 
 
 def test_kd_sweep_tiny(demo_dir, tmp_path):
-    from bench.kd_sweep import SETTINGS, run
+    from bench.kd_sweep import NO_KD, SETTINGS, read_rows, run, student_config, table
 
-    rows = run(demo_dir, seeds=(0,), tiny=True, out_dir=tmp_path)
-    assert len(rows) == len(SETTINGS) and (tmp_path / "kd_sweep.csv").exists()
-    assert all(float(r["seconds"]) > 0 for r in rows)
-    assert any("mean_top1_recall" in r for r in rows)
+    rows = run(demo_dir, seeds=(0, 1), settings=[NO_KD, "paper: full, elements, w150 T10", "paper + feature cosine w1"],
+               tiny=True, out_dir=tmp_path)
+    assert len(rows) == 6 and (tmp_path / "kd_sweep.csv").exists()
+    assert all(float(r["seconds"]) > 0 and "error" not in r for r in rows)
+    md = table(rows).splitlines()
+    assert len(md) == 5 and md[2].startswith(f"| {NO_KD} |") and " ± " in md[3]
+    assert table(read_rows([tmp_path / "kd_sweep.csv"])) == table(rows)  # --table: the same table from the CSV
+    # the sweep's "paper" setting is the demo's KD student; every setting is a valid config
+    assert student_config("paper: full, elements, w150 T10", 0) == student_config(NO_KD, 0).__class__(
+        **{**student_config(NO_KD, 0).to_dict(), "distill_mode": "full", "distill": 150.0})
+    for name in SETTINGS:
+        student_config(name, 0)
+    # --set overrides apply under every setting, the setting's own fields still win
+    shorter = student_config("full, elements, w150 T5", 0, overrides={"epochs": 3, "temperature": 1.0})
+    assert shorter.epochs == 3 and shorter.temperature == 5.0
+
+
+def test_demo_seed_means_come_from_the_table(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    rows = {r["name"]: r for r in summary["table"]}
+    for variant in ("kd", "no-kd"):
+        mean, std = summary["students"][variant]["mean_top1_recall"]
+        assert mean == rows[f"student-{variant}-s0"]["mean_top1_recall"] and std == 0.0
+
+
+def test_demo_fps_needs_annotations(tmp_path):
+    r = CliRunner().invoke(app, ["demo", str(tmp_path / "d"), "--fps", "30"])
+    assert r.exit_code != 0 and "--fps" in r.output
+
+
+def test_demo_on_an_annotation_folder_uses_its_frame_rate(demo_dir, tmp_path):
+    from kdstore.store import Store
+
+    cfg = DemoConfig(**{**TINY.__dict__, "annotations": str(demo_dir / "annotations"), "fps": 30.0})
+    run_demo(tmp_path / "d", cfg)
+    assert Store.open(tmp_path / "d" / "store.zarr").segments.fps == 30.0

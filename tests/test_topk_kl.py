@@ -76,6 +76,35 @@ def test_kernel_matches_reference(kernel, mode, dtype, shape):
     torch.testing.assert_close(grad_k, grad_r, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-K{}".format(*s))
+@pytest.mark.parametrize("reduction", ["rows", "elements"])
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_reductions_match_reference(kernel, mode, reduction, shape):
+    """Both reductions through the kernel: the backward gets the reduction's scale as an expanded
+    scalar grad_output. The reference's reductions are the per-row losses' mean over the kept rows
+    (x K in topk mode, x C in topk_lse mode)."""
+    s, t, idx, lse, mask = make_inputs(*shape, dtype=torch.float32, seed=sum(shape) + 1)
+    outs = []
+    for fn in (kernel, topk_kl_reference):
+        x = s.clone().requires_grad_()
+        loss = fn(x, t, idx, T, mode, lse, mask, reduction=reduction)
+        outs += [loss.detach(), torch.autograd.grad(loss * 3, x)[0]]
+    assert outs[0].shape == ()
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1], outs[3], rtol=1e-5, atol=1e-7)
+    per_row = topk_kl_reference(s, t, idx, T, mode, lse, mask)
+    width = {"rows": 1, "elements": shape[2] if mode == "topk" else shape[1]}[reduction]
+    torch.testing.assert_close(outs[2], per_row.sum() / (mask.sum() * width))
+
+
+def test_reductions_with_no_kept_row_are_zero():
+    s, t, idx, lse, mask = make_inputs(4, 9, 3)
+    for reduction in ("rows", "elements"):
+        assert topk_kl_reference(s, t, idx, T, "topk", lse, torch.zeros(4, dtype=torch.bool), reduction=reduction) == 0
+    with pytest.raises(ValueError, match="reduction"):
+        topk_kl_reference(s, t, idx, T, "topk", lse, mask, reduction="mean")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_block_loops_int32_strided(kernel, mode, monkeypatch):
     """Tiny block caps make the kernel loop over C and K; int32 indices; a strided logits view."""

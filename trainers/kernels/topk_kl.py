@@ -14,8 +14,13 @@ Two Triton kernels, one program per row. The forward reads each row of logits on
 only the loss, the gradient on the K classes and four numbers per row (the tail gradient is a
 closed form of them); the backward reads the row again and writes the whole gradient, already
 scaled by ``grad_output``. So nothing of size [B, C] lives between forward and backward, and
-``topk`` mode never reads the C - K other logits at all. ``T**2`` and the reduction over rows
-are left to the caller.
+``topk`` mode never reads the C - K other logits at all. ``T**2`` is left to the caller.
+
+The loss is per row, or reduced over the rows that have a teacher: ``"rows"`` takes their mean,
+``"elements"`` their mean over rows x columns, as ``torch.mean`` of ``KLDivLoss(reduction='none')``
+over a [B, K] (``topk``) or [B, C] (``topk_lse``, which stands in for the full KL) tensor does.
+A reduction is a scale of the per-row losses, so the backward kernel serves it through its
+(expanded scalar) ``grad_output``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ except ImportError:  # the CPU install has no Triton; topk_kl then uses the refe
 _HAS_TRITON = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 4)
 
 MODES = ("topk", "topk_lse")
+REDUCTIONS = ("none", "rows", "elements")
 # Largest blocks one program holds in registers; bigger K or C loop over blocks: an EK55 row
 # (C = 2513) fits one block. TILE caps the [BLOCK_X, BLOCK_K] membership tile of the (rare)
 # exact tail pass: its registers limit the occupancy of every row. Values from
@@ -52,10 +58,12 @@ TAIL_FAST_MIN = 0.25
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask):
+def _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask, reduction):
     """Validate shapes and options; return the keep mask [B] bool."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, found {reduction!r}")
     if student_logits.dim() != 2 or not student_logits.is_floating_point():
         raise ValueError(f"student_logits must be a float [B, C] tensor, found {student_logits.dtype} "
                          f"{tuple(student_logits.shape)}")
@@ -77,8 +85,19 @@ def _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, tea
     return mask.to(torch.bool)
 
 
+def _reduce(loss, keep, mode, C, K, reduction):
+    """Per-row losses [B] -> the requested reduction over the kept rows (0 when none is kept)."""
+    if reduction == "none":
+        return loss
+    # dividing by a count tensor keeps it on the device (no host sync) and the sum in the graph
+    n = keep.sum().clamp(min=1)  # []
+    if reduction == "elements":
+        n = n * (K if mode == "topk" else C)
+    return loss.sum() / n
+
+
 def topk_kl_reference(student_logits, teacher_topk, topk_idx, temperature, mode="topk", teacher_lse=None,
-                      mask=None) -> torch.Tensor:
+                      mask=None, reduction="none") -> torch.Tensor:
     """Per-row top-K distillation KL in plain torch ops (autograd-capable).
 
     Args:
@@ -91,13 +110,17 @@ def topk_kl_reference(student_logits, teacher_topk, topk_idx, temperature, mode=
         teacher_lse: [B] ``logsumexp(teacher_full_logits / T)``; required for ``"topk_lse"``.
         mask: [B] bool, False for rows without a teacher; their loss and gradient are 0 and their
             teacher inputs may hold anything (padding indices, NaN).
+        reduction: ``"none"`` (per row), ``"rows"`` (mean over the kept rows) or ``"elements"``
+            (mean over kept rows x K in ``topk`` mode, x C in ``topk_lse`` mode).
 
-    Student logits are assumed finite. With K == C the tail is empty and has no bucket.
+    Student logits are assumed finite. With K == C the tail is empty and has no bucket, and
+    ``topk`` mode is the full KL.
 
     Returns:
-        [B] loss per row, fp32 (fp64 for fp64 logits), without the ``T**2`` factor.
+        [B] loss per row, or a scalar when reduced; fp32 (fp64 for fp64 logits), without the
+        ``T**2`` factor.
     """
-    keep = _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask)
+    keep = _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask, reduction)
     B, C = student_logits.shape
     K = teacher_topk.shape[1]
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
@@ -119,7 +142,7 @@ def topk_kl_reference(student_logits, teacher_topk, topk_idx, temperature, mode=
             log_q_tail = z.masked_fill(in_k, -math.inf).logsumexp(-1) - lse_s  # [B]
             p_tail = (1 - p.sum(-1)).clamp(min=0)  # [B]
             loss = loss + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
-    return torch.where(keep, loss, 0.0)
+    return _reduce(torch.where(keep, loss, 0.0), keep, mode, C, K, reduction)
 
 
 if triton is not None:
@@ -347,11 +370,11 @@ class TopKKLFunction(torch.autograd.Function):
 
 
 def topk_kl(student_logits, teacher_topk, topk_idx, temperature, mode="topk", teacher_lse=None, mask=None,
-            use_kernel=None) -> torch.Tensor:
-    """Per-row top-K distillation KL, fused in Triton where available.
+            reduction="none", use_kernel=None) -> torch.Tensor:
+    """Top-K distillation KL, fused in Triton where available.
 
-    Same arguments and result as :func:`topk_kl_reference` (loss [B] fp32, no ``T**2`` factor,
-    0 for masked rows); gradients flow to ``student_logits`` only.
+    Same arguments and result as :func:`topk_kl_reference` (loss [B] fp32 or its reduction, no
+    ``T**2`` factor, 0 for masked rows); gradients flow to ``student_logits`` only.
 
     Args:
         use_kernel: True forces the Triton kernel (CUDA tensors, or CPU tensors under
@@ -364,10 +387,12 @@ def topk_kl(student_logits, teacher_topk, topk_idx, temperature, mode="topk", te
     if use_kernel is None:
         use_kernel = _HAS_TRITON and student_logits.is_cuda
     if not use_kernel:
-        return topk_kl_reference(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask)
+        return topk_kl_reference(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask,
+                                 reduction)
     if not _HAS_TRITON:
         found = "not installed" if triton is None else f"found {triton.__version__}"
         raise DependencyError(f"topk_kl(use_kernel=True) needs Triton >= 3.4 ({found}): pip install 'kdstore[gpu]'")
-    keep = _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask)
-    return TopKKLFunction.apply(student_logits, teacher_topk, topk_idx, teacher_lse, keep, float(temperature),
-                                mode == "topk_lse")
+    keep = _check_inputs(student_logits, teacher_topk, topk_idx, temperature, mode, teacher_lse, mask, reduction)
+    loss = TopKKLFunction.apply(student_logits, teacher_topk, topk_idx, teacher_lse, keep, float(temperature),
+                                mode == "topk_lse")  # [B]
+    return _reduce(loss, keep, mode, student_logits.shape[1], teacher_topk.shape[1], reduction)

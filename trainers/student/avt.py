@@ -79,10 +79,12 @@ class AVTHead(nn.Module):
 
     `num_verbs` and `num_nouns` size the optional verb and noun heads (cfg.verb_noun_heads).
     The classifier runs on every position when cfg.past_cls > 0, else on the last one only.
+    With `teacher_dim` (feature distillation) the model also outputs its future aggregate in
+    the teacher's feature space: through a learned bias-free projection when the widths differ.
     """
 
     def __init__(self, feat_dim: int, num_actions: int, num_verbs: int, num_nouns: int,
-                 cfg: StudentConfig):
+                 cfg: StudentConfig, teacher_dim: int | None = None):
         super().__init__()
         if cfg.verb_noun_heads and min(num_verbs, num_nouns) < 1:
             raise ConfigError(f"verb_noun_heads needs num_verbs and num_nouns >= 1, "
@@ -101,6 +103,9 @@ class AVTHead(nn.Module):
         self.action_head = nn.Linear(feat_dim, num_actions)
         self.verb_head = nn.Linear(feat_dim, num_verbs) if cfg.verb_noun_heads else None
         self.noun_head = nn.Linear(feat_dim, num_nouns) if cfg.verb_noun_heads else None
+        self.teacher_proj = None
+        if teacher_dim is not None:
+            self.teacher_proj = nn.Linear(feat_dim, teacher_dim, bias=False) if teacher_dim != feat_dim else nn.Identity()
         self.apply(self._init_weights)
         # GPT-2: scale the residual output projections by 1/sqrt(2 * n_layer).
         for block in self.blocks:
@@ -118,8 +123,10 @@ class AVTHead(nn.Module):
         """frames [B, T, D] with T <= cfg.num_frames -> dict of
 
         logits [B, A] (from the last position), pred_feats [B, T, D] (position t predicts frame
-        t+1), past_logits [B, T, A] when past_cls > 0 (its last row equals logits), and
-        verb_logits [B, V], noun_logits [B, N] when verb_noun_heads.
+        t+1), past_logits [B, T, A] when past_cls > 0 (its last row equals logits),
+        verb_logits [B, V], noun_logits [B, N] when verb_noun_heads, and future_agg [B, H]
+        with teacher_dim (the future prediction, before dropout, in the teacher's space: the
+        paper's feature-distillation input).
         """
         if (frames.ndim != 3 or frames.shape[-1] != self.feat_dim
                 or not 1 <= frames.shape[1] <= self.max_frames):
@@ -138,4 +145,6 @@ class AVTHead(nn.Module):
         if self.verb_head is not None:
             out["verb_logits"] = self.verb_head(feats[:, -1])  # [B, V]
             out["noun_logits"] = self.noun_head(feats[:, -1])  # [B, N]
+        if self.teacher_proj is not None:
+            out["future_agg"] = self.teacher_proj(pred_feats[:, -1])  # [B, H]
         return out

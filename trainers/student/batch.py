@@ -8,6 +8,11 @@ import torch
 from torch import Tensor
 
 
+# The Batch field holding each prediction-group field (kdstore.targets.FIELDS).
+TEACHER_FIELDS = {"logits": "teacher_logits", "topk_values": "teacher_topk", "topk_indices": "teacher_idx",
+                  "lse": "teacher_lse", "features": "teacher_features"}
+
+
 @dataclass
 class Batch:
     """One collated batch; the teacher fields present depend on the distillation mode.
@@ -26,6 +31,7 @@ class Batch:
     teacher_idx: Tensor | None = None  # [B, K] long, their class indices
     teacher_lse: Tensor | None = None  # [B] float32, logsumexp(teacher_logits / T)
     teacher_logits: Tensor | None = None  # [B, A], the teacher's full logits
+    teacher_features: Tensor | None = None  # [B, H] float32, the teacher's [CLS] features
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
         """A copy with every tensor on `device`."""

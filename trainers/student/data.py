@@ -3,31 +3,49 @@
 For each labelled segment the window is ``num_frames`` frames at ``fps`` ending ``tau_a``
 seconds before the segment starts (AVT's "last clip"); a window that starts before the
 video repeats the video's first frame. Frame indices of every window are computed once; a
-batch is then one vectorised gather from the memory-mapped features plus array slices of
-labels and teacher targets, with no per-sample Python.
+batch is then one vectorised gather from the memory-mapped features plus one gather of the
+teacher targets (kdstore.targets), with no per-sample Python.
+
+:class:`StudentData` is a ``torch.utils.data.Dataset`` indexed by arrays of positions and
+:class:`WindowBatchSampler` yields those arrays, so ``DataLoader(data, sampler=..., batch_size=None)``
+feeds any training loop one gathered :class:`Batch` at a time.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from kdstore.errors import ConfigError, MissingError
+from kdstore.errors import MissingError
 from kdstore.store import Store
+from kdstore.targets import TeacherTargets
 from trainers.queues import put_until
 
-from .batch import Batch
+from .batch import TEACHER_FIELDS, Batch
 from .config import StudentConfig
+from .distill import reads
 
 
-class StudentData:
-    """Windows and targets of one split, ready for batched reads by index."""
+class StudentData(torch.utils.data.Dataset):
+    """Windows and targets of one split, ready for batched reads by index.
 
-    def __init__(self, store: Store, features: str, split: str, cfg: StudentConfig, teacher: str | None = None):
+    Args:
+        store: an open store.
+        features: the ``video/<name>`` feature set.
+        split: the split whose segments are the samples.
+        cfg: the window (num_frames, fps, tau_a) and, with a teacher, the distillation terms
+            whose fields each batch carries.
+        teacher: a prediction group to read targets from (None: no teacher fields).
+        fields: prediction-group fields to read instead of the config's (kdstore.targets.FIELDS),
+            e.g. ``("logits", "features")``.
+    """
+
+    def __init__(self, store: Store, features: str, split: str, cfg: StudentConfig, teacher: str | None = None,
+                 fields: Iterable[str] | None = None):
         seg, classes = store.segments, store.classes
         self.rows = seg.rows_in(split)  # [N] segment rows
         if len(self.rows) == 0:
@@ -47,35 +65,26 @@ class StudentData:
         self.verb = seg.verb[self.rows].astype(np.int64)
         self.noun = seg.noun[self.rows].astype(np.int64)
         self.num_actions, self.num_verbs, self.num_nouns = classes.num_actions, classes.num_verbs, classes.num_nouns
-        self.mode = cfg.distill_mode if teacher else "none"
-        self.temperature = cfg.temperature
-        self.teacher = store.teacher(teacher) if teacher else None
-        if self.teacher is not None:
-            if self.teacher.attrs["num_classes"] != classes.num_actions:
-                raise ConfigError(
-                    f"teacher/{teacher}: {self.teacher.attrs['num_classes']} classes, store has {classes.num_actions}"
-                )
-            self.teacher_row = self.teacher.row_of_segment[self.rows]  # [N], -1 where absent
-            if self.mode in ("topk", "topk_lse") and self.teacher.topk < cfg.topk:
-                raise ConfigError(f"teacher/{teacher}: stores top-{self.teacher.topk}, config asks for top-{cfg.topk}")
-            self.k = cfg.topk
-            if self.mode == "topk_lse":
-                self.lse_col = self.teacher.lse_column(cfg.temperature)
-            # The memmaps, opened once (each Predictions property re-reads the metadata). An
-            # empty group gets one zero row for the masked-out reads of absent rows.
-            keys = {"full": ("logits",), "topk": ("topk_values", "topk_indices"),
-                    "topk_lse": ("topk_values", "topk_indices", "lse")}.get(self.mode, ())
-            self._teacher_arrays = {}
-            for key in keys:
-                a = getattr(self.teacher, key)
-                self._teacher_arrays[key] = a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype)
+        self.targets: TeacherTargets | None = None
+        wanted = tuple(fields) if fields is not None else reads(cfg)
+        if teacher is not None and wanted:
+            self.targets = TeacherTargets(store.teacher(teacher), wanted, temperature=cfg.temperature, k=cfg.topk)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __getitem__(self, ids) -> Batch:
+        """The batch of positions ``ids`` (an int gives a batch of one)."""
+        return self.batch(np.atleast_1d(np.asarray(ids)))
+
     @property
     def dim(self) -> int:
         return self.features.dim
+
+    @property
+    def teacher_dim(self) -> int | None:
+        """Width of the teacher's features when the batches carry them, else None."""
+        return self.targets.width("features") if self.targets and "features" in self.targets.fields else None
 
     def batch(self, ids: np.ndarray) -> Batch:
         """The batch of samples ``ids`` (positions in this split), as CPU tensors."""
@@ -89,20 +98,14 @@ class StudentData:
             uids=torch.from_numpy(self.uid[ids]),
             teacher_mask=torch.zeros(len(ids), dtype=torch.bool),
         )
-        if self.teacher is None or self.mode == "none":
+        if self.targets is None:
             return b
-        prow = self.teacher_row[ids]  # [B]
-        present = prow >= 0
-        take = np.where(present, prow, 0)  # absent rows read row 0 but are masked out
-        b.teacher_mask = torch.from_numpy(present)
-        t = self._teacher_arrays
-        if self.mode == "full":
-            b.teacher_logits = torch.from_numpy(np.asarray(t["logits"][take], dtype=np.float32))  # [B, A]
-        else:
-            b.teacher_topk = torch.from_numpy(np.asarray(t["topk_values"][take, : self.k]))  # [B, K]
-            b.teacher_idx = torch.from_numpy(t["topk_indices"][take, : self.k].astype(np.int64))  # [B, K]
-            if self.mode == "topk_lse":
-                b.teacher_lse = torch.from_numpy(np.asarray(t["lse"][take, self.lse_col]))  # [B]
+        g = self.targets.gather(self.rows[ids])  # one gather per field; zeros where absent
+        b.teacher_mask = torch.from_numpy(g.pop("present"))
+        if "topk_indices" in g:
+            g["topk_indices"] = g["topk_indices"].astype(np.int64)
+        for field, x in g.items():
+            setattr(b, TEACHER_FIELDS[field], torch.from_numpy(x))
         return b
 
 
@@ -111,6 +114,37 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class WindowBatchSampler(torch.utils.data.Sampler):
+    """Arrays of positions, one per batch, for ``DataLoader(data, sampler=this, batch_size=None)``.
+
+    The order of an epoch is :func:`epoch_order` (call ``set_epoch`` before each epoch), and
+    with ``world`` > 1 each ``rank`` takes its slice of every global batch of
+    ``world * batch_size`` samples (the last, partial global batch is dropped), as the trainer does.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world, self.epoch = drop_last or world > 1, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        per_step = self.batch_size * self.world
+        return self.n // per_step if self.drop_last else -(-self.n // per_step)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        if self.drop_last:
+            steps = len(self)
+            order = order[: steps * self.batch_size * self.world].reshape(steps, self.world, self.batch_size)
+            yield from order[:, self.rank]
+            return
+        for i in range(0, self.n, self.batch_size):
+            yield order[i : i + self.batch_size]
 
 
 class BatchLoader:

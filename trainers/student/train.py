@@ -9,7 +9,6 @@ saved, so a resumed run continues exactly where the uninterrupted one would have
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,7 +28,8 @@ from kdstore.store import Store
 
 from .avt import AVTHead
 from .config import StudentConfig
-from .data import BatchLoader, StudentData, epoch_order
+from .data import BatchLoader, StudentData, WindowBatchSampler
+from .distill import distills, without_distillation
 from .losses import student_losses
 
 CKPT, STATE, LOG = "last.safetensors", "last.json", "log.jsonl"
@@ -123,7 +123,7 @@ def load_model(run: str | Path, map_location: str = "cpu") -> tuple[AVTHead, Stu
     """The model of a run directory, its config and its saved state."""
     tensors, state = _read_checkpoint(Path(run), map_location)
     cfg = StudentConfig.from_dict(state["config"])
-    model = AVTHead(state["feat_dim"], *state["classes"], cfg)
+    model = AVTHead(state["feat_dim"], *state["classes"], cfg, teacher_dim=state.get("teacher_dim"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return model.eval(), cfg, state
 
@@ -153,30 +153,32 @@ def train_student(
 ) -> dict:
     """Train (or resume) a student in ``run_dir``; returns the final evaluation metrics.
 
-    ``teacher=None`` or ``cfg.distill_mode == "none"`` trains the baseline without
-    distillation, everything else equal. ``stop_after_epochs`` ends the process early as a
-    crash would (for resume tests). Under torchrun, each rank trains on its slice of every
-    global batch of ``world * batch_size`` samples and gradients are averaged (DDP). A
-    resume may raise ``cfg.epochs`` to extend a run; its remaining steps follow the cosine
-    schedule of the new length.
+    ``teacher=None``, or a config without an active distillation term (``distill_mode="none"``
+    and zero feature weights), trains the baseline without distillation, everything else equal.
+    ``stop_after_epochs`` ends the process early as a crash would (for resume tests). Under
+    torchrun, each rank trains on its slice of every global batch of ``world * batch_size``
+    samples and gradients are averaged (DDP). A resume may raise ``cfg.epochs`` to extend a
+    run; its remaining steps follow the cosine schedule of the new length.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, device = _dist(device)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     store = Store.open(store_path)
-    teacher = teacher if cfg.distill_mode != "none" else None
-    # without a teacher the losses are the baseline's whatever distill_mode says
-    loss_cfg = cfg if teacher is not None else dataclasses.replace(cfg, distill_mode="none")
+    teacher = teacher if distills(cfg) else None
+    # without a teacher the losses are the baseline's whatever the distillation terms say
+    loss_cfg = cfg if teacher is not None else without_distillation(cfg)
     train = StudentData(store, features, train_split, cfg, teacher)
     evaluate = StudentData(store, features, eval_split, cfg) if eval_split else None
     classes = store.classes
     identity = {"config": cfg.to_dict(), "features": features, "teacher": teacher, "train_split": train_split,
-                "feat_dim": train.dim, "classes": [classes.num_actions, classes.num_verbs, classes.num_nouns],
+                "feat_dim": train.dim, "teacher_dim": train.teacher_dim,
+                "classes": [classes.num_actions, classes.num_verbs, classes.num_nouns],
                 "store_segments": store.manifest["segments_sha256"]}
 
     torch.manual_seed(cfg.seed)
-    model = AVTHead(train.dim, classes.num_actions, classes.num_verbs, classes.num_nouns, cfg).to(device)
+    model = AVTHead(train.dim, classes.num_actions, classes.num_verbs, classes.num_nouns, cfg,
+                    teacher_dim=train.teacher_dim).to(device)
     opt = make_optimizer(model, cfg)
     start_epoch, step = 0, 0
     metrics: dict = {}
@@ -206,7 +208,8 @@ def train_student(
     if len(train) < per_step:
         raise ConfigError(f"split {train_split!r}: {len(train)} samples, fewer than one global batch of "
                           f"batch_size {cfg.batch_size} x {world} process(es)")
-    steps_per_epoch = max(1, len(train) // per_step)
+    sampler = WindowBatchSampler(len(train), cfg.batch_size, seed=cfg.seed, drop_last=True, rank=rank, world=world)
+    steps_per_epoch = len(sampler)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg), last_epoch=step - 1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
@@ -221,8 +224,8 @@ def train_student(
                 return metrics
             net.train()
             # every rank reads its part of the same global batches: same samples as one process
-            order = epoch_order(len(train), cfg.seed, epoch, shuffle=True)[: steps_per_epoch * per_step]
-            order = order.reshape(steps_per_epoch, world, cfg.batch_size)[:, rank].reshape(-1)
+            sampler.set_epoch(epoch)
+            order = np.concatenate(list(sampler))
             sums: dict[str, float] = {}
             t0 = time.perf_counter()
             for batch in BatchLoader(train, order, cfg.batch_size, pin=device.startswith("cuda")):
@@ -311,6 +314,7 @@ def predict_into_store(
     for split, u, lg in zip(splits, uids, logits):
         labels = store.segments.action[store.segments.row_of(u)]  # -1: unlabelled (test), left out of the metrics
         metrics[split] = compute_metrics(lg, labels, store.classes) if (labels >= 0).any() else {"unlabelled": len(u)}
-    store.write_predictions(name, uids_all, all_logits, kind="student", config={**state["config"], "run_dir": str(run_dir)},
+    config = {**state["config"], "teacher": state["teacher"], "run_dir": str(run_dir)}
+    store.write_predictions(name, uids_all, all_logits, kind="student", config=config,
                             metrics=metrics, log=read_log(run_dir), topk=cfg.topk, overwrite=overwrite)
     return metrics

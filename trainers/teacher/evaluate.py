@@ -7,6 +7,7 @@ import numpy as np
 from kdstore.errors import DataError
 from kdstore.metrics import TASKS, compute_metrics, epic_subsets, metric_columns
 from kdstore.store import Store, provenance_entry
+from kdstore.targets import present_scores
 
 from .ngram import ngram_baseline
 
@@ -24,17 +25,12 @@ def evaluate_group(store: Store, name: str, split: str | None = None) -> dict:
     rows, all_rows = seg.rows_in(split, labelled=True), seg.rows_in(split)
     if len(rows) == 0:
         raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
-    group = store.teacher(name)
-    prow = group.row_of_segment[rows]  # [n], -1 where absent
-    keep = prow >= 0
-    if not keep.any():
+    scores, kept = present_scores(store.teacher(name), rows)  # [n, A] (+ heads), [n]
+    if len(kept) == 0:
         raise DataError(f"predictions {name!r}: none of the {len(rows)} labelled segments of split {split!r} has a prediction")
-    p = prow[keep]
-    heads = {k: None if getattr(group, f"{k}_logits") is None else np.asarray(getattr(group, f"{k}_logits")[p], np.float32)
-             for k in ("verb", "noun")}
-    m = compute_metrics(np.asarray(group.logits[p], dtype=np.float32), seg.action[rows[keep]], store.classes,
-                        verb_scores=heads["verb"], noun_scores=heads["noun"], subsets=epic_subsets(seg, rows[keep], split))
-    return {**m, "coverage": float(100.0 * keep.mean()), "unlabelled": int(len(all_rows) - len(rows))}
+    m = compute_metrics(scores["logits"], seg.action[kept], store.classes, verb_scores=scores["verb_logits"],
+                        noun_scores=scores["noun_logits"], subsets=epic_subsets(seg, kept, split))
+    return {**m, "coverage": float(100.0 * len(kept) / len(rows)), "unlabelled": int(len(all_rows) - len(rows))}
 
 
 def evaluate_ngram(
