@@ -55,6 +55,8 @@ class TrainStep:
 
         self.forward_losses = forward_losses
         if cfg.compile != "off":
+            # attn_impl="auto" probes xformers in eager code, not inside the graph being traced
+            getattr(net, "module", net).resolve_attention(device, torch.bfloat16 if cuda else torch.float32)
             mode = None if cfg.compile == "default" or backend != "inductor" else cfg.compile  # modes are Inductor's
             self.forward_losses = torch.compile(forward_losses, mode=mode, backend=backend)
         self.keys: list[str] | None = None
