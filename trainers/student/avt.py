@@ -29,7 +29,6 @@ def _xformers_ops():
 _XFORMERS_WORKS: dict[tuple, bool] = {}
 
 
-@torch.compiler.disable  # a probe, run once per key outside any compiled graph
 def xformers_works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether xformers imports and its causal memory-efficient attention runs forward and
     backward (with dropout) on ``device`` for ``dtype`` heads of width ``head_dim``; cached.
@@ -53,6 +52,8 @@ class CausalSelfAttention(nn.Module):
 
     ``attn_impl="auto"`` is resolved at the first forward, for the device and dtype of its
     queries: xformers where :func:`xformers_works`, else SDPA (``self.impl`` then says which).
+    The probe is eager code: resolve before compiling (``AVTHead.resolve_attention``, which
+    the trainer's compiled step calls).
     """
 
     def __init__(self, cfg: StudentConfig):
