@@ -14,12 +14,20 @@ step() {
 }
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+# what attn_impl="auto" resolves to for the egtea (head width 512) and ek55 (256) models in bf16
+python3 -c "import torch; from trainers.student.avt import xformers_works as w; print('attn_impl=auto:', {h: 'xformers' if w(torch.device('cuda', 0), torch.bfloat16, h) else 'sdpa' for h in (512, 256)})"
 # test_topk_kl.py forces the Triton interpreter in the process that imports it: its compiled-kernel
 # tests run in a pytest of their own, so the student tests use the compiled kernel
 step 120 python3 -m pytest -q -p no:cacheprovider tests/test_topk_kl.py -k "compiled_kernel_on_cuda or compiles"
-step 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_avt.py tests/test_student.py
-step 180 python3 bench/topk_kl.py --device cuda
-step 90 python3 bench/student_step.py --device cuda
+# includes the resident data path and the CUDA-graph step (Inductor, reduce-overhead) against eager
+step 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_avt.py tests/test_student.py tests/test_student_step.py
+# B = 64..512 and 4096, eager / torch.compile / kernel (and one row a program where the rule packs more)
+step 360 python3 bench/topk_kl.py --device cuda
+# from the store (host loader, resident) vs from device tensors, eager and compiled, batch sizes 64..1024
+step 420 python3 bench/student_step.py --device cuda --preset egtea --batch-sizes 64,128,256,512,1024 \
+    --variants host,resident,memory,host+compiled,resident+compiled,memory+compiled
+step 420 python3 bench/student_step.py --device cuda --preset ek55 --batch-sizes 64,256,1024 --steps 100 \
+    --variants host,resident,memory,resident+compiled,memory+compiled
 if [ "${GPU_CHECKS_ALL:-1}" = 1 ]; then
     step 60 python3 bench/attention.py --device cuda
     # the video pipeline on CUDA (pinned uploads, side stream, NVDEC), then ViT-B/16 throughput:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -97,6 +98,50 @@ def test_xformers_missing_is_dependency_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers.ops", None)
     with pytest.raises(DependencyError, match=r"pip install 'kdstore\[gpu\]'"):
         AVTHead(D, A, V, N, tiny_cfg(attn_impl="xformers"))
+
+
+@pytest.mark.parametrize("xformers", ["absent", "broken"])
+def test_auto_attention_resolves_to_sdpa_on_cpu(monkeypatch, xformers):
+    """auto on the CPU: SDPA, whether xformers is missing or imports but cannot run (a module
+    whose attention raises stands in for a build without kernels); outputs equal SDPA's."""
+    from trainers.student import avt
+
+    if xformers == "absent":
+        monkeypatch.setitem(sys.modules, "xformers", None)
+        monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    else:
+        broken = types.ModuleType("xformers.ops")
+        broken.LowerTriangularMask = object
+
+        def memory_efficient_attention(*args, **kw):
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+        broken.memory_efficient_attention = memory_efficient_attention
+        monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+        monkeypatch.setitem(sys.modules, "xformers.ops", broken)
+    monkeypatch.setattr(avt, "_XFORMERS_WORKS", {})
+    x = torch.randn(3, 6, D)
+    auto, sdpa = tiny_model(tiny_cfg(attn_impl="auto")), tiny_model(tiny_cfg(attn_impl="sdpa"))
+    assert {b.attn.impl for b in auto.blocks} == {"auto"}  # resolved at the first forward
+    out_auto, out_sdpa = auto(x), sdpa(x)
+    assert {b.attn.impl for b in auto.blocks} == {"sdpa"}
+    for k in out_sdpa:
+        assert torch.equal(out_auto[k], out_sdpa[k]), k
+    assert avt._XFORMERS_WORKS == {("cpu", None, torch.float32, 16): False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_attention_on_cuda():
+    """auto picks xformers exactly when it runs on this GPU and torch, and matches SDPA."""
+    from trainers.student.avt import xformers_works
+
+    x = torch.randn(5, 6, D, device="cuda")
+    auto, sdpa = tiny_model(tiny_cfg(attn_impl="auto")).cuda(), tiny_model(tiny_cfg(attn_impl="sdpa")).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_auto, out_sdpa = auto(x), sdpa(x)
+    works = xformers_works(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 16)
+    assert {b.attn.impl for b in auto.blocks} == {"xformers" if works else "sdpa"}
+    torch.testing.assert_close(out_auto["logits"].float(), out_sdpa["logits"].float(), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers' attention kernels need a CUDA GPU")

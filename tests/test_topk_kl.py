@@ -18,6 +18,9 @@ from trainers.kernels import topk_kl as topk_kl_module
 from trainers.kernels.topk_kl import MODES, topk_kl, topk_kl_reference
 
 ROOT = Path(__file__).resolve().parents[1]
+# Lanes of masked rows (and rows past B) compute log(0) and -inf - -inf, then are discarded:
+# numpy, which runs the interpreted kernels, warns about each.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 T = 2.5
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,10 +64,22 @@ def kernel():
     return lambda *args, **kw: topk_kl(*args, use_kernel=True, **kw)
 
 
+# Rows a program handles: one (every B the student trains with) and four (programs with rows
+# past B when B is not a multiple of it, and rows taking different paths in one program).
+ROWS = pytest.mark.parametrize("rows", [1, 4], indirect=True, ids=lambda r: f"rows{r}")
+
+
+@pytest.fixture
+def rows(request, monkeypatch):
+    monkeypatch.setattr(topk_kl_module, "ROWS_PER_PROGRAM", request.param)
+    return request.param
+
+
+@ROWS
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-K{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_kernel_matches_reference(kernel, mode, dtype, shape):
+def test_kernel_matches_reference(kernel, mode, dtype, shape, rows):
     s, t, idx, lse, mask = make_inputs(*shape, dtype=dtype, seed=sum(shape))
     w = torch.rand(shape[0])
     loss_k, grad_k = loss_and_grad(kernel, s, t, idx, lse, mask, mode, w)
@@ -76,10 +91,11 @@ def test_kernel_matches_reference(kernel, mode, dtype, shape):
     torch.testing.assert_close(grad_k, grad_r, rtol=rtol, atol=atol)
 
 
+@ROWS
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-K{}".format(*s))
 @pytest.mark.parametrize("reduction", ["rows", "elements"])
 @pytest.mark.parametrize("mode", MODES)
-def test_kernel_reductions_match_reference(kernel, mode, reduction, shape):
+def test_kernel_reductions_match_reference(kernel, mode, reduction, shape, rows):
     """Both reductions through the kernel: the backward gets the reduction's scale as an expanded
     scalar grad_output. The reference's reductions are the per-row losses' mean over the kept rows
     (x K in topk mode, x C in topk_lse mode)."""
@@ -105,8 +121,9 @@ def test_reductions_with_no_kept_row_are_zero():
         topk_kl_reference(s, t, idx, T, "topk", lse, mask, reduction="mean")
 
 
+@ROWS
 @pytest.mark.parametrize("mode", MODES)
-def test_kernel_block_loops_int32_strided(kernel, mode, monkeypatch):
+def test_kernel_block_loops_int32_strided(kernel, mode, monkeypatch, rows):
     """Tiny block caps make the kernel loop over C and K; int32 indices; a strided logits view."""
     monkeypatch.setattr(topk_kl_module, "MAX_BLOCK_C", 16)
     monkeypatch.setattr(topk_kl_module, "MAX_BLOCK_K", 2)
@@ -161,8 +178,9 @@ def test_kernel_confident_student_keeps_exact_tail(kernel, mode):
     torch.testing.assert_close(grad_k, grad_r.float(), rtol=1e-4, atol=1e-7)
 
 
+@ROWS
 @pytest.mark.parametrize("fast_min", [0.0, 2.0], ids=["tail-from-top-mass", "tail-summed"])
-def test_kernel_both_tail_paths(kernel, monkeypatch, fast_min):
+def test_kernel_both_tail_paths(kernel, monkeypatch, fast_min, rows):
     """topk_lse takes q_tail from 1 - q_top when that is safe and sums the tail otherwise:
     force each path for every row of ordinary (unconfident) students."""
     monkeypatch.setattr(topk_kl_module, "TAIL_FAST_MIN", fast_min)
@@ -175,8 +193,10 @@ def test_kernel_both_tail_paths(kernel, monkeypatch, fast_min):
         torch.testing.assert_close(grad_k, grad_r, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_mixed_confident_rows():
-    """Confident and unconfident rows in one launch take different tail paths; both stay exact."""
+@ROWS
+def test_kernel_mixed_confident_rows(rows):
+    """Confident and unconfident rows in one launch (with rows=4, in one program) take different
+    tail paths; both stay exact."""
     pytest.importorskip("triton")
     B, C, K = 8, 40, 4
     s, t, idx, lse, mask = make_inputs(B, C, K, seed=14)
@@ -188,28 +208,49 @@ def test_kernel_mixed_confident_rows():
     torch.testing.assert_close(grad_k, grad_r.float(), rtol=1e-4, atol=1e-7)
 
 
+def test_rows_per_program_rule():
+    """One row a program until B leaves MIN_PROGRAMS programs with two, then up to MAX_ROWS."""
+    per = topk_kl_module.rows_per_program
+    n = topk_kl_module.MIN_PROGRAMS
+    assert [per(b) for b in (1, 64, 512, 2 * n - 1, 2 * n, 4 * n, 4096, 10**6)] == [1, 1, 1, 1, 2, 4, 4, 8]
+
+
+def test_kernel_default_rows_at_large_b(kernel):
+    """B past the one-row range takes the default rule (two rows, B odd: one past B) in both modes."""
+    B = 2 * topk_kl_module.MIN_PROGRAMS + 1
+    assert topk_kl_module.rows_per_program(B) == 2
+    s, t, idx, lse, mask = make_inputs(B, 6, 2, seed=21)
+    w = torch.rand(B)
+    for mode in MODES:
+        loss_k, grad_k = loss_and_grad(kernel, s, t, idx, lse, mask, mode, w)
+        loss_r, grad_r = loss_and_grad(topk_kl_reference, s, t, idx, lse, mask, mode, w)
+        torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_k, grad_r, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_compiles_for_h100():
     """The interpreter skips Triton's frontend checks (e.g. on globals) and code generation:
     compile both kernels in both modes for sm_90 (Triton ships ptxas, no GPU needed), at the
-    benchmark's blocks."""
+    benchmark's blocks with one and four rows a program."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from trainers.kernels.topk_kl import _blocks, _topk_kl_bwd_kernel, _topk_kl_fwd_kernel
-        blocks = _blocks(2513, 50)
-        warps = blocks.pop("num_warps")
-        for lse_mode, logits in ((False, "*bf16"), (True, "*fp32"), (True, "*fp16")):
+        for rows, lse_mode, logits in ((1, False, "*bf16"), (1, True, "*fp32"), (4, True, "*fp16"), (4, False, "*fp32")):
+            blocks = _blocks(2513, 50, rows)
+            warps = blocks.pop("num_warps")
             common = {"s_ptr": logits, "s_stride": "i32", "idx_ptr": "*i64", "idx_stride": "i32", "keep_ptr": "*u8",
-                      "gk_ptr": "*fp32", "stats_ptr": "*fp32", "inv_t": "fp32", "C": "i32", "K": "i32",
-                      "BLOCK_K": "constexpr", "BLOCK_C": "constexpr"}
+                      "gk_ptr": "*fp32", "stats_ptr": "*fp32", "inv_t": "fp32", "B": "i32", "C": "i32", "K": "i32",
+                      "ROWS": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr"}
             fwd = {**common, "t_ptr": "*fp32", "t_stride": "i32", "lse_ptr": "*fp32", "loss_ptr": "*fp32",
                    "tail_fast_min": "fp32", "LSE_MODE": "constexpr", "BLOCK_X": "constexpr"}
             bwd = {**common, "go_ptr": "*fp32", "go_stride": "i32", "grad_ptr": logits, "grad_stride": "i32",
                    "DENSE": "constexpr"}
             for fn, sig, flags in ((_topk_kl_fwd_kernel, fwd, {"LSE_MODE": lse_mode, **blocks}),
-                                   (_topk_kl_bwd_kernel, bwd, {"DENSE": lse_mode, "BLOCK_K": blocks["BLOCK_K"],
+                                   (_topk_kl_bwd_kernel, bwd, {"DENSE": lse_mode, "ROWS": rows,
+                                                               "BLOCK_K": blocks["BLOCK_K"],
                                                                "BLOCK_C": blocks["BLOCK_C"]})):
                 sig = {k: sig[k] for k in fn.arg_names}  # in the kernel's argument order
                 triton.compile(ASTSource(fn, sig, flags), target=GPUTarget("cuda", 90, 32),

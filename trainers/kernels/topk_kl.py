@@ -10,9 +10,12 @@ its full logits), so distillation compares the student with a K-class (or K+1-bu
   ``q_tail = exp(LSE(z over non-top-K) - LSE(z))``, computed in log space so that it stays exact
   when the student puts almost all its mass on the K classes.
 
-Two Triton kernels, one program per row. The forward reads each row of logits once and keeps
-only the loss, the gradient on the K classes and four numbers per row (the tail gradient is a
-closed form of them); the backward reads the row again and writes the whole gradient, already
+Two Triton kernels, each program handling ``ROWS`` rows as [ROWS, BLOCK] tiles: one row while B
+leaves too few programs to fill the device (the student's batch sizes), more at large B, so
+that each program keeps more loads in flight (``rows_per_program``). The forward reads each
+row of logits once and keeps only the loss, the gradient on the K classes and four numbers per
+row (the tail gradient is a closed form of them); the backward reads the row again and writes
+the whole gradient, already
 scaled by ``grad_output``. So nothing of size [B, C] lives between forward and backward, and
 ``topk`` mode never reads the C - K other logits at all. ``T**2`` is left to the caller.
 
@@ -50,7 +53,13 @@ MAX_BLOCK_K = 1024
 MAX_BLOCK_C = 4096
 TILE = 2048
 MAX_WARPS = 8
-ELEMS_PER_WARP = 256  # of a BLOCK_C row block
+ELEMS_PER_WARP = 256  # of a [ROWS, BLOCK_C] block
+# Rows a program handles (rows_per_program): one until B leaves at least MIN_PROGRAMS programs
+# (four per SM of an H100/H200) with two, then doubling up to MAX_ROWS. None: that rule;
+# a power of two: that many (the benchmark's sweep and the tests set it).
+MIN_PROGRAMS = 528
+MAX_ROWS = 8
+ROWS_PER_PROGRAM: int | None = None
 # The student's tail mass q_tail = 1 - q_top is taken from its top-K mass when it is at least
 # this (fp32 error ~1e-7 / q_tail); below, the kernel sums the tail itself in a second pass.
 TAIL_FAST_MIN = 0.25
@@ -150,20 +159,22 @@ if triton is not None:
 
     @triton.jit
     def _lse_update(m, d, x):
-        """Fold block ``x`` into a running log-sum-exp ``m + log(d)``; an all -inf block is a no-op."""
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        """Fold block ``x`` [ROWS, BLOCK] into running log-sum-exps ``m + log(d)`` [ROWS]; an
+        all -inf row of the block leaves its row as it was."""
+        m_new = tl.maximum(m, tl.max(x, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid -inf - -inf
-        return m_new, d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
+        return m_new, d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
 
     @triton.jit
-    def _in_topk(idx_row, K, offs_c, BLOCK_K: tl.constexpr):
-        """[BLOCK_C] bool: is class ``offs_c[i]`` one of the row's K indices. A [BLOCK_C, BLOCK_K]
-        comparison: the indices are distinct, so each class matches at most once."""
-        hits = tl.zeros_like(offs_c)
+    def _in_topk(idx_rows, K, offs_c, row_mask, ROWS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[ROWS, BLOCK_X] bool: is class ``offs_c[j]`` one of row i's K indices. A
+        [ROWS, BLOCK_X, BLOCK_K] comparison: the indices are distinct, so each class matches at most once."""
+        hits = tl.zeros([ROWS, BLOCK_X], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            cls = tl.load(idx_row + offs_k, mask=offs_k < K, other=-1).to(tl.int32)  # [BLOCK_K]
-            hits += tl.sum((offs_c[:, None] == cls[None, :]).to(tl.int32), axis=1)
+            km = (offs_k[None, :] < K) & row_mask[:, None]
+            cls = tl.load(idx_rows + offs_k[None, :], mask=km, other=-1).to(tl.int32)  # [ROWS, BLOCK_K]
+            hits += tl.sum((offs_c[None, :, None] == cls[:, None, :]).to(tl.int32), axis=2)
         return hits > 0
 
     @triton.jit
@@ -176,101 +187,106 @@ if triton is not None:
         loss_ptr,  # [B] fp32 out
         gk_ptr,  # [B, K] fp32 out: d loss / d s on the K classes
         stats_ptr,  # [B, 4] fp32 out: lse_s, lse_tail, mass, p_tail (the tail gradient's terms)
-        inv_t, C, K,
+        inv_t, B, C, K,
         tail_fast_min,  # q_tail at or above which 1 - q_top is exact enough (see TAIL_FAST_MIN)
-        LSE_MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
+        LSE_MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_X: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        s_row = s_ptr + row * s_stride
-        t_row = t_ptr + row * t_stride
-        idx_row = idx_ptr + row * idx_stride
-        gk_row = gk_ptr + row * K
-        st_row = stats_ptr + row * 4
-        # Masked rows: zero loss, zero K-gradient and zero tail terms (their indices may be padding).
-        keep = tl.load(keep_ptr + row) != 0
-        lse_s, lse_tail, mass, p_tail, loss = 0.0, 0.0, 0.0, 0.0, 0.0
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+        in_b = rows < B
+        # Masked rows (and rows past B) load nothing and end with zero loss, K-gradient and tail
+        # terms (their indices may be padding); whatever their lanes compute is discarded.
+        keep = in_b & (tl.load(keep_ptr + rows, mask=in_b, other=0) != 0)  # [ROWS]
+        s_rows = s_ptr + rows[:, None] * s_stride  # [ROWS, 1]
+        t_rows = t_ptr + rows[:, None] * t_stride
+        idx_rows = idx_ptr + rows[:, None] * idx_stride
+        zero = tl.zeros([ROWS], dtype=tl.float32)
+        lse_tail, p_tail, loss = zero, zero, zero
 
-        if keep:
-            if LSE_MODE:
-                lse_t = tl.load(lse_ptr + row)
-                # Teacher mass on its K classes; the remainder is the tail bucket.
-                sum_p = 0.0
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    a = tl.load(t_row + offs_k, mask=offs_k < K, other=float("-inf")) * inv_t  # [BLOCK_K]
-                    sum_p += tl.sum(tl.exp(a - lse_t), axis=0)
-                # K == C leaves no tail: no bucket (p_tail = 0) and a finite dummy lse_tail.
-                has_tail = K < C
-                p_tail = tl.where(has_tail, tl.maximum(1.0 - sum_p, 0.0), 0.0)
-                # One pass over the row for the student's LSE, then its LSE over the K classes.
-                m_s, d_s = float("-inf"), 0.0
-                for c0 in range(0, C, BLOCK_C):
-                    offs_c = c0 + tl.arange(0, BLOCK_C)
-                    z = tl.load(s_row + offs_c, mask=offs_c < C, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_C]
-                    m_s, d_s = _lse_update(m_s, d_s, z)
-                lse_s = m_s + tl.log(d_s)
-                m_k, d_k = float("-inf"), 0.0
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    cls = tl.load(idx_row + offs_k, mask=offs_k < K, other=0)  # [BLOCK_K]
-                    z = tl.load(s_row + cls, mask=offs_k < K, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_K]
-                    m_k, d_k = _lse_update(m_k, d_k, z)
-                if has_tail:
-                    q_tail = 1.0 - tl.exp(m_k + tl.log(d_k) - lse_s)
-                    if q_tail >= tail_fast_min:  # no cancellation in 1 - q_top: take the tail from it
-                        lse_tail = lse_s + tl.log(q_tail)
-                    else:
-                        # A confident student: sum the tail itself (a second pass over the row) so
-                        # q_tail stays exact even when 1 - q_top underflows.
-                        m_tl, d_tl = float("-inf"), 0.0
-                        for c0 in range(0, C, BLOCK_X):
-                            offs_c = c0 + tl.arange(0, BLOCK_X)
-                            z = tl.load(s_row + offs_c, mask=offs_c < C, other=float("-inf")).to(tl.float32) * inv_t
-                            in_k = _in_topk(idx_row, K, offs_c, BLOCK_K)  # [BLOCK_X]
-                            m_tl, d_tl = _lse_update(m_tl, d_tl, tl.where(in_k, float("-inf"), z))
-                        lse_tail = m_tl + tl.log(tl.maximum(d_tl, _TL_TINY))
-                loss = p_tail * (tl.log(tl.maximum(p_tail, _TL_TINY)) - (lse_tail - lse_s))
-                # d loss / d z_j = mass * q_j - p_j on the K classes and mass * q_j - p_tail * q_j / q_tail
-                # on the tail, with mass = sum p + p_tail (1 unless the teacher's top-K exceed 1).
-                mass = sum_p + p_tail
-                lse_p = lse_t
-            else:
-                # Both distributions live on the K classes: two online LSEs over K.
-                m_a, d_a, m_z, d_z = float("-inf"), 0.0, float("-inf"), 0.0
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = offs_k < K
-                    a = tl.load(t_row + offs_k, mask=k_mask, other=float("-inf")) * inv_t  # [BLOCK_K]
-                    cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
-                    z = tl.load(s_row + cls, mask=k_mask, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK_K]
-                    m_a, d_a = _lse_update(m_a, d_a, a)
-                    m_z, d_z = _lse_update(m_z, d_z, z)
-                lse_p = m_a + tl.log(d_a)
-                lse_s = m_z + tl.log(d_z)
-                mass = 1.0
-            # The K classes' KL terms and gradients (a second read of K values, cache-resident).
+        if LSE_MODE:
+            lse_t = tl.load(lse_ptr + rows, mask=keep, other=0.0)  # [ROWS]
+            # Teacher mass on its K classes; the remainder is the tail bucket.
+            sum_p = zero
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                a = tl.load(t_row + offs_k, mask=k_mask, other=0.0) * inv_t  # [BLOCK_K]
-                cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
-                z = tl.load(s_row + cls, mask=k_mask, other=0.0).to(tl.float32) * inv_t  # [BLOCK_K]
-                log_p = a - lse_p
-                log_q = z - lse_s
-                p = tl.exp(log_p)
-                loss += tl.sum(tl.where(k_mask, p * (log_p - log_q), 0.0), axis=0)
-                tl.store(gk_row + offs_k, (mass * tl.exp(log_q) - p) * inv_t, mask=k_mask)
-            if not LSE_MODE:
-                mass = 0.0  # topk mode has no gradient outside the K classes
+                km = (offs_k[None, :] < K) & keep[:, None]  # [ROWS, BLOCK_K]
+                a = tl.load(t_rows + offs_k[None, :], mask=km, other=float("-inf")) * inv_t  # [ROWS, BLOCK_K]
+                sum_p += tl.sum(tl.exp(a - lse_t[:, None]), axis=1)
+            # K == C leaves no tail: no bucket (p_tail = 0) and a finite dummy lse_tail.
+            has_tail = K < C
+            if has_tail:
+                p_tail = tl.maximum(1.0 - sum_p, 0.0)
+            # One pass over the rows for the student's LSE, then its LSE over the K classes.
+            m_s, d_s = zero + float("-inf"), zero
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                cm = (offs_c[None, :] < C) & keep[:, None]  # [ROWS, BLOCK_C]
+                z = tl.load(s_rows + offs_c[None, :], mask=cm, other=float("-inf")).to(tl.float32) * inv_t
+                m_s, d_s = _lse_update(m_s, d_s, z)
+            lse_s = m_s + tl.log(d_s)
+            m_k, d_k = zero + float("-inf"), zero
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                km = (offs_k[None, :] < K) & keep[:, None]
+                cls = tl.load(idx_rows + offs_k[None, :], mask=km, other=0)  # [ROWS, BLOCK_K]
+                z = tl.load(s_rows + cls, mask=km, other=float("-inf")).to(tl.float32) * inv_t  # [ROWS, BLOCK_K]
+                m_k, d_k = _lse_update(m_k, d_k, z)
+            if has_tail:
+                q_tail = 1.0 - tl.exp(m_k + tl.log(d_k) - lse_s)  # [ROWS]
+                # no cancellation in 1 - q_top: take the tail from it
+                fast = q_tail >= tail_fast_min
+                lse_tail = lse_s + tl.log(tl.maximum(q_tail, _TL_TINY))
+                if tl.max((keep & ~fast).to(tl.int32), axis=0) > 0:
+                    # A confident student: sum the tail itself (a second pass over the rows) so
+                    # q_tail stays exact even when 1 - q_top underflows.
+                    m_tl, d_tl = zero + float("-inf"), zero
+                    for c0 in range(0, C, BLOCK_X):
+                        offs_c = c0 + tl.arange(0, BLOCK_X)
+                        cm = (offs_c[None, :] < C) & keep[:, None]  # [ROWS, BLOCK_X]
+                        z = tl.load(s_rows + offs_c[None, :], mask=cm, other=float("-inf")).to(tl.float32) * inv_t
+                        in_k = _in_topk(idx_rows, K, offs_c, keep, ROWS, BLOCK_X, BLOCK_K)  # [ROWS, BLOCK_X]
+                        m_tl, d_tl = _lse_update(m_tl, d_tl, tl.where(in_k, float("-inf"), z))
+                    lse_tail = tl.where(fast, lse_tail, m_tl + tl.log(tl.maximum(d_tl, _TL_TINY)))
+            loss = p_tail * (tl.log(tl.maximum(p_tail, _TL_TINY)) - (lse_tail - lse_s))
+            # d loss / d z_j = mass * q_j - p_j on the K classes and mass * q_j - p_tail * q_j / q_tail
+            # on the tail, with mass = sum p + p_tail (1 unless the teacher's top-K exceed 1).
+            mass = sum_p + p_tail
+            lse_p = lse_t
         else:
+            # Both distributions live on the K classes: two online LSEs over K.
+            m_a, d_a, m_z, d_z = zero + float("-inf"), zero, zero + float("-inf"), zero
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                tl.store(gk_row + offs_k, tl.zeros([BLOCK_K], dtype=tl.float32), mask=offs_k < K)
-        tl.store(loss_ptr + row, loss)
-        tl.store(st_row + 0, lse_s)
-        tl.store(st_row + 1, lse_tail)
-        tl.store(st_row + 2, mass)
-        tl.store(st_row + 3, p_tail)
+                km = (offs_k[None, :] < K) & keep[:, None]
+                a = tl.load(t_rows + offs_k[None, :], mask=km, other=float("-inf")) * inv_t  # [ROWS, BLOCK_K]
+                cls = tl.load(idx_rows + offs_k[None, :], mask=km, other=0)  # [ROWS, BLOCK_K]
+                z = tl.load(s_rows + cls, mask=km, other=float("-inf")).to(tl.float32) * inv_t  # [ROWS, BLOCK_K]
+                m_a, d_a = _lse_update(m_a, d_a, a)
+                m_z, d_z = _lse_update(m_z, d_z, z)
+            lse_p = m_a + tl.log(d_a)
+            lse_s = m_z + tl.log(d_z)
+            mass = zero + 1.0
+        # The K classes' KL terms and gradients (a second read of K values, cache-resident).
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            km = (offs_k[None, :] < K) & keep[:, None]
+            a = tl.load(t_rows + offs_k[None, :], mask=km, other=0.0) * inv_t  # [ROWS, BLOCK_K]
+            cls = tl.load(idx_rows + offs_k[None, :], mask=km, other=0)  # [ROWS, BLOCK_K]
+            z = tl.load(s_rows + cls, mask=km, other=0.0).to(tl.float32) * inv_t  # [ROWS, BLOCK_K]
+            log_p = a - lse_p[:, None]
+            log_q = z - lse_s[:, None]
+            p = tl.exp(log_p)
+            loss += tl.sum(tl.where(km, p * (log_p - log_q), 0.0), axis=1)
+            gk = tl.where(km, (mass[:, None] * tl.exp(log_q) - p) * inv_t, 0.0)  # [ROWS, BLOCK_K]
+            tl.store(gk_ptr + rows[:, None] * K + offs_k[None, :], gk, mask=(offs_k[None, :] < K) & in_b[:, None])
+        if not LSE_MODE:
+            mass = zero  # topk mode has no gradient outside the K classes
+        st = stats_ptr + rows * 4
+        tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=in_b)
+        tl.store(st + 0, tl.where(keep, lse_s, 0.0), mask=in_b)
+        tl.store(st + 1, tl.where(keep, lse_tail, 0.0), mask=in_b)
+        tl.store(st + 2, tl.where(keep, mass, 0.0), mask=in_b)
+        tl.store(st + 3, tl.where(keep, p_tail, 0.0), mask=in_b)
 
     @triton.jit
     def _topk_kl_bwd_kernel(
@@ -281,49 +297,65 @@ if triton is not None:
         stats_ptr,  # [B, 4] fp32 lse_s, lse_tail, mass, p_tail, from the forward
         go_ptr, go_stride,  # [B] fp32 grad_output (stride 0 when it is an expanded scalar)
         grad_ptr, grad_stride,  # [B, C] out, in the student dtype
-        inv_t, C, K,
-        DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        inv_t, B, C, K,
+        DENSE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        s_row = s_ptr + row * s_stride
-        idx_row = idx_ptr + row * idx_stride
-        g_row = grad_ptr + row * grad_stride
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+        in_b = rows < B
+        keep = in_b & (tl.load(keep_ptr + rows, mask=in_b, other=0) != 0)  # [ROWS]
+        s_rows = s_ptr + rows[:, None] * s_stride  # [ROWS, 1]
+        g_rows = grad_ptr + rows[:, None] * grad_stride
+        idx_rows = idx_ptr + rows[:, None] * idx_stride
         g_dtype = grad_ptr.dtype.element_ty
-        keep = tl.load(keep_ptr + row) != 0
-        go = tl.load(go_ptr + row * go_stride)
-        lse_s = tl.load(stats_ptr + row * 4 + 0)
-        lse_tail = tl.load(stats_ptr + row * 4 + 1)
-        scale = tl.load(stats_ptr + row * 4 + 2) * inv_t * go
-        tail_scale = tl.load(stats_ptr + row * 4 + 3) * inv_t * go
+        go = tl.load(go_ptr + rows * go_stride, mask=in_b, other=0.0)  # [ROWS]
+        st = stats_ptr + rows * 4
+        lse_s = tl.load(st + 0, mask=in_b, other=0.0)
+        lse_tail = tl.load(st + 1, mask=in_b, other=0.0)
+        scale = tl.load(st + 2, mask=in_b, other=0.0) * inv_t * go
+        tail_scale = tl.load(st + 3, mask=in_b, other=0.0) * inv_t * go
         # Every class: the tail gradient (zero in topk mode and on masked rows) ...
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
+            cm = (offs_c[None, :] < C) & in_b[:, None]  # [ROWS, BLOCK_C]
             if DENSE:
-                z = tl.load(s_row + offs_c, mask=offs_c < C, other=0.0).to(tl.float32) * inv_t  # [BLOCK_C]
+                z = tl.load(s_rows + offs_c[None, :], mask=cm & keep[:, None], other=0.0).to(tl.float32) * inv_t
                 # q_j / q_tail = exp(z_j - lse_tail) <= 1 on the tail: no overflow.
-                g = scale * tl.exp(z - lse_s) - tail_scale * tl.exp(z - lse_tail)  # [BLOCK_C]
+                g = scale[:, None] * tl.exp(z - lse_s[:, None]) - tail_scale[:, None] * tl.exp(z - lse_tail[:, None])
+                g = tl.where(keep[:, None], g, 0.0)  # [ROWS, BLOCK_C]
             else:
-                g = tl.zeros([BLOCK_C], dtype=tl.float32)
-            tl.store(g_row + offs_c, g.to(g_dtype), mask=offs_c < C)
+                g = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+            tl.store(g_rows + offs_c[None, :], g.to(g_dtype), mask=cm)
         # ... then the K classes overwrite theirs. The barrier orders the two stores to an address
         # made by different threads of the program.
-        if keep:
-            tl.debug_barrier()
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                cls = tl.load(idx_row + offs_k, mask=k_mask, other=0)  # [BLOCK_K]
-                gk = tl.load(gk_ptr + row * K + offs_k, mask=k_mask, other=0.0)  # [BLOCK_K]
-                tl.store(g_row + cls, (gk * go).to(g_dtype), mask=k_mask)
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            km = (offs_k[None, :] < K) & keep[:, None]  # [ROWS, BLOCK_K]
+            cls = tl.load(idx_rows + offs_k[None, :], mask=km, other=0)  # [ROWS, BLOCK_K]
+            gk = tl.load(gk_ptr + rows[:, None] * K + offs_k[None, :], mask=km, other=0.0)  # [ROWS, BLOCK_K]
+            tl.store(g_rows + cls, (gk * go[:, None]).to(g_dtype), mask=km)
 
 
-def _blocks(C: int, K: int) -> dict:
-    """Block sizes and warps. BLOCK_X: the exact tail pass holds a [BLOCK_X, BLOCK_K] membership tile."""
+def rows_per_program(B: int) -> int:
+    """Rows each program of the kernels handles: one while B rows leave programs too few to
+    fill the device (every B up to the student's batch sizes), more (up to MAX_ROWS) beyond,
+    so that each program keeps more loads in flight. ROWS_PER_PROGRAM overrides it."""
+    if ROWS_PER_PROGRAM is not None:
+        return ROWS_PER_PROGRAM
+    rows = 1
+    while rows < MAX_ROWS and B // (2 * rows) >= MIN_PROGRAMS:
+        rows *= 2
+    return rows
+
+
+def _blocks(C: int, K: int, rows: int = 1) -> dict:
+    """Block sizes and warps for ``rows`` rows a program: a [rows, BLOCK_C] tile stays within
+    MAX_BLOCK_C elements. BLOCK_X: the exact tail pass holds a [rows, BLOCK_X, BLOCK_K] membership tile."""
     block_k = min(triton.next_power_of_2(K), MAX_BLOCK_K)
-    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
-    block_x = max(1, min(triton.next_power_of_2(C), MAX_BLOCK_C, TILE // block_k))
-    warps = max(1, min(MAX_WARPS, block_c // ELEMS_PER_WARP))
-    return {"BLOCK_K": block_k, "BLOCK_C": block_c, "BLOCK_X": block_x, "num_warps": warps}
+    block_c = max(1, min(triton.next_power_of_2(C), MAX_BLOCK_C // rows))
+    block_x = max(1, min(triton.next_power_of_2(C), MAX_BLOCK_C, TILE // (block_k * rows)))
+    warps = max(1, min(MAX_WARPS, rows * block_c // ELEMS_PER_WARP))
+    return {"ROWS": rows, "BLOCK_K": block_k, "BLOCK_C": block_c, "BLOCK_X": block_x, "num_warps": warps}
 
 
 class TopKKLFunction(torch.autograd.Function):
@@ -344,9 +376,10 @@ class TopKKLFunction(torch.autograd.Function):
         stats = torch.empty(B, 4, dtype=torch.float32, device=s.device)  # [B, 4]
         if B:
             lse = teacher_lse.to(torch.float32).contiguous() if lse_mode else loss  # [B]; unused in topk mode
-            _topk_kl_fwd_kernel[(B,)](
+            blocks = _blocks(C, K, rows_per_program(B))
+            _topk_kl_fwd_kernel[(triton.cdiv(B, blocks["ROWS"]),)](
                 s, s.stride(0), t, t.stride(0), idx, idx.stride(0), lse, keep, loss, gk, stats, 1.0 / temperature,
-                C, K, TAIL_FAST_MIN, LSE_MODE=lse_mode, **_blocks(C, K),
+                B, C, K, TAIL_FAST_MIN, LSE_MODE=lse_mode, **blocks,
             )
         ctx.save_for_backward(s, idx, keep, gk, stats)
         ctx.inv_t, ctx.lse_mode = 1.0 / temperature, lse_mode
@@ -360,11 +393,11 @@ class TopKKLFunction(torch.autograd.Function):
         grad = torch.empty_like(s)  # [B, C]
         if B:
             go = grad_loss.to(torch.float32)  # [B]; may be an expanded scalar (stride 0)
-            blocks = _blocks(C, K)
+            blocks = _blocks(C, K, rows_per_program(B))
             del blocks["BLOCK_X"]
-            _topk_kl_bwd_kernel[(B,)](
+            _topk_kl_bwd_kernel[(triton.cdiv(B, blocks["ROWS"]),)](
                 s, s.stride(0), idx, idx.stride(0), keep, gk, stats, go, go.stride(0), grad, grad.stride(0),
-                ctx.inv_t, C, K, DENSE=ctx.lse_mode, **blocks,
+                ctx.inv_t, B, C, K, DENSE=ctx.lse_mode, **blocks,
             )
         return grad, None, None, None, None, None, None
 

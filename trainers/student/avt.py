@@ -8,6 +8,7 @@ classifier maps to the anticipated action. As in AVT, the classifiers read the d
 
 import math
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -25,25 +26,60 @@ def _xformers_ops():
     return xops
 
 
+_XFORMERS_WORKS: dict[tuple, bool] = {}
+
+
+def xformers_works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether xformers imports and its causal memory-efficient attention runs forward and
+    backward (with dropout) on ``device`` for ``dtype`` heads of width ``head_dim``; cached.
+    False, for instance, on a CPU (no training kernels) or where the installed xformers was
+    built for another torch (its CUDA operators do not load)."""
+    key = (device.type, device.index, dtype, head_dim)
+    if key not in _XFORMERS_WORKS:
+        try:
+            import xformers.ops as xops
+
+            q = torch.randn(1, 4, 2, head_dim, device=device, dtype=dtype, requires_grad=True)  # [B, T, H, C/H]
+            xops.memory_efficient_attention(q, q, q, attn_bias=xops.LowerTriangularMask(), p=0.1).sum().backward()
+            _XFORMERS_WORKS[key] = True
+        except Exception:  # noqa: BLE001 - any failure (import, no operator, no kernel) means "use SDPA"
+            _XFORMERS_WORKS[key] = False
+    return _XFORMERS_WORKS[key]
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where position t attends to positions <= t."""
+    """Multi-head self-attention where position t attends to positions <= t.
+
+    ``attn_impl="auto"`` is resolved at the first forward, for the device and dtype of its
+    queries: xformers where :func:`xformers_works`, else SDPA (``self.impl`` then says which).
+    The probe is eager code: resolve before compiling (``AVTHead.resolve_attention``, which
+    the trainer's compiled step calls).
+    """
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.p_drop = cfg.block_dropout
-        self.impl = "sdpa" if cfg.attn_impl == "auto" else cfg.attn_impl
+        self.impl = cfg.attn_impl
         if self.impl == "xformers":
             _xformers_ops()  # fail at construction, not at the first step
         self.qkv = nn.Linear(cfg.inter_dim, 3 * cfg.inter_dim)
         self.proj = nn.Linear(cfg.inter_dim, cfg.inter_dim)
         self.resid_drop = nn.Dropout(cfg.block_dropout)
 
+    def resolve(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Settle ``attn_impl="auto"`` for queries of ``dtype`` on ``device``."""
+        if self.impl == "auto":
+            head_dim = self.qkv.out_features // 3 // self.n_head
+            self.impl = "xformers" if xformers_works(torch.device(device), dtype, head_dim) else "sdpa"
+
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, C] -> [B, T, C]."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)  # 3 x [B, T, H, C/H]
         p = self.p_drop if self.training else 0.0
+        if self.impl == "auto":
+            self.resolve(q.device, q.dtype)
         if self.impl == "xformers":
             xops = _xformers_ops()
             y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=p)  # [B, T, H, C/H]
@@ -118,6 +154,12 @@ class AVTHead(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def resolve_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Settle ``attn_impl="auto"`` now, for the attention's inputs of ``dtype`` on ``device``
+        (e.g. before compiling; otherwise the first forward does it)."""
+        for block in self.blocks:
+            block.attn.resolve(torch.device(device), dtype)
 
     def forward(self, frames: Tensor) -> dict[str, Tensor]:
         """frames [B, T, D] with T <= cfg.num_frames -> dict of

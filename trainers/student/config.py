@@ -25,6 +25,8 @@ _CHOICES = {
     "distill_reduction": REDUCTIONS,
     "optimizer": ("sgd", "adam", "adamw"),
     "scheduler": ("cosine",),
+    "data_on_device": ("auto", "always", "never"),
+    "compile": ("off", "default", "reduce-overhead"),
 }
 _POSITIVE = ("num_frames", "fps", "tau_a", "n_layer", "n_head", "inter_dim", "temperature",
              "topk", "lr", "epochs", "batch_size")
@@ -72,6 +74,14 @@ class StudentConfig:
     grad_clip: float | None = None  # max grad norm; None: no clipping (AVT's default)
     scheduler: str = "cosine"
     seed: int = 42
+    # Execution (same results, other speed; a resume may change them).
+    # data_on_device: keep the frames the split's windows reach and the teacher targets on the
+    # training device and gather batches there (auto: on CUDA when they fit in a share of its
+    # free memory; trainers.student.resident), else pinned host batches from a loader thread.
+    data_on_device: str = "auto"
+    # compile: torch.compile the forward and losses (their backward with them); "reduce-overhead"
+    # replays them as CUDA graphs on CUDA (trainers.student.step).
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -117,6 +127,10 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     if isinstance(value, bool) != (bool in allowed) or not isinstance(value, allowed):
         raise ConfigError(f"StudentConfig.{name}: expected {getattr(hint, '__name__', hint)}, "
                           f"got {value!r}")
+
+
+# Fields that choose how a run executes, not what it computes: a resume may change them.
+EXECUTION_FIELDS = ("data_on_device", "compile")
 
 
 def _reject_unknown(keys: typing.Iterable[str], where: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -151,12 +151,14 @@ class BatchLoader:
     """Batches of one epoch, prepared by a background thread while the model trains.
 
     The gather releases the GIL inside numpy, so one thread keeps up with the model;
-    ``pin`` puts batches in pinned memory for asynchronous host-to-GPU copies.
+    ``pin`` puts batches in pinned memory for asynchronous host-to-GPU copies. ``check``
+    (e.g. trainers.student.losses.check_batch) runs on each batch in that thread; what it
+    raises reaches the consumer at that batch.
     """
 
     def __init__(self, data: StudentData, order: np.ndarray, batch_size: int, drop_last: bool = False,
-                 pin: bool = False, prefetch: int = 4):
-        self.data, self.batch_size, self.pin, self.prefetch = data, batch_size, pin, prefetch
+                 pin: bool = False, prefetch: int = 4, check: Callable[[Batch], None] | None = None):
+        self.data, self.batch_size, self.pin, self.prefetch, self.check = data, batch_size, pin, prefetch, check
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         self.chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
@@ -172,6 +174,8 @@ class BatchLoader:
             try:
                 for ids in self.chunks:
                     b = self.data.batch(ids)
+                    if self.check is not None:
+                        self.check(b)
                     if self.pin:
                         b = b.pin_memory()
                     if not put_until(q, b, cancel):  # the consumer has gone

@@ -9,7 +9,7 @@ from trainers.student.config import StudentConfig
 from trainers.student.distill import active_terms
 
 
-def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> dict[str, Tensor]:
+def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig, check: bool = True) -> dict[str, Tensor]:
     """The student's losses for one batch, from `AVTHead` outputs `out`.
 
     Keys: `ce` (action CE of the future prediction), `verb`/`noun` (with verb_noun_heads),
@@ -22,22 +22,13 @@ def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> 
     each past position with the action under that frame, which the store does not carry, so
     every past position 0..T-2 is labelled with the batch's action.
 
-    Raises DataError naming the UID when a row's frames or teacher targets hold NaN/inf, and
-    ConfigError when the batch lacks a teacher field that an active term reads.
+    With ``check`` it first runs :func:`check_batch`; ``check=False`` is for a caller that has
+    checked the batch already (the trainer's data paths): no host sync, so the step compiles
+    into one graph.
     """
-    if batch.frames.shape[1] < 2:
-        raise DataError(f"frames: the feat and past_cls losses need >= 2 frames per row, "
-                        f"got {batch.frames.shape[1]}")
-    _check_finite(batch.frames, "frames", batch)
+    if check:
+        check_batch(batch, cfg)
     terms = active_terms(cfg)
-    for term_name, term in terms.items():
-        for field in term.reads:
-            name = TEACHER_FIELDS[field]
-            if getattr(batch, name) is None:
-                raise ConfigError(f"{term_name} (distill_mode={cfg.distill_mode!r}) needs batch.{name}, which is None")
-            if field != "topk_indices":
-                _check_finite(getattr(batch, name), name, batch, rows=batch.teacher_mask)
-
     ls = cfg.label_smoothing
     losses = {"ce": F.cross_entropy(out["logits"], batch.action, label_smoothing=ls)}
     total = losses["ce"]
@@ -59,6 +50,22 @@ def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> 
         total = total + losses[name]
     losses["total"] = total
     return losses
+
+
+def check_batch(batch: Batch, cfg: StudentConfig) -> None:
+    """Raise DataError naming the UID when a row's frames or teacher targets hold NaN/inf, and
+    ConfigError when the batch lacks a teacher field that an active term of ``cfg`` reads."""
+    if batch.frames.shape[1] < 2:
+        raise DataError(f"frames: the feat and past_cls losses need >= 2 frames per row, "
+                        f"got {batch.frames.shape[1]}")
+    _check_finite(batch.frames, "frames", batch)
+    for term_name, term in active_terms(cfg).items():
+        for field in term.reads:
+            name = TEACHER_FIELDS[field]
+            if getattr(batch, name) is None:
+                raise ConfigError(f"{term_name} (distill_mode={cfg.distill_mode!r}) needs batch.{name}, which is None")
+            if field != "topk_indices":
+                _check_finite(getattr(batch, name), name, batch, rows=batch.teacher_mask)
 
 
 def _check_finite(x: Tensor, name: str, batch: Batch, rows: Tensor | None = None) -> None:

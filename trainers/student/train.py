@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,17 @@ from kdstore.metrics import compute_metrics
 from kdstore.store import Store
 
 from .avt import AVTHead
-from .config import StudentConfig
+from .config import EXECUTION_FIELDS, StudentConfig
 from .data import BatchLoader, StudentData, WindowBatchSampler
 from .distill import distills, without_distillation
-from .losses import student_losses
+from .losses import check_batch
+from .resident import ResidentData, resident_on
+from .step import TrainStep
 
 CKPT, STATE, LOG = "last.safetensors", "last.json", "log.jsonl"
+# Steps between reads of the losses back to the host (a sync): the divergence check, the
+# progress bar and the epoch's sums see every step, a little later.
+SYNC_EVERY = 32
 
 
 def _dist(device: str) -> tuple[int, int, str]:
@@ -54,12 +58,15 @@ def _dist(device: str) -> tuple[int, int, str]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Optimizer:
+    """The config's optimiser; on CUDA its fused form (one kernel a step)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and params[0].is_cuda or None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: StudentConfig) -> float:
@@ -147,7 +154,6 @@ def train_student(
     train_split: str = "training1",
     eval_split: str | None = "validation1",
     device: str | None = None,
-    compile: bool = False,
     progress: bool = True,
     stop_after_epochs: int | None = None,
 ) -> dict:
@@ -158,7 +164,8 @@ def train_student(
     ``stop_after_epochs`` ends the process early as a crash would (for resume tests). Under
     torchrun, each rank trains on its slice of every global batch of ``world * batch_size``
     samples and gradients are averaged (DDP). A resume may raise ``cfg.epochs`` to extend a
-    run; its remaining steps follow the cosine schedule of the new length.
+    run; its remaining steps follow the cosine schedule of the new length, and it may change
+    the execution fields (``data_on_device``, ``compile``), which do not change what a run computes.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, device = _dist(device)
@@ -184,8 +191,10 @@ def train_student(
     metrics: dict = {}
     if (run / CKPT).exists():
         tensors, state = _read_checkpoint(run)
-        # the same run, up to its length: more epochs extend it (the rest follows the longer schedule)
-        same = lambda d: {**d, "config": {**d.get("config", {}), "epochs": None}}  # noqa: E731
+        # the same run, up to its length (more epochs extend it: the rest follows the longer
+        # schedule) and its execution fields
+        ignored = dict.fromkeys(("epochs", *EXECUTION_FIELDS))
+        same = lambda d: {**d, "config": {**d.get("config", {}), **ignored}}  # noqa: E731
         saved, now = same(state), same(identity)
         diff = sorted(k for k in identity if saved.get(k) != now[k])
         if diff:
@@ -202,8 +211,6 @@ def train_student(
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    if compile:
-        net = torch.compile(net)
     per_step = cfg.batch_size * world
     if len(train) < per_step:
         raise ConfigError(f"split {train_split!r}: {len(train)} samples, fewer than one global batch of "
@@ -211,7 +218,8 @@ def train_student(
     sampler = WindowBatchSampler(len(train), cfg.batch_size, seed=cfg.seed, drop_last=True, rank=rank, world=world)
     steps_per_epoch = len(sampler)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg), last_epoch=step - 1)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    step_fn = TrainStep(net, opt, sched, cfg, loss_cfg, device)
+    resident = ResidentData(train, device) if resident_on(train, device, cfg.data_on_device) else None
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -227,25 +235,35 @@ def train_student(
             sampler.set_epoch(epoch)
             order = np.concatenate(list(sampler))
             sums: dict[str, float] = {}
+            pending: list[torch.Tensor] = []  # [len(keys)] losses of the steps not read back yet
+
+            def read_back() -> None:
+                """The pending steps' losses to the host: sums, progress, and the divergence check."""
+                values = torch.stack(pending).double().cpu().numpy()  # [n, len(keys)]
+                total = values[:, step_fn.keys.index("total")]
+                if not np.isfinite(total).all():
+                    bad = int(np.flatnonzero(~np.isfinite(total))[0])
+                    raise DataError(f"{run}: training diverged at epoch {epoch + 1}, step {step - len(pending) + bad + 1} "
+                                    f"(loss {total[bad]}); lower lr or the distill weight")
+                for k, v in zip(step_fn.keys, values.sum(0)):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                bar.update(task, advance=len(pending), info=f"epoch {epoch + 1}/{cfg.epochs} loss {total[-1]:.3f}")
+                pending.clear()
+
             t0 = time.perf_counter()
-            for batch in BatchLoader(train, order, cfg.batch_size, pin=device.startswith("cuda")):
-                batch = batch.to(device)
-                with amp:
-                    out = net(batch.frames)
-                losses = student_losses({k: v.float() for k, v in out.items()}, batch, loss_cfg)
-                if not torch.isfinite(losses["total"]):
-                    raise DataError(f"{run}: training diverged at epoch {epoch + 1}, step {step + 1} (loss "
-                                    f"{float(losses['total'].detach())}); lower lr or the distill weight")
-                opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
+            if resident is not None:
+                batches = resident.batches(order, cfg.batch_size)
+            else:  # checked in the loader's thread, so the step never waits on the host
+                loader = BatchLoader(train, order, cfg.batch_size, pin=device.startswith("cuda"),
+                                     check=lambda b: check_batch(b, loss_cfg))
+                batches = (b.to(device) for b in loader)
+            for batch in batches:
+                pending.append(step_fn(batch))
                 step += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {float(losses['total'].detach()):.3f}")
+                if len(pending) == SYNC_EVERY:
+                    read_back()
+            if pending:
+                read_back()
             if world > 1:  # log the losses of the global batches, as one process would
                 t = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(t)
