@@ -11,6 +11,9 @@ import typer
 from rich.console import Console
 
 from kdstore.errors import KDStoreError
+from trainers.config import cli_options, parse_set
+from trainers.student.config import RULES as STUDENT_RULES
+from trainers.student.config import StudentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, however long
@@ -404,21 +407,8 @@ def import_features(
 # --- student commands -------------------------------------------------------------------
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs with JSON values (``lr=1e-4``, ``verb_noun_heads=true``)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 @app.command("train-student")
+@cli_options(StudentConfig, STUDENT_RULES)
 def train_student(
     store: Path,
     features: str = typer.Option(..., "--features", "-f", help="video/<name> feature set to train on."),
@@ -428,17 +418,18 @@ def train_student(
     no_distill: bool = typer.Option(False, "--no-distill", help="Baseline: no distillation, everything else equal."),
     train_split: str = typer.Option("training1", help="Split to train on."),
     eval_split: str = typer.Option("validation1", help="Split evaluated after each epoch."),
-    overrides: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. --set epochs=5."),
+    overrides: list[str] = typer.Option([], "--set", help="StudentConfig field key=value (repeatable), e.g. --set epochs=5."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the step (CUDA graphs on CUDA); "
-                                 "same as --set compile=reduce-overhead."),
+    options: Optional[dict] = None,
 ) -> None:
-    """Train an AVT-h student on stored features, distilling from a teacher group."""
+    """Train an AVT-h student on stored features, distilling from a teacher group. Every
+    StudentConfig field is an option (--lr 1e-4, --compile reduce-overhead) and a --set key;
+    the preset gives the rest."""
     from trainers.student.config import preset as make_preset
     from trainers.student.distill import distills, without_distillation
     from trainers.student.train import train_student as run
 
-    cfg = make_preset(preset, **{**({"compile": "reduce-overhead"} if compile else {}), **_overrides(overrides)})
+    cfg = make_preset(preset, **{**parse_set(StudentConfig, overrides), **options})
     if no_distill:
         cfg = without_distillation(cfg)
     if distills(cfg) and teacher is None:

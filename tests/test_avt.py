@@ -194,7 +194,7 @@ def test_preset_returns_a_copy_with_overrides():
     cfg = preset("egtea", lr=0.5)
     cfg.epochs = 1
     assert cfg.lr == 0.5
-    assert (PRESETS["egtea"].lr, PRESETS["egtea"].epochs) == (1e-3, 15)
+    assert (PRESETS["egtea"]["lr"], PRESETS["egtea"]["epochs"]) == (1e-3, 15)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -48,9 +48,9 @@ def test_relations_are_checked_once_every_field_is_valid():
     assert e.value.problems == ["epochs: expected int, got '9'"]
 
 
-def test_layers_overlay_in_order_and_none_keeps_the_lower_value():
-    cfg = make(Toy, {"lr": 0.5, "epochs": 4}, {"lr": None, "epochs": 2}, {"hist": [5, 10]})
-    assert (cfg.lr, cfg.epochs, cfg.hist) == (0.5, 2, (5, 10))
+def test_layers_overlay_in_order():
+    cfg = make(Toy, {"lr": 0.5, "epochs": 4, "clip": 1.0}, {"epochs": 2, "clip": None}, {"hist": [5, 10]})
+    assert (cfg.lr, cfg.epochs, cfg.clip, cfg.hist) == (0.5, 2, None, (5, 10))
 
 
 def test_bool_is_not_an_int_and_int_is_a_float():

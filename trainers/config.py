@@ -35,7 +35,7 @@ class ConfigProblems(ConfigError):
 class Rules:
     """Constraints on a config's fields beyond their types (None values pass the bounds)."""
 
-    choices: dict[str, tuple] = field(default_factory=dict)
+    choices: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)  # a callable: looked up when checked
     positive: tuple[str, ...] = ()  # > 0
     non_negative: tuple[str, ...] = ()  # >= 0
     fraction: tuple[str, ...] = ()  # in [0, 1)
@@ -79,6 +79,7 @@ def problems(cfg: Any, rules: Rules) -> list[str]:
             out.append(f"{f.name}: expected {_type_name(hints[f.name])}, got {value!r}")
             mistyped.add(f.name)
     for name, options in rules.choices.items():
+        options = options() if callable(options) else options
         if name not in mistyped and getattr(cfg, name) not in options:
             out.append(f"{name}: expected one of {', '.join(map(str, options))}, got {getattr(cfg, name)!r}")
     bounds = [(rules.positive, lambda v: v > 0, "> 0"), (rules.non_negative, lambda v: v >= 0, ">= 0"),
@@ -114,8 +115,7 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 def make(cls: type, *layers: dict[str, Any]) -> Any:
     """``cls`` from its defaults overlaid by each dict of ``layers`` in turn (a preset, then
-    overrides; None values are skipped); one ConfigProblems names unknown keys and every
-    invalid value at once."""
+    overrides); one ConfigProblems names unknown keys and every invalid value at once."""
     names, hints = set(field_names(cls)), typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     unknown: list[str] = []
@@ -123,7 +123,7 @@ def make(cls: type, *layers: dict[str, Any]) -> Any:
         for key, value in layer.items():
             if key not in names:
                 unknown.append(key)
-            elif value is not None:
+            else:
                 values[key] = _coerce(value, hints[key])
     found = [f"{key}: unknown option (known: {', '.join(sorted(names))})" for key in sorted(set(unknown))]
     try:
@@ -199,14 +199,15 @@ def _cli_type(hint: Any) -> type:
     return str  # tuples and mixed unions arrive as text and go through _parse_value
 
 
-def cli_options(cls: type, skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+def cli_options(cls: type, rules: Rules | None = None, skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
     """Decorator for a typer command: one ``--field-name`` option per field of ``cls`` (except
-    ``skip`` and the command's own parameters), defaulting to the preset's value; the options
-    given reach the command as one ``options: dict`` of typed values."""
+    ``skip`` and the command's own parameters), defaulting to the preset's value, its help the
+    field's comment and the fixed choices of ``rules``; the options given reach the command as
+    one ``options: dict`` of typed values."""
     hints, helps = typing.get_type_hints(cls), field_help(cls)
 
     def decorate(command: Callable) -> Callable:
-        sig = inspect.signature(command)
+        sig = inspect.signature(command, eval_str=True)  # annotations resolved in the command's module
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "options"]
         taken = {p.name for p in own} | set(skip)
         added = []
@@ -216,7 +217,10 @@ def cli_options(cls: type, skip: Iterable[str] = ()) -> Callable[[Callable], Cal
             kind = _cli_type(hints[name])
             flag = "--" + name.replace("_", "-")
             decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
-            info = typer.Option(None, *decls, help=helps.get(name, f"{cls.__name__}.{name}"),
+            options = (rules.choices if rules else {}).get(name)
+            choices = f"one of {', '.join(map(str, options))}" if isinstance(options, tuple) else ""
+            text = "; ".join(filter(None, (helps.get(name), choices))) or f"{cls.__name__}.{name}"
+            info = typer.Option(None, *decls, help=text,
                                 rich_help_panel=f"{cls.__name__} (default: the preset's)")
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                            annotation=Optional[kind]))

@@ -11,27 +11,40 @@ weight 20, T = 5, the setting every EK55 run directory of the paper's code is na
 """
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from kdstore.errors import ConfigError
 
-from .distill import KD_MODES, NONE, REDUCTIONS
+from ..config import Rules, check, make
 
-_CHOICES = {
+
+
+def _kd_modes() -> tuple[str, ...]:
+    from .distill import KD_MODES, NONE  # the registry imports torch: looked up when checked, so the CLI starts fast
+
+    return (*KD_MODES, NONE)
+
+
+def _reductions() -> tuple[str, ...]:
+    from .distill import REDUCTIONS
+
+    return REDUCTIONS
+
+
+RULES = Rules(choices={
     "attn_impl": ("auto", "sdpa", "xformers"),
-    "distill_mode": (*KD_MODES, NONE),
-    "distill_reduction": REDUCTIONS,
+    "distill_mode": _kd_modes,
+    "distill_reduction": _reductions,
     "optimizer": ("sgd", "adam", "adamw"),
     "scheduler": ("cosine",),
     "data_on_device": ("auto", "always", "never"),
     "compile": ("off", "default", "reduce-overhead"),
-}
-_POSITIVE = ("num_frames", "fps", "tau_a", "n_layer", "n_head", "inter_dim", "temperature",
-             "topk", "lr", "epochs", "batch_size")
-_NON_NEGATIVE = ("past_cls", "feat", "verb_noun_weight", "distill", "distill_feat", "distill_feat_mse",
-                 "weight_decay", "momentum", "warmup_epochs", "label_smoothing")
+}, positive=("num_frames", "fps", "tau_a", "n_layer", "n_head", "inter_dim", "temperature", "topk", "lr", "epochs",
+             "batch_size", "grad_clip"),
+   non_negative=("past_cls", "feat", "verb_noun_weight", "distill", "distill_feat", "distill_feat_mse",
+                 "weight_decay", "momentum", "warmup_epochs", "label_smoothing"),
+   fraction=("dropout", "block_dropout"))
 
 
 @dataclass
@@ -84,30 +97,7 @@ class StudentConfig:
     compile: str = "off"
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"StudentConfig.{name}: expected one of {choices}, "
-                                  f"got {getattr(self, name)!r}")
-        for name in _POSITIVE:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"StudentConfig.{name}: expected > 0, got {getattr(self, name)!r}")
-        for name in _NON_NEGATIVE:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"StudentConfig.{name}: expected >= 0, got {getattr(self, name)!r}")
-        for name in ("dropout", "block_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"StudentConfig.{name}: expected in [0, 1), got {getattr(self, name)!r}")
-        if self.inter_dim % self.n_head:
-            raise ConfigError(f"StudentConfig.inter_dim: {self.inter_dim} is not divisible by "
-                              f"n_head={self.n_head}")
-        if self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"StudentConfig.warmup_epochs: {self.warmup_epochs} leaves no "
-                              f"epoch of the {self.epochs} for the scheduler")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"StudentConfig.grad_clip: expected > 0 or None, got {self.grad_clip!r}")
+        check(self, RULES, _relations)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-able dict."""
@@ -115,33 +105,26 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudentConfig":
-        """Inverse of `to_dict`; unknown keys raise ConfigError."""
-        _reject_unknown(d, "StudentConfig.from_dict")
-        return cls(**d)
+        """Inverse of `to_dict`; unknown keys and invalid values raise one ConfigError."""
+        return make(cls, d)
 
 
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    allowed = typing.get_args(hint) or (hint,)
-    if float in allowed:
-        allowed += (int,)  # temperature=10 is a fine float
-    if isinstance(value, bool) != (bool in allowed) or not isinstance(value, allowed):
-        raise ConfigError(f"StudentConfig.{name}: expected {getattr(hint, '__name__', hint)}, "
-                          f"got {value!r}")
+def _relations(c: StudentConfig) -> list[str]:
+    out = []
+    if c.inter_dim % c.n_head:
+        out.append(f"inter_dim: {c.inter_dim} is not divisible by n_head={c.n_head}")
+    if c.warmup_epochs >= c.epochs:
+        out.append(f"warmup_epochs: {c.warmup_epochs} leaves no epoch of the {c.epochs} for the scheduler")
+    return out
 
 
 # Fields that choose how a run executes, not what it computes: a resume may change them.
 EXECUTION_FIELDS = ("data_on_device", "compile")
 
 
-def _reject_unknown(keys: typing.Iterable[str], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(StudentConfig)}
-    unknown = sorted(set(keys) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
-
-
-PRESETS: dict[str, StudentConfig] = {
-    "egtea": StudentConfig(
+# The presets' values (checked whenever a preset is made).
+PRESETS: dict[str, dict[str, Any]] = {
+    "egtea": dict(
         num_frames=10, fps=1.0, tau_a=0.5,
         n_layer=2, n_head=4, inter_dim=2048, dropout=0.8,
         past_cls=0.1, feat=1.0,
@@ -149,7 +132,7 @@ PRESETS: dict[str, StudentConfig] = {
         optimizer="sgd", lr=1e-3, weight_decay=1e-6, momentum=0.9, nesterov=True,
         warmup_epochs=0, epochs=15, batch_size=64, scheduler="cosine",
     ),
-    "ek55": StudentConfig(
+    "ek55": dict(
         num_frames=10, fps=2.0, tau_a=1.0,
         n_layer=12, n_head=8, inter_dim=2048, dropout=0.8,
         past_cls=0.0, feat=2.0,
@@ -164,5 +147,4 @@ def preset(name: str, **overrides: Any) -> StudentConfig:
     """A fresh copy of preset `name` with `overrides` applied."""
     if name not in PRESETS:
         raise ConfigError(f"unknown student preset {name!r}; expected one of {sorted(PRESETS)}")
-    _reject_unknown(overrides, f"preset({name!r})")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return make(StudentConfig, PRESETS[name], overrides)
