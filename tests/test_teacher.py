@@ -22,9 +22,8 @@ from trainers.teacher.corpus import STOP_VERBS, history_corpus, history_texts, r
 from trainers.teacher.finetune import Thinning, class_weights, predict
 from trainers.teacher.models import MODEL_TYPES, check_checkpoint, scratch_teacher
 from trainers.teacher.ngram import NGram, action_histories, ngram_baseline
-from trainers.teacher.optim import pad_batch
 from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
-from trainers.teacher.tokenizer import encode, load_tokenizer, train_tokenizer
+from trainers.teacher.tokenizer import Tokens, encode, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EGTEA_DIR = ROOT.parent / "shared/data/egtea"
@@ -75,9 +74,10 @@ def test_tokenizer_keeps_action_tokens_and_recent_history(tmp_path):
     tok = train_tokenizer(["take <v> eating utensil <a> cut <v> tomato", "open <v> fridge <a> wash <v> hand"], 200)
     toks = tok.convert_ids_to_tokens(tok("cut <v> tomato <a> open <v> fridge")["input_ids"])
     assert toks == ["[CLS]", "cut", "<v>", "tomato", "<a>", "open", "<v>", "fridge", "[SEP]"]
-    ids = encode(tok, ["take <v> tomato <a> cut <v> tomato <a> open <v> fridge", ""], 6)
-    assert tok.convert_ids_to_tokens(ids[0]) == ["[CLS]", "<a>", "open", "<v>", "fridge", "[SEP]"]  # oldest dropped
-    assert tok.convert_ids_to_tokens(ids[1]) == ["[CLS]", "[SEP]"]  # empty history: specials only
+    ids = encode(tok, ["take <v> tomato <a> cut <v> tomato <a> open <v> fridge", ""], 6, chunk=1)
+    assert tok.convert_ids_to_tokens(ids.row(0)) == ["[CLS]", "<a>", "open", "<v>", "fridge", "[SEP]"]  # oldest dropped
+    assert tok.convert_ids_to_tokens(ids.row(1)) == ["[CLS]", "[SEP]"]  # empty history: specials only
+    assert ids.ids.shape == (2, 6) and ids.lens.tolist() == [6, 2] and (ids.ids[1, 2:] == tok.pad_token_id).all()
     tok.save_pretrained(tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok")
     assert again("cut <v> tomato")["input_ids"] == tok("cut <v> tomato")["input_ids"]
@@ -140,7 +140,8 @@ def test_histories_and_history_corpus(syn_dir):
 def test_every_family_builds_and_reads_position_zero(family):
     tok = train_tokenizer(["take <v> cup <a> open <v> fridge"], 200)
     model = scratch_teacher(family, "tiny", tok, 16, (5, 3, 4), 0.0)
-    ids, mask = pad_batch(encode(tok, ["take <v> cup", "open <v> fridge <a> take <v> cup"], 16), tok.pad_token_id)
+    ids, mask = encode(tok, ["take <v> cup", "open <v> fridge <a> take <v> cup"], 16).batch([0, 1])
+    assert ids.shape == mask.shape == (2, 9) and mask.sum(1).tolist() == [5, 9]  # cut to the longest
     out = model(ids, mask)
     assert out["action"].shape == (2, 5) and out["verb"].shape == (2, 3) and out["noun"].shape == (2, 4)
     assert out["features"].shape == (2, 64)
@@ -185,15 +186,66 @@ def test_class_weights_balanced_and_absent_classes_zero():
     assert class_weights(np.array([0, 0, 0, 1]), 3, 0.5).tolist() == pytest.approx([2 / 3, (4 / 3) ** 0.5, 0.0])
 
 
-def test_history_dropout_thins_histories_reproducibly():
-    tok = train_tokenizer(["a <v> x <a> b <v> y <a> c <v> z"], 200)
-    words = ["a <v> x", "b <v> y", "c <v> z"]
-    actions = np.array([[-1, 0, 1, 2, 0, 1, 2, 0], [-1, -1, -1, -1, -1, -1, -1, 2]])
-    dense = Thinning(actions, np.array([3, 3]), words, 0.0, 64).draw(tok, 0, 0)
-    assert dense == encode(tok, ["b <v> y <a> c <v> z <a> a <v> x", "c <v> z"], 64)
-    thin = Thinning(actions, np.array([3, 3]), words, 0.99, 64)
-    assert thin.draw(tok, 0, 1) == thin.draw(tok, 0, 1) != thin.draw(tok, 0, 2)
-    assert all(len(ids) > 2 for e in range(5) for ids in thin.draw(tok, 0, e))  # never empty
+def rows(t: Tokens) -> list[list[int]]:
+    return [t.row(i) for i in range(len(t))]
+
+
+def thinned_texts(actions, lens, words, rate, seed, epoch) -> list[str]:
+    """History dropout's rule written out row by row: the same draws, then each row's kept actions."""
+    rng = np.random.default_rng([seed, epoch])
+    drop = rng.uniform(0, rate, len(actions))[:, None]
+    keep = (actions >= 0) & (rng.random(actions.shape) >= drop)
+    out = []
+    for row, k, L in zip(actions, keep, lens):
+        acts = row[k][-L:] if k.any() else row[row >= 0][-L:]
+        out.append(" <a> ".join(words[a] for a in acts))
+    return out
+
+
+def random_histories(n=60, width=12, actions=6, seed=0):
+    rng = np.random.default_rng(seed)
+    acts = rng.integers(0, actions, (n, width))
+    acts[np.arange(width)[None, :] < rng.integers(0, width, n)[:, None]] = -1  # left padding
+    return acts, rng.integers(1, 6, n)
+
+
+def test_history_dropout_joins_token_ids_like_the_tokenizer():
+    words = ["take <v> cup", "open <v> fridge drawer", "cut <v> tomato", "wash <v> eating utensil",
+             "put <v> pan", "inspect read <v> recipe"]
+    # a capped vocabulary splits most words into ##pieces; max_len 12 cuts histories mid-action
+    tok = train_tokenizer([" <a> ".join(words)], 40)
+    acts, lens = random_histories()
+    dense = encode(tok, thinned_texts(acts, lens, words, 0.0, 0, 0), 12)
+    thin = Thinning(acts, lens, words, 0.9, 12).prepare(tok, dense)
+    assert thin.table is not None  # WordPiece: the joined ids are the tokenizer's
+    assert rows(Thinning(acts, lens, words, 0.0, 12).prepare(tok, dense).draw(tok, 0, 0)) == rows(dense)
+    for epoch in range(3):
+        want = encode(tok, thinned_texts(acts, lens, words, 0.9, 7, epoch), 12)
+        assert rows(thin.draw(tok, 7, epoch, chunk=16)) == rows(want), epoch
+    assert rows(thin.draw(tok, 0, 1)) == rows(thin.draw(tok, 0, 1)) != rows(thin.draw(tok, 0, 2))
+    assert all(n > 2 for e in range(5) for n in thin.draw(tok, 0, e).lens)  # never empty
+
+
+def test_history_dropout_retokenizes_when_joining_differs():
+    """A byte-level BPE marks a word's leading space, so an action's ids depend on its place:
+    the joined ids differ from the tokenizer's and every epoch is tokenized again."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["take <v> cup", "open <v> fridge", "cut <v> tomato"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" <a> ".join(words)] * 4, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<mask>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  mask_token="<mask>", cls_token="<s>", sep_token="</s>", extra_special_tokens=["<v>", "<a>"])
+    from tokenizers import processors
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.cls_token_id), ("</s>", tok.sep_token_id)])
+    tok.truncation_side = "left"
+    acts, lens = random_histories(actions=3)
+    dense = encode(tok, thinned_texts(acts, lens, words, 0.0, 0, 0), 32)
+    thin = Thinning(acts, lens, words, 0.9, 32).prepare(tok, dense)
+    assert thin.table is None
+    assert rows(thin.draw(tok, 3, 1)) == rows(encode(tok, thinned_texts(acts, lens, words, 0.9, 3, 1), 32))
 
 
 def test_assign_folds_keeps_videos_together():
@@ -239,7 +291,7 @@ def test_out_of_fold_predictions_come_from_other_models(built):
     for split, same in (("training1", False), ("validation1", True)):
         rows = seg.rows_in(split)
         texts = history_texts(store.classes, seg, rows, cfg.hist_len)
-        ours = predict(full, encode(tok, texts, cfg.max_len), tok.pad_token_id)["action"]
+        ours = predict(full, encode(tok, texts, cfg.max_len))["action"]
         stored = np.asarray(group.logits[group.row_of_segment[rows]], np.float32)
         assert np.allclose(ours, stored, atol=2e-2) == same, split
 
@@ -457,7 +509,7 @@ def test_real_egtea_histories_corpus_and_ngram():
     assert sum(t == "" for t in texts) < 0.05 * len(texts)
     tok = train_tokenizer(history_corpus(classes, seg, "training1"), 512)
     ids = encode(tok, texts, 96)
-    assert tok.unk_token_id not in {i for seq in ids for i in seq}  # class words are all in the vocabulary
+    assert tok.unk_token_id not in ids.ids  # class words are all in the vocabulary
     from kdstore.metrics import compute_metrics
 
     m = compute_metrics(ngram_baseline(seg, 106, "training1", val, order=2), seg.action[val], classes)

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file, save_model
 
 from kdstore.errors import ConfigError
 
@@ -46,17 +46,6 @@ def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, T], mask [B, T]) right-padded to the longest sequence."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -106,29 +95,59 @@ def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
             old.unlink()
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
-    """Restore a checkpoint written by ``save_checkpoint``; None if there is none.
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ConfigError naming the file if it is missing, cut
+    short or not safetensors."""
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)});"
+                          " delete its stage directory or pass fresh (--fresh)") from None
 
-    ConfigError if a stored tensor's shape differs from the model's (e.g. heads for
-    another class count).
+
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object file of a build; ConfigError naming it if it is unreadable or lacks ``required`` keys."""
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}); delete its stage directory"
+                          " or pass fresh (--fresh)") from None
+    if not isinstance(out, dict) or not set(required) <= out.keys():
+        raise ConfigError(f"{path}: unreadable checkpoint file (expected a JSON object with {', '.join(required)})")
+    return out
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
+    """Restore a checkpoint written by ``save_checkpoint`` onto the model's device; None if
+    there is none.
+
+    ConfigError naming the file if one is unreadable (truncated, not safetensors or JSON),
+    or if a stored tensor's shape differs from the model's (e.g. heads for another class count).
     """
     path = Path(path)
     if not (path / "state.json").exists():
         return None
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", ("epoch", "tag", "param_groups", "log"))
     weights = path / f"model-{state['tag']}.safetensors"
+    device = next(model.parameters()).device
+    tensors = read_safetensors(weights, device)
     own = model.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
-            if key in own and tuple(own[key].shape) != shape:
-                raise ConfigError(
-                    f"{weights}: {key} has shape {list(shape)}, the model needs {list(own[key].shape)}"
-                    " (checkpoint made for another class count or model; use a fresh work dir)"
-                )
-    load_model(model, str(weights))
+    for key, v in tensors.items():
+        if key in own and tuple(own[key].shape) != tuple(v.shape):
+            raise ConfigError(
+                f"{weights}: {key} has shape {list(v.shape)}, the model needs {list(own[key].shape)}"
+                " (checkpoint made for another class count or model; use a fresh work dir)"
+            )
+    missing = sorted(own.keys() - tensors.keys())
+    if missing:
+        raise ConfigError(f"{weights}: lacks {len(missing)} of the model's tensors ({missing[0]}, ...)")
+    model.load_state_dict(tensors)
     if opt is not None:
-        flat = load_file(str(path / f"optimizer-{state['tag']}.safetensors"))
+        flat = read_safetensors(path / f"optimizer-{state['tag']}.safetensors")
         per: dict[int, dict] = {}
         for key, v in flat.items():
             i, name = key.split(".", 1)
@@ -139,3 +158,4 @@ def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
                 s[name] = s[name].reshape(params[i].shape)
         opt.load_state_dict({"state": per, "param_groups": state["param_groups"]})
     return state
+
