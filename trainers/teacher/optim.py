@@ -28,13 +28,14 @@ NO_DECAY = ("bias", "layernorm", "layer_norm", "norm.weight")
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on every parameter except biases and LayerNorm weights."""
+    """AdamW with weight decay on every parameter except biases and LayerNorm weights (fused
+    when the model is on CUDA)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if any(k in name.lower() for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=all(p.is_cuda for p in decay + no_decay) or None)  # one kernel on CUDA
 
 
 def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
