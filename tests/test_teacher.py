@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import annotation_store as new_store
 import torch
 from typer.testing import CliRunner
 
 from kdstore.annotations import SegmentTable, load_annotations
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError
 from kdstore.store import Store
-from kdstore.synthetic import SyntheticConfig, generate_annotations
 from trainers.teacher.build import assign_folds, build_teacher, make_model
 from trainers.teacher.config import PRESETS, TeacherConfig, preset
 from trainers.teacher.corpus import STOP_VERBS, history_corpus, history_texts, read_corpus
@@ -27,25 +27,16 @@ from trainers.teacher.tokenizer import Tokens, encode, load_tokenizer, train_tok
 
 ROOT = Path(__file__).resolve().parents[1]
 EGTEA_DIR = ROOT.parent / "shared/data/egtea"
-SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)  # ~200 segments, ~20 actions
 TINY = dict(threads=1)
 BUILD = dict(pretrain_epochs=2, history_dropout=0.5, **TINY)  # the shared end-to-end build
 
 
-@pytest.fixture(scope="module")
-def syn_dir(tmp_path_factory) -> Path:
-    return generate_annotations(tmp_path_factory.mktemp("syn") / "ann", SYN)
-
-
-def new_store(path: Path, ann: Path) -> Store:
-    classes, segments = load_annotations(ann, fps=24.0)
-    return Store.create(path, classes, segments)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, syn_dir):
+def built(tmp_path_factory, teacher_ann):
     """One tiny end-to-end build (MLM pretraining + 2 folds) shared by several tests."""
-    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", syn_dir)
+    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", teacher_ann)
     cfg = preset("tiny", **BUILD)
     result = build_teacher(store, "t", cfg, train_split="training1", eval_splits=("validation1",), show_progress=False)
     return store, cfg, result
@@ -120,8 +111,8 @@ def test_corpus_files(tmp_path):
         read_corpus(bad)
 
 
-def test_histories_and_history_corpus(syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_histories_and_history_corpus(teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     rows = seg.rows_in("training1")
     texts = history_texts(classes, seg, rows, 3)
     first = [r for r in rows if not any(  # first training segment of its video
@@ -309,9 +300,9 @@ def shared_start(work: Path, dest: Path) -> Path:
     return dest
 
 
-def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, syn_dir):
+def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teacher_ann):
     store, cfg, r = built
-    other = new_store(tmp_path / "s.zarr", syn_dir)
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
     work = shared_start(r.work_dir, tmp_path / "work")
 
     def stop(stage, epoch, row):
@@ -333,9 +324,9 @@ def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, syn_di
         build_teacher(other, "t2", preset("tiny", **{**BUILD, "lr": 1e-3}), **args)
 
 
-def test_parallel_workers_give_the_same_predictions(built, tmp_path, syn_dir):
+def test_parallel_workers_give_the_same_predictions(built, tmp_path, teacher_ann):
     store, cfg, r = built
-    other = new_store(tmp_path / "s.zarr", syn_dir)
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
     par = preset("tiny", workers=2, **BUILD)
     build_teacher(other, "t", par, train_split="training1", eval_splits=("validation1",), show_progress=False,
                   work_dir=shared_start(r.work_dir, tmp_path / "work"))
@@ -351,7 +342,7 @@ def _nothing_written(store: Store, name: str) -> None:
     assert not (Path(f"{store.path}.teacher-work") / name).exists()
 
 
-def test_build_errors(built, tmp_path, syn_dir):
+def test_build_errors(built, tmp_path, teacher_ann):
     store, cfg, r = built
     quick = preset("tiny", epochs=1, folds=1, **TINY)
     with pytest.raises(MissingError, match="split 'test9'"):
@@ -395,8 +386,8 @@ def test_all_unknown_histories(built, tmp_path):
     _nothing_written(store, "e5")
 
 
-def test_empty_split_and_empty_histories(tmp_path, syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_empty_split_and_empty_histories(tmp_path, teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     # keep one training segment per video (so every training history is empty) and add an empty split
     rows = seg.rows_in("training1")
     first = np.array([rows[seg.video[rows] == v][0] for v in np.unique(seg.video[rows])] + list(seg.rows_in("validation1")))
@@ -431,8 +422,8 @@ def test_ngram_sanity():
         NGram(4).fit(np.zeros((0, 2)), np.zeros(0))
 
 
-def test_ngram_learns_synthetic_sequences(syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_ngram_learns_synthetic_sequences(teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     val = seg.rows_in("validation1")
     p = ngram_baseline(seg, classes.num_actions, "training1", val, order=2, mode="complete")
     assert (p.argmax(1) == seg.action[val]).mean() > 0.3  # far above chance (1/21)
@@ -442,7 +433,7 @@ def test_ngram_learns_synthetic_sequences(syn_dir):
 # -- CLI ------------------------------------------------------------------------------------------
 
 
-def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
+def test_cli_evaluate_pretrain_and_errors(built, tmp_path, teacher_ann):
     from cli import app
 
     store, cfg, r = built
@@ -457,7 +448,7 @@ def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
     res = runner.invoke(app, ["evaluate", str(store.path), "-p", "t", "--json"])
     stored = store.teacher("t").metrics["validation1"]
     assert json.loads(res.stdout)["top1"] == pytest.approx(stored["top1"], abs=2.5)  # fp16 logits in the store
-    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(syn_dir), "--out", str(tmp_path / "lm"),
+    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(teacher_ann), "--out", str(tmp_path / "lm"),
                               "--size", "tiny", "--epochs", "1", "--max-len", "32", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "lm" / "model.safetensors").exists()
@@ -468,10 +459,10 @@ def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
     assert not (tmp_path / "lm2").exists()
 
 
-def test_cli_build_teacher_tiny(tmp_path, syn_dir):
+def test_cli_build_teacher_tiny(tmp_path, teacher_ann):
     from cli import app
 
-    store = new_store(tmp_path / "s.zarr", syn_dir)
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
     res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--folds", "1",
                                    "--epochs", "1", "--single-task", "--set", "threads=1", "--topk", "5"])
     assert res.exit_code == 0, res.output
@@ -479,7 +470,7 @@ def test_cli_build_teacher_tiny(tmp_path, syn_dir):
     assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
     assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
     # an external corpus: pretraining text plus (history, next action) fine-tuning examples
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     corpus = tmp_path / "recipes.txt"
     corpus.write_text("\n".join(history_corpus(classes, seg, "training1") + ["fly <v> kite <a> cut <v> tomato"]) + "\n")
     args = ["build-teacher", str(store.path), "--preset", "tiny", "--folds", "1", "--epochs", "1", "--pretrain-epochs",

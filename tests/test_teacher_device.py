@@ -1,44 +1,33 @@
 """Teacher devices: stage placement, autocast, folds across a pool of device processes, CUDA
 builds (run by bench/gpu_checks.sh on a GPU machine; skipped here), unreadable checkpoints."""
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import annotation_store as new_store
 import torch
 
-from kdstore.annotations import load_annotations
 from kdstore.errors import ConfigError
 from kdstore.store import Store
-from kdstore.synthetic import SyntheticConfig, generate_annotations
 from trainers.teacher.build import build_teacher
 from trainers.teacher.config import preset
 from trainers.teacher.device import amp_dtype, autocast, stage_devices
 from trainers.teacher.models import scratch_teacher
 from trainers.teacher.tokenizer import encode, train_tokenizer
 
-SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)
 BUILD = dict(pretrain_epochs=1, history_dropout=0.5, threads=1)
 ARGS = dict(train_split="training1", eval_splits=("validation1",), show_progress=False)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_checks.sh runs it)")
 
 
-@pytest.fixture(scope="module")
-def syn_dir(tmp_path_factory) -> Path:
-    return generate_annotations(tmp_path_factory.mktemp("syn") / "ann", SYN)
-
-
-def new_store(path: Path, ann: Path) -> Store:
-    classes, segments = load_annotations(ann, fps=24.0)
-    return Store.create(path, classes, segments)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, syn_dir):
+def built(tmp_path_factory, teacher_ann):
     """A tiny build (MLM pretraining + 2 folds) in this process on the CPU."""
-    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", syn_dir)
+    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", teacher_ann)
     cfg = preset("tiny", device="cpu", **BUILD)
     return store, cfg, build_teacher(store, "t", cfg, **ARGS)
 
@@ -86,13 +75,13 @@ def test_cpu_build_records_its_device(built):
     assert store.teacher("t").config["device"] == "cpu"
 
 
-def test_folds_spread_over_a_pool_of_device_processes(built, tmp_path, syn_dir):
+def test_folds_spread_over_a_pool_of_device_processes(built, tmp_path, teacher_ann):
     """Three "cpu" device slots stand in for three GPUs: one process each, every stage once,
     the same predictions as the in-process build."""
     import os
 
     store, cfg, r = built
-    other = new_store(tmp_path / "s.zarr", syn_dir)
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
     work = tmp_path / "work"
     work.mkdir()
     for part in ("tokenizer", "pretrained", "build.json"):  # share the pretrained encoder: only the stages run
@@ -141,9 +130,9 @@ def test_unreadable_checkpoints_are_one_line_config_errors(built, tmp_path):
 
 
 @CUDA
-def test_cuda_build_has_the_cpu_format_and_resumes_on_cpu(built, tmp_path, syn_dir):
+def test_cuda_build_has_the_cpu_format_and_resumes_on_cpu(built, tmp_path, teacher_ann):
     store, cfg, r = built
-    gpu = new_store(tmp_path / "g.zarr", syn_dir)
+    gpu = new_store(tmp_path / "g.zarr", teacher_ann)
     work = tmp_path / "work"
     on_gpu = preset("tiny", device="cuda", **BUILD)
 
@@ -163,9 +152,9 @@ def test_cuda_build_has_the_cpu_format_and_resumes_on_cpu(built, tmp_path, syn_d
 
 
 @CUDA
-def test_cuda_folds_across_gpus(built, tmp_path, syn_dir):
+def test_cuda_folds_across_gpus(built, tmp_path, teacher_ann):
     store, cfg, r = built
-    gpu = new_store(tmp_path / "g.zarr", syn_dir)
+    gpu = new_store(tmp_path / "g.zarr", teacher_ann)
     res = build_teacher(gpu, "t", preset("tiny", device="cuda", **BUILD), **ARGS)
     used = {s["device"] for s in res.stages}
     assert used == {f"cuda:{i}" for i in range(min(3, torch.cuda.device_count()))}

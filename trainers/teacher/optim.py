@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
 from kdstore.errors import ConfigError
