@@ -49,7 +49,8 @@ def test_presets_and_config_errors():
     assert preset("egtea").hist_len == 15 and preset("ek55").hist_len == 5
     assert preset("egtea").lr == 1e-5 and preset("egtea").multi_task
     assert preset("egtea-scratch").pretrain_epochs > 0 and preset("egtea-scratch").lr == 1e-3
-    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "demo", "tiny"}
+    assert preset("egtea-cpu").hist_len == 15 and preset("egtea-cpu").freeze_embeddings
+    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "egtea-cpu", "demo", "tiny"}
     assert preset("tiny", multi_history=[2, 4]).hist_lens == (2, 4)
     with pytest.raises(ConfigError, match="preset 'nope'"):
         preset("nope")

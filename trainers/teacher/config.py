@@ -16,6 +16,11 @@ of ours, chosen on validation1 against the n-gram baseline (splits 2 and 3 were 
 used): mild class weights ((n / (C count)) ** 0.25, ``class_weighted``) for class-mean
 recall, and ``history_dropout=0.5``, which trains on thinned histories too, since a gappy
 split's histories skip ~4 of 5 actions.
+``egtea-cpu`` is the ``egtea`` preset sized for a small pretrained checkpoint on 2 CPU
+cores (``--init-from``, e.g. all-MiniLM-L6-v2, 22M parameters): the last ~9 actions
+(max_len 48), 3 epochs at lr 3e-4 with frozen word embeddings (the optimizer then skips
+half the weights), and ``egtea-scratch``'s two additions; chosen on validation1 (see
+docs/results.md).
 ``demo`` is a quick variant for the synthetic demo; ``tiny`` is for tests.
 """
 
@@ -151,6 +156,9 @@ PRESETS: dict[str, dict] = {
     "egtea-scratch": dict(
         size="mini", max_len=48, lr=1e-3, epochs=8, batch_size=64, class_weighted=0.25, history_dropout=0.5,
         pretrain_epochs=20, pretrain_lr=1e-3, workers=2,
+    ),
+    "egtea-cpu": dict(
+        max_len=48, lr=3e-4, epochs=3, class_weighted=0.25, history_dropout=0.5, freeze_embeddings=True, workers=2,
     ),
     "demo": dict(
         size="mini", max_len=64, lr=1e-3, epochs=6, batch_size=32, pretrain_epochs=10, pretrain_lr=1e-3, workers=2,
