@@ -13,7 +13,7 @@ from rich.console import Console
 from kdstore.errors import KDStoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, however long
 
 
 # --- store commands ---------------------------------------------------------------------
@@ -54,7 +54,8 @@ def info(store: Path, as_json: bool = typer.Option(False, "--json", help="Print 
     g = s["segments"]
     out.print(f"segments: {g['total']} in {g['videos']} videos at {g['fps']} fps; " + ", ".join(f"{k} {v}" for k, v in g["splits"].items()))
     for n, v in s["video"].items():
-        out.print(f"video/{n}: {v['frames']} frames x {v['dim']} {v['dtype']} in {v['videos']} videos, "
+        kept = f" (kept {v['kept']['fraction']:.1%} of {v['kept']['source_frames']} source frames)" if v["kept"] else ""
+        out.print(f"video/{n}: {v['frames']} frames x {v['dim']} {v['dtype']} in {v['videos']} videos{kept}, "
                   f"{v['bytes'] / 2**20:.1f} MiB, {v['segments_without_features']} segments without features")
     for n, p in s["predictions"].items():
         met = ", ".join(f"{k} {v:.2f}" for k, v in p["metrics"].items() if isinstance(v, (int, float)))
@@ -64,14 +65,30 @@ def info(store: Path, as_json: bool = typer.Option(False, "--json", help="Print 
 @app.command()
 def validate(store: Path, quick: bool = typer.Option(False, help="Skip the NaN/inf scan of big arrays.")) -> None:
     """Check a store against the published format (schemas/) and for consistency."""
-    from kdstore.validate import validate_store
+    from kdstore.validate import leftovers, validate_store
 
     problems = validate_store(store, deep=not quick)
     for p in problems:
         console.print(f"[red]invalid:[/red] {p}", highlight=False)
+    left = leftovers(store)
+    for p in left:
+        console.print(f"[yellow]leftover:[/yellow] {p}", highlight=False)
+    if left:
+        console.print(f"`kdstore gc {store}` removes the leftovers", highlight=False)
     if problems:
         raise typer.Exit(code=1)
     console.print(f"{store}: valid")
+
+
+@app.command()
+def gc(store: Path) -> None:
+    """Remove what crashed writers left (staging, trash, partial feature builds); compact an HDF5 file."""
+    from kdstore.store import Store
+
+    done = Store.open(store).gc()
+    for line in done:
+        console.print(f"removed: {line}", highlight=False)
+    console.print(f"{store}: {len(done)} leftover(s) removed", highlight=False)
 
 
 @app.command()
@@ -272,7 +289,10 @@ def build_video_features(
     native_fps: Optional[float] = typer.Option(None, help="Frame rate of frame folders (default: the store's annotation fps)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default: the backbone's)."),
     batch_size: int = typer.Option(32, help="Frames per backbone batch."),
-    workers: int = typer.Option(4, help="Decoding threads (0: decode in the main thread)."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the cores per local rank but one; 0: decode in the main process)."),
+    scale_in_decoder: bool = typer.Option(True, "--scale-in-decoder/--full-size-frames", help="Scale frames to the backbone's resize in FFmpeg (recorded) or upload them full size."),
+    decode_all: bool = typer.Option(False, "--decode-all", help="Decode every frame, not only the GOPs holding sampled ones (same output, slower)."),
+    hwaccel: str = typer.Option("auto", help="Hardware decoding: auto (CUDA's when encoding on CUDA), none, or an FFmpeg device type; falls back to software."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
@@ -289,12 +309,14 @@ def build_video_features(
                       "its features are meaningless outside tests and demos[/bold red]", highlight=False)
     bb = load_backbone(backbone, weights=weights, random_init=random_init, seed=seed, resize=resize)
     report = run(store, videos, bb, name, fps=fps, native_fps=native_fps, batch_size=batch_size, workers=workers,
-                 device=device, precision=precision, dtype=dtype, progress=progress)
+                 device=device, precision=precision, dtype=dtype, scale_in_decoder=scale_in_decoder,
+                 decode_all=decode_all, hwaccel=hwaccel, progress=progress)
     if report.rank != 0:
         return
     if report.committed:
         console.print(f"video/{name}: {report.videos} videos encoded, {report.skipped} resumed, {report.frames} frames "
                       f"in {report.seconds:.1f} s", highlight=False)
+    console.print(f"decoding: {report.decoding}", highlight=False, soft_wrap=True)
     report.raise_for_bad()
 
 
@@ -304,27 +326,44 @@ def import_features(
     source: Path = typer.Argument(..., help="RULSTM LMDB, or a folder of per-video .npy/.npz arrays (frames x D)."),
     name: str = typer.Option(..., "--name", help="Feature set name: video/<name>."),
     fmt: str = typer.Option("auto", "--format", help="lmdb, npy or auto (LMDB if the source holds data.mdb)."),
-    native_fps: Optional[float] = typer.Option(None, help="LMDB: frame n is at n / native-fps s (default: the store's fps)."),
-    fps: Optional[float] = typer.Option(None, help="Arrays: frame i is at i / fps s (required for npy)."),
+    native_fps: Optional[float] = typer.Option(
+        None, help="Source frame rate: LMDB frame n is at n / native-fps s (default: the store's fps); "
+        "array row i at i / native-fps s (required for npy)."),
+    fps: Optional[float] = typer.Option(None, help="Keep only the frames nearest a regular grid at this rate."),
+    windows: bool = typer.Option(False, "--windows", help="Keep only the frames a student window can reach "
+                                 "(--tau-a, --num-frames, --window-fps)."),
+    tau_a: Optional[str] = typer.Option(None, help="--windows: anticipation time A or range A:B, seconds."),
+    num_frames: int = typer.Option(10, help="--windows: frames per student window (shorter ones are covered too)."),
+    window_fps: Optional[float] = typer.Option(None, help="--windows: the student's frame rate (default: --fps)."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
     check_segments: bool = typer.Option(False, help="Fail, before committing, if a segment has no frames in its window."),
     window: float = typer.Option(10.0, help="Observed window before a segment start for --check-segments, seconds."),
+    restart: bool = typer.Option(False, "--restart", help="Discard a partial import of this name instead of resuming it."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
     from trainers.video.imports import import_arrays, import_lmdb
+    from trainers.video.select import WindowSpec
 
+    spec = None
+    if windows:
+        if tau_a is None or (window_fps or fps) is None:
+            raise typer.BadParameter("--windows needs --tau-a and the student's rate (--window-fps, or --fps)")
+        spec = WindowSpec.parse(tau_a, num_frames, window_fps or fps)
+    elif tau_a is not None or window_fps is not None:
+        raise typer.BadParameter("--tau-a and --window-fps describe --windows; add --windows")
     if fmt == "auto":
         fmt = "lmdb" if (source / "data.mdb").is_file() or source.suffix in (".mdb", ".lmdb") else "npy"
+    options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress)
     if fmt == "lmdb":
-        r = import_lmdb(store, source, name, native_fps=native_fps, dtype=dtype, check=check_segments, window=window,
-                        progress=progress)
+        r = import_lmdb(store, source, name, native_fps=native_fps, **options)
     elif fmt == "npy":
-        r = import_arrays(store, source, name, fps=fps, dtype=dtype, check=check_segments, window=window, progress=progress)
+        r = import_arrays(store, source, name, native_fps=native_fps, **options)
     else:
         raise typer.BadParameter(f"--format must be lmdb, npy or auto, found {fmt!r}")
+    kept = f", kept {r.kept_frames} of {r.source_frames} source frames ({r.kept_frames / max(r.source_frames, 1):.1%})"
     console.print(f"video/{name}: {r.videos} videos imported, {r.skipped} resumed, {r.frames} frames, "
-                  f"{r.bytes_written / 2**20:.1f} MiB in {r.seconds:.1f} s", highlight=False)
+                  f"{r.bytes_written / 2**20:.1f} MiB in {r.seconds:.1f} s{kept}", highlight=False)
 
 
 # --- student commands -------------------------------------------------------------------

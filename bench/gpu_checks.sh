@@ -25,7 +25,10 @@ if [ "${GPU_CHECKS_ONLY:-}" != teacher ]; then
     step 90 python3 bench/student_step.py --device cuda
     if [ "${GPU_CHECKS_ALL:-1}" = 1 ]; then
         step 60 python3 bench/attention.py --device cuda
-        step 90 python3 bench/video_features.py --device cuda --backbone vit-b16
+        # the video pipeline on CUDA (pinned uploads, side stream, NVDEC), then ViT-B/16 throughput:
+        # 640x480 and 1920x1080 H.264 (GOP 1 s), 60 s videos sampled at 2 fps, 16 decoding workers
+        step 120 python3 -m pytest -q -p no:cacheprovider tests/test_video_features.py -k cuda -rs
+        step 240 python3 bench/video_features.py --device cuda --backbone vit-b16 --sizes 640x480,1920x1080 --videos 240,48 --seconds 60
     fi
 fi
 # the teacher on CUDA: its tests (bf16 autocast, a build resumed on the CPU, folds over the GPUs),

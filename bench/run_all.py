@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
 
-BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features", "teacher_build"]
+BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features", "teacher_build", "epic_scale"]
 # the columns worth a glance in the markdown table, when a row has them
 KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", "peak_rss_mib", "gbps",
               "samples_per_s", "frames_per_s", "sampled_frames_per_s", "mb_written_per_s", "vs_ceiling",

@@ -114,11 +114,14 @@ def _open_rows(path: Path) -> list[list[str]]:
         raise AnnotationError(f"{path}: not a readable CSV ({e})") from None
 
 
-def _int(path: Path, lineno: int, name: str, text: str) -> int:
+def _int(path: Path, lineno: int, name: str, text: str, bits: int = 64) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise AnnotationError(f"{path}, row {lineno}: {name} must be an integer, found {text!r}") from None
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):  # stored as int64 (ids: int32)
+        raise AnnotationError(f"{path}, row {lineno}: {name} {text.strip()} is beyond the int{bits} range it is stored in")
+    return value
 
 
 def read_classes(
@@ -234,7 +237,7 @@ def read_segments_csv(path: str | Path, classes: ClassTable | None = None) -> Ra
             )
         uid = _int(path, n, "uid", row[0])
         start, end = _int(path, n, "start_frame", row[2]), _int(path, n, "end_frame", row[3])
-        verb, noun, action = (_int(path, n, k, v) for k, v in zip(("verb", "noun", "action"), row[4:]))
+        verb, noun, action = (_int(path, n, k, v, bits=32) for k, v in zip(("verb", "noun", "action"), row[4:]))
         if end < start:
             raise AnnotationError(f"{path}, row {n}: UID {uid} ends at frame {end} before it starts at {start}")
         if start < 0:

@@ -3,27 +3,51 @@
 Both keep every array uncompressed and contiguous so that a reader can ``numpy.memmap``
 it: in Zarr an array is a single chunk whose chunk file (``<array>/c/0/0``) holds the raw
 little-endian C-order bytes; in HDF5 a contiguous dataset starts at a 4 KiB-aligned file
-offset. Group attributes are JSON. A group is written under a staging name and made
-visible by one rename (Zarr: a directory rename; HDF5: a link move), so a reader never
-sees a half-written group.
+offset. Group attributes are JSON.
+
+Writes hold the store's writer lock (``kdstore.lock``); readers never take it. A group is
+written under a staging name and committed together with its provenance record:
+
+- Zarr: the staged directory is complete and synced, then a journal
+  (``.staging/commit-<id>.json``) is written; from then on the commit is finished by this
+  writer or, after a crash, by the next writer (``recover``). The staged directory takes the
+  group's place in one step (Linux ``renameat2(RENAME_EXCHANGE)``), or by two renames where
+  the file system cannot exchange; the journal covers the gap between them.
+- HDF5: the staged group, the link moves and the manifest update reach the file in one
+  flush. A replaced or deleted group moves to ``_trash`` and is never freed in place, so a
+  reader's memory map of it stays valid; the file is rewritten without dead groups
+  (``compact``) when they outweigh the live data, or by ``kdstore gc``.
+
+What a crashed writer leaves (staging, trash, interrupted commits, partial feature builds)
+is listed by ``leftovers``; the next writer removes the routine ones, ``gc`` all of them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import json
 import os
+import re
 import shutil
+import sys
+import time
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from .errors import KDStoreError, MissingError, StoreFormatError
+from .errors import AccessError, KDStoreError, MissingError, StoreFormatError
+from .faults import crash_point
+from .lock import held, held_elsewhere, locked, store_lock_path
 
 PAGE = 4096
 BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size
+COMPACT_MIN_BYTES = 1 << 20  # dead HDF5 space below this is never worth a rewrite
 
 
 class ArraySource(Protocol):
@@ -73,11 +97,25 @@ def _zarr_dtype(dtype: np.dtype) -> str:
     raise StoreFormatError(f"dtype {dtype} cannot be stored (numeric and bool arrays only)")
 
 
+@dataclass
+class Leftover:
+    """Something a crashed or interrupted writer left behind."""
+
+    what: str  # one line for people
+    remove: Callable[[], object]  # finish or remove it; call with the store lock held
+    routine: bool = True  # any writer removes it; False: resumable work or costly, only ``gc``
+    hides: str | None = None  # a group that stays invisible until this is finished
+
+
 class Backend:
     """Operations the store needs from a backend; paths are ``/``-joined group keys."""
 
-    path: Path
     name: str
+
+    def __init__(self, path: Path, lock_file: Path | None = None):
+        self.path = Path(path)
+        # a store being built under a temporary name is locked by its final name
+        self.lock_file = Path(lock_file) if lock_file else store_lock_path(self.path)
 
     def attrs(self, group: str) -> dict: ...
     def set_attrs(self, group: str, attrs: dict) -> None: ...
@@ -85,9 +123,104 @@ class Backend:
     def children(self, group: str) -> list[str]: ...
     def array_info(self, key: str) -> tuple[tuple[int, ...], np.dtype]: ...
     def memmap(self, key: str) -> np.ndarray: ...
-    def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False) -> None: ...
     def delete_group(self, group: str) -> None: ...
     def staging_dir(self) -> Path: ...
+    def check_writable(self) -> None: ...
+
+    def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False,
+                    provenance: dict | None = None) -> None:
+        """Write ``group`` atomically, with ``provenance`` appended to the manifest in the same commit."""
+
+    def add_provenance(self, entry: dict) -> None:
+        """Append a record to the manifest's provenance (read-modify-write under the lock)."""
+        with self.writing():
+            m = self.attrs("")
+            m["provenance"] = [*m.get("provenance", []), entry]
+            self.set_attrs("", m)
+
+    # -- the writer lock and what crashed writers leave ------------------------------
+
+    @contextmanager
+    def writing(self, recover: bool = True) -> Iterator[None]:
+        """Hold the store's writer lock. The outermost hold checks that the store can be
+        written and (``recover``) removes the routine leftovers of crashed writers first."""
+        with access_errors(self.path), locked(self.lock_file, str(self.path)) as outer:
+            if outer:
+                self.check_writable()
+                if recover:
+                    self.recover()
+            yield
+
+    def leftovers(self) -> list[Leftover]:
+        """What crashed or interrupted writers left. While another process holds the store
+        lock, only partial feature builds are listed (a live writer's staging is not left over)."""
+        items = [] if held_elsewhere(self.lock_file) else self._commit_leftovers() + self._sibling_leftovers()
+        return items + self._partial_builds()
+
+    def recover(self, everything: bool = False) -> list[str]:
+        """Finish or remove the leftovers (the routine ones, or ``everything``); call with the lock held."""
+        done = []
+        for lo in self.leftovers():
+            if lo.routine or everything:
+                lo.remove()
+                done.append(lo.what)
+        return done
+
+    def gc(self) -> list[str]:
+        """Remove every leftover, partial feature builds included; what was done, a line each."""
+        with self.writing(recover=False):
+            return self.recover(everything=True)
+
+    def _commit_leftovers(self) -> list[Leftover]:
+        return []
+
+    def _sibling_leftovers(self) -> list[Leftover]:
+        """Temporary siblings of a crashed create, replace or compaction: ``.<name>.<what>-<id>``."""
+        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.(creating|replaced|compact)-[0-9a-f]{{32}}")
+        what = {"creating": "a store being created", "replaced": "a replaced store", "compact": "a compaction"}
+        out = []
+        for p in sorted(self.path.parent.glob(f".{self.path.name}.*")):
+            m = pattern.fullmatch(p.name)
+            if m:
+                out.append(Leftover(f"{p}: {what[m.group(1)]} left by a crashed writer ({_mib(_du(p))})",
+                                    functools.partial(_remove, p)))
+        return out
+
+    def _partial_builds(self) -> list[Leftover]:
+        """Staged videos of feature builds whose writer is gone (resumed by rerunning the build)."""
+        st = self.staging_dir()
+        out = []
+        for d in sorted(st.glob("video-*")) if st.is_dir() else []:
+            lock = d.with_name(d.name.removesuffix(".lock") + ".lock")
+            if held(lock):
+                continue  # a live writer's
+            if d.is_dir():
+                videos = sum(1 for p in d.glob("*.json") if p.name != "writer.json")
+                out.append(Leftover(f"{d}: partial build of video/{d.name[6:]} ({videos} videos staged, {_mib(_du(d))});"
+                                    " rerun the build to resume it", functools.partial(_discard_build, d, lock),
+                                    routine=False))
+            elif d.suffix == ".lock" and not d.with_suffix("").exists():
+                out.append(Leftover(f"{d}: lock of a finished feature build", functools.partial(_remove, d)))
+        return out
+
+
+@contextmanager
+def access_errors(path: Path) -> Iterator[None]:
+    """Turn a refused write (permissions, read-only file system) into a one-line AccessError."""
+    try:
+        yield
+    except PermissionError as e:
+        raise AccessError(f"{path}: cannot be written ({e.filename or path}: {e.strerror})") from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise AccessError(f"{path}: cannot be written (read-only file system)") from None
+
+
+def _discard_build(d: Path, lock: Path) -> None:
+    with locked(lock, f"video/{d.name[6:]}", timeout=0):
+        _remove(d)
+        lock.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,22 +232,26 @@ class ZarrBackend(Backend):
 
     name = "zarr"
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
     @staticmethod
     def is_store(path: Path) -> bool:
         return (Path(path) / "zarr.json").is_file()
 
     @classmethod
-    def create(cls, path: Path, attrs: dict) -> "ZarrBackend":
+    def create(cls, path: Path, attrs: dict, lock_file: Path | None = None) -> "ZarrBackend":
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _write_json(path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
-        return cls(path)
+        return cls(path, lock_file)
+
+    def _dir(self, key: str) -> Path:
+        """The directory of ``key``; keys that would leave the store are refused."""
+        parts = key.split("/") if key else []
+        if any(p in ("", ".", "..") or "\\" in p for p in parts) or key.startswith("/"):
+            raise StoreFormatError(f"{self.path}: {key!r} is not a key inside the store")
+        return self.path.joinpath(*parts)
 
     def _meta(self, key: str) -> dict:
-        f = self.path / key / "zarr.json"
+        f = self._dir(key) / "zarr.json"
         try:
             meta = json.loads(f.read_text())
         except FileNotFoundError:
@@ -129,15 +266,16 @@ class ZarrBackend(Backend):
         return self._meta(group).get("attributes", {})
 
     def set_attrs(self, group: str, attrs: dict) -> None:
-        meta = self._meta(group)
-        meta["attributes"] = attrs
-        _write_json(self.path / group / "zarr.json", meta)
+        with self.writing():
+            meta = self._meta(group)
+            meta["attributes"] = attrs
+            _write_json(self._dir(group) / "zarr.json", meta)
 
     def has(self, key: str) -> bool:
-        return (self.path / key / "zarr.json").is_file()
+        return (self._dir(key) / "zarr.json").is_file()
 
     def children(self, group: str) -> list[str]:
-        d = self.path / group
+        d = self._dir(group)
         if not d.is_dir():
             return []
         return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (p / "zarr.json").is_file())
@@ -161,7 +299,7 @@ class ZarrBackend(Backend):
 
     def memmap(self, key: str) -> np.ndarray:
         shape, dtype = self.array_info(key)
-        chunk = self.path / key / "c" / "/".join("0" for _ in shape)
+        chunk = self._dir(key) / "c" / "/".join("0" for _ in shape)
         n = int(np.prod(shape)) * dtype.itemsize
         if n == 0:
             return np.zeros(shape, dtype)
@@ -173,37 +311,102 @@ class ZarrBackend(Backend):
     def staging_dir(self) -> Path:
         return self.path / ".staging"
 
-    def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False) -> None:
-        target = self.path / group
-        if target.exists() and not overwrite:
-            raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
-        tmp = self.staging_dir() / f"tmp-{uuid.uuid4().hex}"
-        tmp.mkdir(parents=True)
-        try:
-            _write_json(tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
-            for name, src in arrays.items():
-                self._write_array(tmp / name, as_source(src))
-            _fsync_tree(tmp)
-            self._ensure_parents(group)
-            if target.exists():
-                trash = self.staging_dir() / f"trash-{uuid.uuid4().hex}"
+    def check_writable(self) -> None:
+        for d in (self.path, self.staging_dir(), self.path / "teacher", self.path / "video"):
+            if d.is_dir() and not os.access(d, os.W_OK):
+                raise AccessError(f"{self.path}: cannot be written ({d} is read-only)")
+
+    def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False,
+                    provenance: dict | None = None) -> None:
+        target = self._dir(group)
+        with self.writing():
+            if target.exists() and not overwrite:
+                raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
+            cid = uuid.uuid4().hex
+            tmp = self.staging_dir() / f"tmp-{cid}"
+            tmp.mkdir(parents=True)
+            journal = self.staging_dir() / f"commit-{cid}.json"
+            try:
+                _write_json(tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+                for name, src in arrays.items():
+                    self._write_array(tmp / name, as_source(src))
+                _fsync_tree(tmp)
+                crash_point("zarr.staged")
+                # the commit point: from here on the group is committed, by us or by the next writer
+                _write_json(journal, {"group": group, "staged": tmp.name, "inode": tmp.stat().st_ino,
+                                      "provenance": provenance})
+            finally:
+                if not journal.exists() and tmp.exists():
+                    shutil.rmtree(tmp)
+            crash_point("zarr.journal")
+            self._finish(journal)
+
+    def _finish(self, journal: Path) -> None:
+        """Carry out a journaled commit from wherever it stopped: swap, provenance, cleanup."""
+        j = json.loads(journal.read_text())
+        staged, target = self.staging_dir() / j["staged"], self._dir(j["group"])
+        trash = self.staging_dir() / ("trash-" + j["staged"].removeprefix("tmp-"))
+        if _inode(staged) == j["inode"]:  # not in place yet
+            self._ensure_parents(j["group"])
+            if not target.exists():
+                os.replace(staged, target)
+            elif not exchange(staged, target):  # two renames; a crash between them is finished by the journal
                 os.replace(target, trash)
-                os.replace(tmp, target)
-                shutil.rmtree(trash)
-            else:
-                os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+                crash_point("zarr.trashed")
+                os.replace(staged, target)
+            _fsync(target.parent)
+            crash_point("zarr.swapped")
+        if j.get("provenance") is not None:
+            m = self.attrs("")
+            if j["provenance"] not in m.get("provenance", []):
+                m["provenance"] = [*m.get("provenance", []), j["provenance"]]
+                self.set_attrs("", m)
+                crash_point("zarr.provenance")
+        for old in (staged, trash):  # the replaced group, if any
+            if old.exists():
+                shutil.rmtree(old)
+        journal.unlink()
+        _fsync(self.staging_dir())
 
     def delete_group(self, group: str) -> None:
-        target = self.path / group
-        if target.exists():
-            trash = self.staging_dir() / f"trash-{uuid.uuid4().hex}"
-            trash.parent.mkdir(exist_ok=True)
-            os.replace(target, trash)  # invisible at once, then removed
-            shutil.rmtree(trash)
+        target = self._dir(group)
+        with self.writing():
+            if target.exists():
+                trash = self.staging_dir() / f"trash-{uuid.uuid4().hex}"
+                trash.parent.mkdir(exist_ok=True)
+                os.replace(target, trash)  # invisible at once, then removed
+                crash_point("zarr.deleted")
+                shutil.rmtree(trash)
+
+    def _commit_leftovers(self) -> list[Leftover]:
+        st = self.staging_dir()
+        if not self.path.is_dir():
+            return []
+        out, journaled = [], set()
+        for j in sorted(st.glob("commit-*.json")):
+            try:
+                info = json.loads(j.read_text())
+                group, staged = info["group"], info["staged"]
+            except (OSError, ValueError, KeyError, TypeError):
+                out.append(Leftover(f"{j}: unreadable commit journal", functools.partial(_remove, j)))
+                continue
+            journaled.add(staged)
+            # between the two renames of a replacement: the group is gone until the commit is finished
+            hides = group if not self.has(group) and (st / staged.replace("tmp-", "trash-", 1)).exists() else None
+            out.append(Leftover(f"{self.path}: interrupted commit of {group}", functools.partial(self._finish, j), hides=hides))
+        for d in sorted(st.glob("tmp-*")):
+            if d.name not in journaled:
+                out.append(Leftover(f"{d}: a group staged by a crashed writer ({_mib(_du(d))})", functools.partial(_remove, d)))
+        for d in sorted(st.glob("trash-*")):
+            if d.name.replace("trash-", "tmp-") not in journaled:
+                out.append(Leftover(f"{d}: a replaced group not yet removed ({_mib(_du(d))})", functools.partial(_remove, d)))
+        # half-written JSON files of atomic rewrites (the live tree and the staging folder, not partial builds)
+        groups = [d for d in self.path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        dirs = [self.path, st, *groups, *(g for d in groups for g in d.iterdir() if g.is_dir())]
+        for d in dirs:
+            for f in sorted(d.glob(".*.tmp")):
+                out.append(Leftover(f"{f}: a half-written metadata file", functools.partial(_remove, f)))
+        return out
 
     def _ensure_parents(self, group: str) -> None:
         parts = Path(group).parts[:-1]
@@ -235,28 +438,43 @@ class ZarrBackend(Backend):
             return
         chunk = d / "c" / "/".join("0" for _ in shape)
         chunk.parent.mkdir(parents=True)
-        out = np.memmap(chunk, dtype=dtype.newbyteorder("<"), mode="w+", shape=shape)
-        _copy_blocks(src, out, chunk)
-        out.flush()
-        del out
+        # plain writes, not a memmap: dirty pages of a written map count towards the writer's
+        # resident set, so a memmap commit of a large group grows with the group
+        little = dtype.newbyteorder("<")
+        with open(chunk, "wb") as f:
+            _copy_blocks(src, lambda i, block: f.write(np.ascontiguousarray(block, dtype=little).data), chunk)
 
 
 # ---------------------------------------------------------------------------------------
 # HDF5
 
 
+READ_RETRY_S = 5.0  # how long a reader retries an HDF5 file that a writer is flushing
+
+
 def _damage_is_format_error(method):
-    """Report what h5py raises on a damaged file (bad metadata, undecodable attributes) as StoreFormatError."""
+    """Report what h5py raises on a damaged file (bad metadata, undecodable attributes) as
+    StoreFormatError. While another process holds the store's writer lock the read is
+    retried for a few seconds first: a reader that opens the file during the writer's
+    metadata flush can see it half-written."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except KDStoreError:
-            raise
-        except (OSError, RuntimeError, KeyError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
-            what = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise StoreFormatError(f"{self.path}: damaged HDF5 store, {method.__name__}({', '.join(map(repr, args))}) failed ({what})") from None
+        deadline = None
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except StoreFormatError as e:
+                err = e
+            except KDStoreError:
+                raise
+            except (OSError, RuntimeError, KeyError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
+                what = str(e).splitlines()[0] if str(e) else type(e).__name__
+                err = StoreFormatError(f"{self.path}: damaged HDF5 store, {method.__name__}({', '.join(map(repr, args))}) failed ({what})")
+            deadline = deadline or time.monotonic() + READ_RETRY_S
+            if time.monotonic() > deadline or not held_elsewhere(self.lock_file):
+                raise err from None
+            time.sleep(0.01)
 
     return wrapper
 
@@ -266,10 +484,7 @@ class HDF5Backend(Backend):
 
     name = "hdf5"
     ATTRS = "_attrs"
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._offsets: dict[str, int] = {}
+    STAGING, TRASH = "_staging", "_trash"  # hidden groups: uncommitted writes, replaced groups
 
     @staticmethod
     def is_store(path: Path) -> bool:
@@ -279,17 +494,25 @@ class HDF5Backend(Backend):
         except (IsADirectoryError, FileNotFoundError):
             return False
 
-    def _open(self, mode: str = "r"):
+    def _open(self, mode: str = "r", path: Path | None = None):
+        """The file, read-only without HDF5's own file lock (readers never wait for a writer,
+        who holds the store lock and never overwrites what a reader may map), or for writing."""
         import h5py
 
         try:
-            return h5py.File(self.path, mode, alignment_threshold=PAGE, alignment_interval=PAGE)
+            return h5py.File(path or self.path, mode, alignment_threshold=PAGE, alignment_interval=PAGE,
+                             locking=False if mode == "r" else True)
         except OSError as e:
-            raise StoreFormatError(f"{self.path}: cannot open as HDF5 ({str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0]
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in first:
+                raise AccessError(f"{path or self.path}: cannot be written ({first})") from None
+            if "unable to lock file" in first:
+                raise AccessError(f"{path or self.path}: another program has the HDF5 file open for writing ({first})") from None
+            raise StoreFormatError(f"{path or self.path}: cannot open as HDF5 ({first})") from None
 
     @classmethod
-    def create(cls, path: Path, attrs: dict) -> "HDF5Backend":
-        b = cls(path)
+    def create(cls, path: Path, attrs: dict, lock_file: Path | None = None) -> "HDF5Backend":
+        b = cls(path, lock_file)
         with b._open("w") as f:
             _h5_set_attrs(f, attrs)
         return b
@@ -305,8 +528,8 @@ class HDF5Backend(Backend):
             return json.loads(g[self.ATTRS][()].decode() if isinstance(g[self.ATTRS][()], bytes) else g[self.ATTRS][()])
 
     def set_attrs(self, group: str, attrs: dict) -> None:
-        with self._open("r+") as f:
-            _h5_set_attrs(f[group] if group else f, attrs)
+        with self.writing(), self._open("r+") as f:
+            _h5_set_attrs(f[group] if group else f, attrs, trash=f"{self.TRASH}/{uuid.uuid4().hex}-attrs")
 
     @_damage_is_format_error
     def has(self, key: str) -> bool:
@@ -352,59 +575,142 @@ class HDF5Backend(Backend):
     def staging_dir(self) -> Path:
         return self.path.with_name(self.path.name + ".staging")
 
-    def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False) -> None:
-        tmp = f"_staging/{uuid.uuid4().hex}"
-        with self._open("r+") as f:
-            if group in f and not overwrite:
-                raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
-            g = f.create_group(tmp)
-            try:
-                _h5_set_attrs(g, attrs)
-                for name, src in arrays.items():
-                    src = as_source(src)
-                    ds = g.create_dataset(name, shape=src.shape, dtype=src.dtype)  # contiguous, uncompressed
-                    if ds.size:
-                        _copy_blocks(src, ds, f"{self.path}:{group}/{name}")
-            except BaseException:
-                del f[tmp]  # a failed write leaves no staging group behind
-                raise
-            f.flush()
-            if group in f:
-                del f[group]
-            parent = group.rsplit("/", 1)[0] if "/" in group else ""
-            if parent and parent not in f:
-                f.create_group(parent)
-            f.move(tmp, group)
-            f.flush()
+    def check_writable(self) -> None:
+        for p in (self.path, self.path.parent):  # the parent holds the staging folder and compactions
+            if p.exists() and not os.access(p, os.W_OK):
+                raise AccessError(f"{self.path}: cannot be written ({p} is read-only)")
+
+    def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False,
+                    provenance: dict | None = None) -> None:
+        cid = uuid.uuid4().hex
+        tmp = f"{self.STAGING}/{cid}"
+        with self.writing():
+            with self._open("r+") as f:
+                if group in f and not overwrite:
+                    raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
+                g = f.create_group(tmp)
+                try:
+                    _h5_set_attrs(g, attrs)
+                    for name, src in arrays.items():
+                        src = as_source(src)
+                        ds = g.create_dataset(name, shape=src.shape, dtype=src.dtype)  # contiguous, uncompressed
+                        if ds.size:
+                            rows = lambda i, block, ds=ds: ds.__setitem__(slice(i, i + len(block)), block)  # noqa: E731
+                            _copy_blocks(src, rows, f"{self.path}:{group}/{name}")
+                except BaseException:
+                    del f[tmp]  # a failed write leaves no staging group behind
+                    raise
+                f.flush()
+                crash_point("hdf5.staged")
+                # the commit: nothing below reaches the file before the last flush
+                if provenance is not None:
+                    m = json.loads(f[self.ATTRS][()])
+                    m["provenance"] = [*m.get("provenance", []), provenance]
+                    _h5_set_attrs(f, m, trash=f"{self.TRASH}/{cid}-attrs")
+                if group in f:
+                    f.move(group, f"{self.TRASH}/{cid}")  # kept until a compaction: readers may map it
+                parent = group.rsplit("/", 1)[0] if "/" in group else ""
+                if parent and parent not in f:
+                    f.create_group(parent)
+                f.move(tmp, group)
+                if not len(f[self.STAGING]):
+                    del f[self.STAGING]
+                f.flush()
+            _fsync(self.path)
+            crash_point("hdf5.committed")
+            live, size = self._live_bytes(), self.path.stat().st_size
+            if size - live > max(live, COMPACT_MIN_BYTES):  # dead groups outweigh the live data
+                self.compact()
 
     def delete_group(self, group: str) -> None:
+        with self.writing():
+            with self._open("r+") as f:
+                if group in f:
+                    f.move(group, f"{self.TRASH}/{uuid.uuid4().hex}")
+                    f.flush()
+            _fsync(self.path)
+
+    def compact(self) -> str:
+        """Rewrite the file with only its live groups (no ``_trash``, no ``_staging``), then
+        rename it into place; readers that hold the old file keep reading it."""
+        with self.writing():
+            before = self.path.stat().st_size
+            tmp = self.path.with_name(f".{self.path.name}.compact-{uuid.uuid4().hex}")
+            with self._open() as src, self._open("w", tmp) as dst:
+                for key in src.keys():
+                    if key not in (self.STAGING, self.TRASH):
+                        src.copy(src[key], dst, key)
+            _fsync(tmp)
+            crash_point("hdf5.compacted")
+            os.replace(tmp, self.path)
+            _fsync(self.path.parent)
+            return f"{self.path}: compacted from {_mib(before)} to {_mib(self.path.stat().st_size)}"
+
+    @_damage_is_format_error
+    def _live_bytes(self) -> int:
+        """Bytes of array data reachable outside ``_trash`` and ``_staging``."""
+        import h5py
+
+        total = 0
+
+        def add(name: str, obj) -> None:
+            nonlocal total
+            if isinstance(obj, h5py.Dataset) and not name.startswith((self.STAGING + "/", self.TRASH + "/")):
+                total += obj.id.get_storage_size()
+
+        with self._open() as f:
+            f.visititems(add)
+        return total
+
+    def _commit_leftovers(self) -> list[Leftover]:
+        if not self.path.is_file():
+            return []
+        with self._open() as f:
+            staged = sorted(f[self.STAGING].keys()) if self.STAGING in f else []
+        out = [Leftover(f"{self.path}: group {self.STAGING}/{s} staged by a crashed writer",
+                        functools.partial(self._drop_staged, s)) for s in staged]
+        dead = self.path.stat().st_size - self._live_bytes()
+        if dead > COMPACT_MIN_BYTES:
+            out.append(Leftover(f"{self.path}: {_mib(dead)} of replaced, deleted or unfinished groups (gc compacts the file)",
+                                lambda: self.compact() and None, routine=False))
+        return out
+
+    def gc(self) -> list[str]:
+        with self.writing(recover=False):
+            done = super().gc()
+            with self._open() as f:
+                dead = self.TRASH in f or self.STAGING in f
+            return done + [self.compact()] if dead else done
+
+    def _drop_staged(self, name: str) -> None:
         with self._open("r+") as f:
-            if group in f:
-                del f[group]
-
-    def discard_staging(self) -> None:
-        """Drop groups left by a writer that crashed before its commit."""
-        with self._open("r+") as f:
-            if "_staging" in f:
-                del f["_staging"]
+            del f[f"{self.STAGING}/{name}"]
+            if not len(f[self.STAGING]):
+                del f[self.STAGING]
 
 
-def _h5_set_attrs(g, attrs: dict) -> None:
+
+def _h5_set_attrs(g, attrs: dict, trash: str | None = None) -> None:
+    """Store ``attrs`` as the JSON dataset ``_attrs`` of ``g``; an existing one moves to
+    ``trash`` (in a live file nothing is freed in place: a reader may be reading it)."""
     import h5py
 
-    if HDF5Backend.ATTRS in g:
+    if HDF5Backend.ATTRS in g and trash:
+        g.file.move(g[HDF5Backend.ATTRS].name, trash)
+    elif HDF5Backend.ATTRS in g:
         del g[HDF5Backend.ATTRS]
     # a dataset, not an attribute: HDF5 attributes are capped at 64 KiB
     g.create_dataset(HDF5Backend.ATTRS, data=json.dumps(attrs), dtype=h5py.string_dtype())
 
 
-def _copy_blocks(src: ArraySource, out, where) -> None:
+def _copy_blocks(src: ArraySource, write, where) -> None:
+    """Hand ``src``'s row blocks in order to ``write(first_row, block)``, checking their shapes."""
     i = 0
     for block in src.blocks():
         block = np.asarray(block)
         if block.shape[1:] != tuple(src.shape[1:]):
             raise StoreFormatError(f"{where}: block of shape {block.shape} does not fit {tuple(src.shape)}")
-        out[i : i + len(block)] = block
+        write(i, block)
         i += len(block)
     if i != src.shape[0]:
         raise StoreFormatError(f"{where}: expected {src.shape[0]} rows, got {i}")
@@ -420,8 +726,9 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
+def _fsync(path: Path | str) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -431,9 +738,60 @@ def _fsync_dir(d: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _du(path: Path) -> int:
+    """Bytes under ``path`` (a file or a directory tree)."""
+    if not path.is_dir():
+        return path.stat().st_size if path.exists() else 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+EXCHANGE = True  # False: commit by two renames, as on file systems without RENAME_EXCHANGE (tests)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # glibc before 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+    False, with nothing changed, where the system or the file system cannot."""
+    fn = _renameat2() if EXCHANGE else None
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))

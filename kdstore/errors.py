@@ -34,3 +34,7 @@ class ConfigError(KDStoreError):
 
 class DependencyError(KDStoreError):
     """An optional dependency needed for the requested path is not installed."""
+
+
+class AccessError(KDStoreError):
+    """A store cannot be written now: read-only, or held by another writer."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .store import Store
 
 
@@ -17,6 +17,15 @@ def _nbytes(store: Store, group: str) -> int:
         shape, dtype = store.backend.array_info(f"{group}/{key}")
         total += int(np.prod(shape)) * dtype.itemsize
     return total
+
+
+def _kept(fs) -> dict | None:
+    """Frames kept of the source's (an import with ``--fps``/``--windows``), when every video's count is known."""
+    source = fs.attrs.get("source_frames") or {}
+    if not fs.videos or any(v not in source for v in fs.videos):
+        return None
+    total = int(sum(source[v] for v in fs.videos))
+    return {"source_frames": total, "fraction": len(fs) / total if total else None}
 
 
 def summary(store: Store) -> dict:
@@ -43,6 +52,8 @@ def summary(store: Store) -> dict:
             "frame_rate": fs.frame_rate, "backbone": fs.attrs.get("backbone"),
             "bytes": _nbytes(store, f"video/{name}"),
             "segments_without_features": int((fs.video_index(seg.videos)[seg.video] < 0).sum()),
+            "selection": fs.attrs.get("selection"),
+            "kept": _kept(fs),
         }
     for name in store.predictions():
         p = store.teacher(name)
@@ -58,6 +69,8 @@ def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None
     """Write a prediction group to JSONL (one UID a line, top-``k``) or NPZ (all arrays)."""
     out = Path(out)
     fmt = fmt or out.suffix.lstrip(".").lower()
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out}: the folder {out.parent} does not exist")
     p = store.teacher(name)
     if fmt == "npz":
         arrays = {"uids": p.uids, "logits": np.asarray(p.logits), "topk_values": np.asarray(p.topk_values),

@@ -14,8 +14,10 @@ The store knows nothing of models: it checks and keeps arrays.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,8 +30,11 @@ import numpy as np
 
 from . import __version__
 from .annotations import ClassTable, SegmentTable
-from .backends import Backend, Concatenated, HDF5Backend, ZarrBackend, _write_json
+from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
+                       exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
+from .faults import crash_point
+from .lock import locked, store_lock_path
 
 SCHEMA_VERSION = 1
 FORMAT = "kdstore"
@@ -116,14 +121,15 @@ class Store:
         provenance: dict | None = None,
         dataset: str | None = None,
     ) -> "Store":
-        """Create a store holding the class table and the segment table."""
+        """Create a store holding the class table and the segment table.
+
+        The store is built under a temporary sibling name and renamed into place (an
+        existing store is swapped out in one step where the file system allows), so a
+        crash never leaves a half-made store at ``path``.
+        """
         path = Path(path)
         _check_segments(classes, segments)  # before anything on disk is touched
-        if path.exists():
-            if not overwrite:
-                raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
-            Store.open(path)  # refuse to delete something that is not a store
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        kind = _backend_for(path, backend)
         manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -133,21 +139,48 @@ class Store:
             "segments_sha256": segments_fingerprint(segments.uid),
             "provenance": [provenance or provenance_entry("create")],
         }
-        b = _backend_for(path, backend).create(path, manifest)
-        class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
-        if classes.many_shot_verbs is not None:
-            class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
-        b.write_group(
-            "classes",
-            class_arrays,
-            {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
-        )
-        b.write_group(
-            "segments",
-            {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
-            {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
-        )
-        return cls(b)
+        lock = store_lock_path(path)
+        with access_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with locked(lock, str(path)):
+                old = Store.open(path).backend if path.exists() or path.is_symlink() else None
+                if old is not None and not overwrite:
+                    raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
+                for lo in kind(path)._sibling_leftovers():  # of crashed creates: we hold the lock, their writers are gone
+                    lo.remove()
+                tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+                b = kind.create(tmp, manifest, lock_file=lock)
+                class_arrays = {"action_verb": classes.action_verb, "action_noun": classes.action_noun}
+                if classes.many_shot_verbs is not None:
+                    class_arrays |= {"many_shot_verbs": classes.many_shot_verbs, "many_shot_nouns": classes.many_shot_nouns}
+                b.write_group(
+                    "classes",
+                    class_arrays,
+                    {"action_names": classes.action_names, "verb_names": classes.verb_names, "noun_names": classes.noun_names},
+                )
+                b.write_group(
+                    "segments",
+                    {c: getattr(segments, c) for c in SegmentTable.COLUMNS},
+                    {"videos": segments.videos, "splits": segments.splits, "fps": segments.fps},
+                )
+                _fsync_tree(tmp) if tmp.is_dir() else _fsync(tmp)
+                crash_point("create.built")
+                if old is None:
+                    os.rename(tmp, path)
+                else:
+                    aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
+                    if exchange(tmp, path):
+                        os.rename(tmp, aside)
+                    else:  # a crash between the renames leaves no store at path: ingest runs again
+                        os.rename(path, aside)
+                        crash_point("create.aside")
+                        os.rename(tmp, path)
+                    crash_point("create.swapped")
+                    for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
+                        lo.remove()
+                    shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+                _fsync(path.parent)
+        return cls(kind(path))
 
     # -- metadata --------------------------------------------------------------------
 
@@ -156,10 +189,19 @@ class Store:
         return self.backend.attrs("")
 
     def add_provenance(self, entry: dict) -> None:
-        """Append a provenance record to the manifest."""
-        m = self.manifest
-        m["provenance"] = [*m.get("provenance", []), entry]
-        self.backend.set_attrs("", m)
+        """Append a provenance record to the manifest (under the store's writer lock)."""
+        self.backend.add_provenance(entry)
+
+    def check_writable(self) -> None:
+        """Raise AccessError now if this store cannot be written (read-only, or its writer
+        lock cannot be had), before a long computation whose result it is to hold."""
+        with self.backend.writing():
+            pass
+
+    def gc(self) -> list[str]:
+        """Remove what crashed writers left (partial feature builds too) and compact an HDF5
+        file's dead space; returns what was done, one line each."""
+        return self.backend.gc()
 
     @property
     def classes(self) -> ClassTable:
@@ -183,7 +225,9 @@ class Store:
         if self._segments is None:
             a = self.backend.attrs("segments")
             cols = {c: np.array(self.backend.memmap(f"segments/{c}")) for c in SegmentTable.COLUMNS}
-            self._segments = SegmentTable(**cols, videos=a["videos"], splits=a["splits"], fps=a["fps"])
+            seg = SegmentTable(**cols, videos=a["videos"], splits=a["splits"], fps=a["fps"])
+            _check_segments(self.classes, seg)  # a damaged table stops here, not as an IndexError later
+            self._segments = seg
         return self._segments
 
     # -- predictions (teachers, students) -------------------------------------------
@@ -200,6 +244,7 @@ class Store:
 
     def teacher(self, name: str) -> "Predictions":
         """The prediction group ``teacher/<name>`` (a teacher's or a student's)."""
+        _check_name(name)
         if not self.backend.has(f"teacher/{name}"):
             raise MissingError(f"{self.path}: no predictions named {name!r} (have: {', '.join(self.predictions()) or 'none'})")
         return Predictions(self, name)
@@ -284,8 +329,8 @@ class Store:
             "metrics": metrics or {},
             "log": log or [],
         }
-        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite)
-        self.add_provenance(provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
+        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite,
+                                 provenance=provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
         return Predictions(self, name)
 
     def delete_predictions(self, name: str) -> None:
@@ -299,21 +344,23 @@ class Store:
         return self.backend.children("video")
 
     def video(self, name: str) -> "FeatureSet":
+        _check_name(name)
         if not self.backend.has(f"video/{name}"):
             raise MissingError(f"{self.path}: no video features named {name!r} (have: {', '.join(self.feature_sets()) or 'none'})")
         return FeatureSet(self, name)
 
     def video_writer(
         self, name: str, dim: int, dtype: str = "float16", frame_rate: float | None = None, attrs: dict | None = None,
-        settings: dict | None = None,
+        settings: dict | None = None, restart: bool = False,
     ) -> "VideoWriter":
         """A resumable writer of per-video features into ``video/<name>``.
 
-        ``settings`` (JSON-able, e.g. the encoder) must equal those of a partial build being
-        resumed, so that one group never mixes the features of two encoders.
+        ``settings`` (JSON-able, e.g. the encoder, or an import's source and frame selection)
+        must equal those of a partial build being resumed, so that one group never mixes the
+        features of two encoders or sources; ``restart`` discards a partial build first.
         """
         _check_name(name)
-        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {})
+        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {}, restart)
 
 
 def _check_name(name: str) -> None:
@@ -555,6 +602,32 @@ class _Staged:
     frames: int
 
 
+class _AtomicFile:
+    """A file written under a temporary name, synced, then renamed into place; removed on error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+
+    def __enter__(self):
+        self.f = open(self.tmp, "wb")
+        return self.f
+
+    def __exit__(self, exc_type, *exc) -> None:
+        written = False
+        try:
+            if exc_type is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                written = True
+        finally:
+            self.f.close()
+            if written:
+                self.tmp.replace(self.path)
+            else:
+                self.tmp.unlink(missing_ok=True)
+
+
 class VideoWriter:
     """Stage per-video features beside the store, then commit them as one contiguous group.
 
@@ -565,7 +638,7 @@ class VideoWriter:
     """
 
     def __init__(self, store: Store, name: str, dim: int, dtype: np.dtype, frame_rate: float | None, attrs: dict,
-                 settings: dict):
+                 settings: dict, restart: bool = False):
         if dtype not in (np.float16, np.float32):
             raise DataError(f"video/{name}: dtype must be float16 or float32, found {dtype}")
         self.store, self.name, self.dim, self.dtype = store, name, int(dim), dtype
@@ -574,56 +647,115 @@ class VideoWriter:
             existing = store.video(name)
             if existing.dim != self.dim:
                 raise DataError(f"video/{name}: feature dimension {self.dim} differs from the stored {existing.dim}")
+        store.check_writable()
         self.dir = store.backend.staging_dir() / f"video-{name}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        # one build of a name at a time; under torchrun rank 0 holds it for the ranks that share the folder
+        self._lock, self._holds_lock = contextlib.ExitStack(), os.environ.get("RANK", "0") == "0"
+        if self._holds_lock:
+            self._lock.enter_context(locked(self._lock_file, f"{store.path}: video/{name}", timeout=1))
         meta = json.loads(json.dumps({"dim": self.dim, "dtype": dtype.name, "frame_rate": frame_rate, "settings": settings}))
         meta_file = self.dir / "writer.json"
+        # Staged files without writer.json are what a killed deletion of the directory left:
+        # nothing tells what they were staged from, so none is reused. (A directory holding
+        # nothing else yet is one that another rank of this build is creating.)
+        if self.dir.exists() and (restart or (not meta_file.exists() and any(
+                not p.name.startswith(("writer.json", ".writer.json.")) for p in self.dir.iterdir()))):
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         if meta_file.exists():
             old = json.loads(meta_file.read_text())
             if old != meta:
-                raise ConfigError(f"{self.dir}: a partial build with other settings exists ({old}), this one is {meta}; "
-                                  "remove it or rerun with those")
+                raise ConfigError(
+                    f"{self.dir}: a partial build with other settings is staged ({old}); this one is {meta}."
+                    " Rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)"
+                )
         else:
             _write_json(meta_file, meta)
+
+    @property
+    def _lock_file(self) -> Path:
+        return self.dir.with_name(self.dir.name + ".lock")
 
     def _stem(self, video: str) -> Path:
         return self.dir / hashlib.sha1(video.encode()).hexdigest()[:20]
 
-    def done(self, video: str) -> bool:
-        """Whether ``video`` was already staged (by this or an earlier, crashed run)."""
-        return self._stem(video).with_suffix(".json").exists()
+    def _complete(self, stem: Path) -> _Staged | None:
+        """The record of a completely staged video: its JSON and both arrays, at full size."""
+        try:
+            d = json.loads(stem.with_suffix(".json").read_text())
+            feats = np.load(stem.with_name(stem.name + ".feat.npy"), mmap_mode="r", allow_pickle=False)
+            ts = np.load(stem.with_name(stem.name + ".ts.npy"), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, KeyError):  # missing, truncated or half-deleted
+            return None
+        n = d.get("frames")
+        if feats.shape != (n, self.dim) or feats.dtype != self.dtype or ts.shape != (n,):
+            return None
+        return _Staged(d["video"], n)
 
-    def put(self, video: str, features: np.ndarray, timestamps: np.ndarray) -> None:
-        """Stage one video's ``[n, D]`` features with their timestamps in seconds."""
-        features, timestamps = np.asarray(features), np.asarray(timestamps, dtype=np.float64)
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(features.shape)}, expected [n, {self.dim}]")
-        if len(features) == 0:
+    def done(self, video: str) -> bool:
+        """Whether ``video`` is completely staged (by this or an earlier, crashed run)."""
+        return self._complete(self._stem(video)) is not None
+
+    def put(self, video: str, features: np.ndarray | Iterable[np.ndarray], timestamps: np.ndarray) -> None:
+        """Stage one video's features with their timestamps in seconds.
+
+        ``features`` is an ``[n, D]`` array or an iterable of ``[b, D]`` row blocks that add
+        up to ``n = len(timestamps)`` rows; blocks are written as they come, so a long video
+        never has to be in memory at once.
+        """
+        timestamps = np.asarray(timestamps, dtype=np.float64)
+        n = len(timestamps)
+        if isinstance(features, np.ndarray):
+            if features.ndim != 2 or features.shape[1] != self.dim:
+                raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(features.shape)}, expected [n, {self.dim}]")
+            if len(features) == 0:
+                raise DataError(f"video/{self.name}, video {video!r}: no frames")
+            if timestamps.shape != (len(features),):
+                raise DataError(f"video/{self.name}, video {video!r}: {len(timestamps)} timestamps for {len(features)} frames")
+            features = [features]
+        if timestamps.ndim != 1 or n == 0:
             raise DataError(f"video/{self.name}, video {video!r}: no frames")
-        if timestamps.shape != (len(features),):
-            raise DataError(f"video/{self.name}, video {video!r}: {len(timestamps)} timestamps for {len(features)} frames")
-        if not np.isfinite(features).all():
-            bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
-            raise DataError(f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has NaN or inf")
-        if self.dtype == np.float16 and np.abs(features).max() > _FP16_MAX:  # would be stored as inf
-            bad = int(np.flatnonzero((np.abs(features) > _FP16_MAX).any(axis=1))[0])
-            raise DataError(
-                f"video/{self.name}, video {video!r}: frame {bad} (t={timestamps[bad]:.3f}s) has a value beyond"
-                f" the float16 range (|x| > {_FP16_MAX:g}); store float32 features or rescale them"
-            )
         if not np.isfinite(timestamps).all() or (np.diff(timestamps) <= 0).any():
             raise DataError(f"video/{self.name}, video {video!r}: timestamps must be finite and increasing")
         stem = self._stem(video)
-        for suffix, arr in ((".feat.npy", features.astype(self.dtype)), (".ts.npy", timestamps)):
-            tmp = stem.with_name(f".{stem.name}{suffix}.{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            tmp.replace(stem.with_name(stem.name + suffix))
-        _write_json(stem.with_suffix(".json"), {"video": video, "frames": len(features)})
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n, self.dim)}
+        with _AtomicFile(stem.with_name(stem.name + ".feat.npy")) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            row = 0
+            for block in features:
+                block = np.asarray(block)
+                if block.ndim != 2 or block.shape[1] != self.dim:
+                    raise DataError(f"video/{self.name}, video {video!r}: features of shape {list(block.shape)}, expected [n, {self.dim}]")
+                if row + len(block) > n:
+                    raise DataError(f"video/{self.name}, video {video!r}: {n} timestamps for more than {n} frames")
+                self._check_block(video, block, timestamps[row : row + len(block)], row)
+                f.write(np.ascontiguousarray(block, dtype=self.dtype).data)
+                row += len(block)
+            if row != n:
+                raise DataError(f"video/{self.name}, video {video!r}: {n} timestamps for {row} frames")
+        crash_point("video.put")
+        with _AtomicFile(stem.with_name(stem.name + ".ts.npy")) as f:
+            np.save(f, timestamps, allow_pickle=False)
+        crash_point("video.put")
+        _write_json(stem.with_suffix(".json"), {"video": video, "frames": n})
+        crash_point("video.staged")
+
+    def _check_block(self, video: str, block: np.ndarray, timestamps: np.ndarray, first: int) -> None:
+        if not np.isfinite(block).all():
+            bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise DataError(f"video/{self.name}, video {video!r}: frame {first + bad} (t={timestamps[bad]:.3f}s) has NaN or inf")
+        if self.dtype == np.float16 and len(block) and np.abs(block).max() > _FP16_MAX:  # would be stored as inf
+            bad = int(np.flatnonzero((np.abs(block) > _FP16_MAX).any(axis=1))[0])
+            raise DataError(
+                f"video/{self.name}, video {video!r}: frame {first + bad} (t={timestamps[bad]:.3f}s) has a value beyond"
+                f" the float16 range (|x| > {_FP16_MAX:g}); store float32 features or rescale them"
+            )
 
     def staged(self) -> list[_Staged]:
-        out = [json.loads(p.read_text()) for p in self.dir.glob("*.json") if p.name != "writer.json"]
-        return sorted((_Staged(d["video"], d["frames"]) for d in out), key=lambda s: s.video)
+        """The completely staged videos, by name."""
+        out = [self._complete(p.with_suffix("")) for p in self.dir.glob("*.json") if p.name != "writer.json"]
+        return sorted((s for s in out if s is not None), key=lambda s: s.video)
 
     def commit(self, provenance: dict | None = None) -> FeatureSet:
         """Write every staged video (plus untouched stored ones) as ``video/<name>``."""
@@ -650,7 +782,11 @@ class VideoWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         arrays = {"features": feats, "timestamps": ts, "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
-        self.store.backend.write_group(f"video/{self.name}", arrays, attrs, overwrite=True)
-        self.store.add_provenance(provenance or provenance_entry("write_video_features", group=f"video/{self.name}"))
+        self.store.backend.write_group(f"video/{self.name}", arrays, attrs, overwrite=True,
+                                       provenance=provenance or provenance_entry("write_video_features", group=f"video/{self.name}"))
+        crash_point("video.committed")
         shutil.rmtree(self.dir)
+        if self._holds_lock:
+            self._lock_file.unlink(missing_ok=True)
+        self._lock.close()
         return self.store.video(self.name)

@@ -12,7 +12,9 @@ import numpy as np
 from .errors import KDStoreError
 from .store import Store, segments_fingerprint
 
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+# installed: kdstore/schemas (shipped with the package); source tree: schemas/ at the top
+_HERE = Path(__file__).resolve().parent
+SCHEMA_DIR = next((d for d in (_HERE / "schemas", _HERE.parent / "schemas") if (d / "layout.json").is_file()), _HERE / "schemas")
 SCAN_ROWS = 1 << 16  # rows checked for NaN/inf per step, to bound memory on big arrays
 
 
@@ -41,6 +43,14 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
             loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
             problems.append(f"{store.path}: {where} attribute {loc}: {err.message}")
 
+    try:
+        left = b.leftovers()
+    except KDStoreError as e:
+        return [str(e)]
+    for lo in left:
+        if lo.hides:
+            problems.append(f"{store.path}: {lo.hides}: missing until its interrupted commit is finished"
+                            " (by the next writer, or kdstore gc)")
     check_attrs("manifest", store.manifest, manifest_schema)
     groups = ["classes", "segments"] + [f"video/{n}" for n in store.feature_sets()] + [
         f"teacher/{n}" for n in store.predictions()
@@ -125,6 +135,15 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
                 if key in a:
                     _scan_finite(a[key], f"{g}/{key}", lambda i, u=uids: f"UID {u[i]}", problems, store.path)
     return problems
+
+
+def leftovers(path: str | Path) -> list[str]:
+    """What crashed or interrupted writers left in the store at ``path``, a line each
+    (``kdstore gc`` or the next writer removes them; partial feature builds only ``gc``)."""
+    try:
+        return [lo.what for lo in Store.open(path).backend.leftovers() if not lo.hides]
+    except KDStoreError:  # a damaged store: validate_store reports it
+        return []
 
 
 def _scan_finite(arr: np.ndarray, key: str, name_row, problems: list[str], path: Path) -> None:

@@ -144,3 +144,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The kill points the crash-consistency tests tried (``record_property("kill_points", n)``)."""
+    rows = [(r.nodeid.split("::")[-1], v) for r in terminalreporter.stats.get("passed", [])
+            for k, v in r.user_properties if k == "kill_points"]
+    if rows:
+        terminalreporter.write_line(f"crash consistency: {sum(v for _, v in rows)} kill points tried ("
+                                    + ", ".join(f"{n} {v}" for n, v in rows) + ")")

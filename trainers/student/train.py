@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from kdstore.errors import ConfigError, DataError
+from kdstore.errors import ConfigError, DataError, MissingError
+from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics
 from kdstore.store import Store
 
@@ -70,7 +72,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: StudentConfig) -> float:
 
 
 def _save(run: Path, model, opt, state: dict) -> None:
-    """Checkpoint atomically: tensors to safetensors, the rest to JSON, each via a rename."""
+    """Checkpoint atomically: tensors and the state (also kept in the safetensors metadata,
+    which is what a resume reads) in one file renamed into place, then a JSON copy."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
     for pid, st in opt_state["state"].items():
@@ -79,15 +82,31 @@ def _save(run: Path, model, opt, state: dict) -> None:
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, run / f".{CKPT}.tmp")
-    (run / f".{STATE}.tmp").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1))
+    state = json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1)
+    save_file(tensors, run / f".{CKPT}.tmp", metadata={"state": state})
+    (run / f".{STATE}.tmp").write_text(state)
     os.replace(run / f".{CKPT}.tmp", run / CKPT)
+    crash_point("student.checkpoint")
     os.replace(run / f".{STATE}.tmp", run / STATE)
 
 
-def _load(run: Path, model, opt) -> dict:
-    tensors = load_file(run / CKPT)
-    state = json.loads((run / STATE).read_text())
+def _read_checkpoint(run: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a run's checkpoint; one-line errors for a missing or damaged one."""
+    path = run / CKPT
+    if not path.is_file():
+        raise MissingError(f"{run}: no student checkpoint ({CKPT}) in this run directory")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+        state = json.loads(meta["state"]) if "state" in meta else json.loads((run / STATE).read_text())
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__});"
+                          " delete the run directory to train afresh") from None
+    return tensors, state
+
+
+def _restore(model, opt, tensors: dict[str, torch.Tensor], state: dict) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict = {"state": {}, "param_groups": state.pop("param_groups")}
     for k, v in tensors.items():
@@ -98,16 +117,13 @@ def _load(run: Path, model, opt) -> dict:
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
 
 
 def load_model(run: str | Path, map_location: str = "cpu") -> tuple[AVTHead, StudentConfig, dict]:
     """The model of a run directory, its config and its saved state."""
-    run = Path(run)
-    state = json.loads((run / STATE).read_text())
+    tensors, state = _read_checkpoint(Path(run), map_location)
     cfg = StudentConfig.from_dict(state["config"])
     model = AVTHead(state["feat_dim"], *state["classes"], cfg)
-    tensors = load_file(run / CKPT, device=map_location)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return model.eval(), cfg, state
 
@@ -140,7 +156,9 @@ def train_student(
     ``teacher=None`` or ``cfg.distill_mode == "none"`` trains the baseline without
     distillation, everything else equal. ``stop_after_epochs`` ends the process early as a
     crash would (for resume tests). Under torchrun, each rank trains on its slice of every
-    global batch of ``world * batch_size`` samples and gradients are averaged (DDP).
+    global batch of ``world * batch_size`` samples and gradients are averaged (DDP). A
+    resume may raise ``cfg.epochs`` to extend a run; its remaining steps follow the cosine
+    schedule of the new length.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, device = _dist(device)
@@ -162,15 +180,23 @@ def train_student(
     opt = make_optimizer(model, cfg)
     start_epoch, step = 0, 0
     metrics: dict = {}
-    if (run / STATE).exists():
-        saved = json.loads((run / STATE).read_text())
-        diff = sorted(k for k in identity if saved.get(k) != identity[k])
+    if (run / CKPT).exists():
+        tensors, state = _read_checkpoint(run)
+        # the same run, up to its length: more epochs extend it (the rest follows the longer schedule)
+        same = lambda d: {**d, "config": {**d.get("config", {}), "epochs": None}}  # noqa: E731
+        saved, now = same(state), same(identity)
+        diff = sorted(k for k in identity if saved.get(k) != now[k])
         if diff:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {identity[k]!r}" for k in diff if k != "config")
-            cdiff = [k for k in identity["config"] if saved.get("config", {}).get(k) != identity["config"][k]]
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff if k != "config")
+            cdiff = [k for k in now["config"] if saved.get("config", {}).get(k) != now["config"][k]]
             raise ConfigError(f"{run}: checkpoint of another run ({detail or 'config keys ' + ', '.join(cdiff)}); use a new run directory")
-        state = _load(run, model, opt)
+        if state["epoch"] > cfg.epochs:
+            raise ConfigError(f"{run}: has trained {state['epoch']} epochs, more than epochs={cfg.epochs}; "
+                              f"resume with epochs >= {state['epoch']}")
+        _restore(model, opt, tensors, state)
         start_epoch, step, metrics = state["epoch"], state["step"], state.get("metrics", {})
+    if rank == 0:
+        _trim_log(run, start_epoch)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -229,11 +255,32 @@ def train_student(
                 logits = predict_logits(model, evaluate, device=device)
                 metrics = compute_metrics(logits, evaluate.action, classes)
                 entry |= {f"eval_{k}": v for k, v in metrics.items()}
-            if rank == 0:
-                _save(run, model, opt, {**identity, "epoch": epoch + 1, "step": step, "metrics": metrics})
+            if rank == 0:  # the log first: a resume drops entries of epochs past the checkpoint
                 with open(run / LOG, "a") as f:
                     f.write(json.dumps(entry) + "\n")
+                crash_point("student.logged")
+                _save(run, model, opt, {**identity, "epoch": epoch + 1, "step": step, "metrics": metrics})
+                crash_point("student.epoch")
     return metrics
+
+
+def _trim_log(run: Path, epochs: int) -> None:
+    """Keep the log entries of the first ``epochs`` epochs (a crash may have logged one more)."""
+    path = run / LOG
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _epoch_of(line) <= epochs]
+    if keep != lines:
+        (run / f".{LOG}.tmp").write_text("".join(line + "\n" for line in keep))
+        os.replace(run / f".{LOG}.tmp", path)
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a crash
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

@@ -53,6 +53,7 @@ from safetensors.numpy import save_file
 
 from kdstore.annotations import action_text, action_words
 from kdstore.errors import ConfigError, DataError
+from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics, marginalise, softmax
 from kdstore.store import Store, _check_name, provenance_entry
 
@@ -149,6 +150,7 @@ def run_stage(job: StageJob, device: str = "cpu", on_step=None, on_epoch=None) -
     tmp = job.sdir / ".predictions.tmp"
     save_file({**preds, "index": job.pred_index.astype(np.int64)}, str(tmp))
     tmp.replace(job.sdir / "predictions.safetensors")  # the stage counts as finished only once this exists
+    crash_point("teacher.stage")
     return {"stage": job.stage, "device": device, "pid": os.getpid()}
 
 
@@ -232,6 +234,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
     _check_name(name)
     if name in store.predictions() and not overwrite:
         raise DataError(f"{store.path}: predictions {name!r} already exist (pass overwrite to replace them)")
+    store.check_writable()  # a read-only or busy store fails now, not after training
     eval_splits = tuple(s for s in dict.fromkeys(eval_splits) if s != train_split)
     rows = {s: seg.rows_in(s) for s in (train_split, *eval_splits)}
     for s, r in rows.items():

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
+from kdstore.faults import crash_point
+
 from .config import TeacherConfig
 from .device import autocast
 from .models import TeacherModel
@@ -198,6 +200,7 @@ def finetune(
         log.append(row)
         if ckpt_dir:
             save_checkpoint(ckpt_dir, model, opt, {"epoch": epoch + 1, "step": step, "log": log})
+            crash_point("teacher.epoch")
         if on_epoch:
             on_epoch(epoch + 1, row)
     return log

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
 from kdstore.errors import ConfigError
+from kdstore.faults import crash_point
 
 NO_DECAY = ("bias", "layernorm", "layer_norm", "norm.weight")
 
@@ -90,6 +91,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     _atomic(path / f"model-{tag}.safetensors", lambda p: save_model(model, str(p)))
     _atomic(path / f"optimizer-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
+    crash_point("teacher.checkpoint")
     _atomic(path / "state.json", lambda p: p.write_text(json.dumps({**state, "tag": tag, "param_groups": groups}, indent=1)))
     for old in path.glob("*-e*.safetensors"):
         if not old.name.endswith(f"-{tag}.safetensors"):

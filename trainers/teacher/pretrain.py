@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 
 from kdstore.errors import DataError
+from kdstore.faults import crash_point
 
 from .device import autocast, stage_devices
 from .models import check_checkpoint, check_positions, encoder_config, load_mlm
@@ -143,6 +144,7 @@ def _pretrain(texts, out: Path, cfg: PretrainConfig, tok, on_step) -> dict:
             if on_step:
                 on_step(step, total)
         log.append({"epoch": epoch + 1, "mlm_loss": loss_sum.item() / per_epoch, "seconds": time.perf_counter() - t0})
+        crash_point("teacher.pretrain")
     model.cpu()
     summary = {"config": cfg.__dict__, "lines": len(texts), "chunks": n, "vocab": len(tok), "device": device, "log": log}
     tmp = out.with_name(f".{out.name}.tmp")

@@ -1,16 +1,22 @@
 """Import existing per-frame features into ``video/<name>``.
 
 - RULSTM LMDB feature sets (what AVT trains on): keys ``<video>_frame_<10-digit n>.jpg``,
-  values raw float32 vectors; frame ``n`` is at ``n / native_fps`` seconds.
+  values raw float32 vectors; frame ``n`` is at ``n / native_fps`` seconds
+  (trainers/video/rulstm_lmdb.py).
 - Per-video ``.npy``/``.npz`` arrays ``[n, D]`` in one folder, named by video id; frame
-  ``i`` is at ``i / fps`` seconds.
+  ``i`` is at ``i / native_fps`` seconds.
 
-Both stage each video through the store's VideoWriter (an interrupted import resumes) and
-can check, before committing, that every segment sees frames in its observed window.
+An import streams one video at a time: its timestamps first, then only the features it
+keeps, so its memory does not grow with the source. ``fps`` keeps the frames nearest a
+regular grid and ``windows`` only those a student window can reach
+(trainers/video/select.py). Each video is staged through the store's VideoWriter, so a
+killed import resumes at the next video, from the same source and selection only. Before
+committing, an import can check that every segment sees frames in its observed window.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +25,14 @@ from typing import Iterator
 import numpy as np
 
 from kdstore.annotations import SegmentTable
-from kdstore.errors import ConfigError, DataError, DependencyError, MissingError
-from kdstore.store import Store, provenance_entry
+from kdstore.errors import ConfigError, DataError, MissingError
+from kdstore.store import Store, VideoWriter, provenance_entry
+
+from .rulstm_lmdb import RulstmLmdb
+from .select import Selection, WindowSpec
 
 DEFAULT_WINDOW_S = 10.0  # AVT observes 10 frames at 1 fps before the anticipation gap
+BLOCK_ROWS = 4096  # feature rows read and written at a time
 
 
 @dataclass
@@ -32,9 +42,11 @@ class ImportReport:
     name: str
     videos: int  # videos imported by this run
     skipped: int  # videos staged by an earlier, interrupted run
-    frames: int
+    frames: int  # frames written by this run
     bytes_written: int  # feature bytes stored by this run
     seconds: float
+    source_frames: int = 0  # frames in the source (all its videos)
+    kept_frames: int = 0  # of those, the frames the selection kept
 
 
 def _progress(total: int | None, description: str, show: bool):
@@ -49,121 +61,117 @@ def _progress(total: int | None, description: str, show: bool):
 
 
 # ---------------------------------------------------------------------------------------
-# Segment check
+# Segments: window starts per video, and the check of observed windows
 
 
-def check_segments(segments: SegmentTable, times: dict[str, np.ndarray], name: str, window: float = DEFAULT_WINDOW_S) -> None:
-    """Raise if a segment's video has no frames (MissingError) or no frame lies in its
-    observed window ``[start - window, start]`` (DataError); names the UIDs and videos."""
-    starts = segments.start_seconds()  # [N]
-    problems: list[tuple[type, str]] = []
-    for v, video in enumerate(segments.videos):
-        rows = np.flatnonzero(segments.video == v)
-        if not len(rows):
-            continue
-        ts = times.get(video)
-        if ts is None or not len(ts):
-            problems += [(MissingError, f"UID {segments.uid[r]} (video {video}): the video has no frames") for r in rows]
-            continue
-        last = np.searchsorted(ts, starts[rows] + 1e-9, side="right") - 1  # [n] last frame at or before the start
-        seen = (last >= 0) & (ts[np.maximum(last, 0)] >= starts[rows] - window)
-        problems += [
-            (DataError, f"UID {segments.uid[r]} (video {video}): no frame in [{starts[r] - window:.2f} s, {starts[r]:.2f} s]")
-            for r in rows[~seen]
+class _Segments:
+    """The segment table by video: start times for window selection, and the check that
+    every segment sees a frame in ``[start - window, start]``, video by video."""
+
+    def __init__(self, segments: SegmentTable, window: float):
+        self.segments, self.window = segments, window
+        self._starts = segments.start_seconds()  # [N]
+        order = np.argsort(segments.video, kind="stable")
+        bounds = np.searchsorted(segments.video[order], np.arange(len(segments.videos) + 1))
+        self.rows = {v: order[bounds[i] : bounds[i + 1]] for i, v in enumerate(segments.videos)}
+        self.problems: list[tuple[type, str]] = []
+        self.seen: set[str] = set()
+
+    def starts(self, video: str) -> np.ndarray:
+        """[m] start seconds of ``video``'s segments (empty for a video without segments)."""
+        return self._starts[self.rows.get(video, np.zeros(0, np.int64))]
+
+    def check(self, video: str, ts: np.ndarray) -> None:
+        """Note the segments of ``video`` that see no frame at ``ts`` [n] in their window."""
+        self.seen.add(video)
+        rows = self.rows.get(video, np.zeros(0, np.int64))
+        seg, starts = self.segments, self._starts[rows]
+        last = np.searchsorted(ts, starts + 1e-9, side="right") - 1  # [m] last frame at or before the start
+        seen = (last >= 0) & (ts[np.maximum(last, 0)] >= starts - self.window)
+        self.problems += [
+            (DataError, f"UID {seg.uid[r]} (video {video}): no frame in [{s - self.window:.2f} s, {s:.2f} s]")
+            for r, s in zip(rows[~seen], starts[~seen])
         ]
-    if problems:
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        listed = "; ".join(msg for _, msg in problems[:5])
-        raise problems[0][0](f"video/{name}: {len(problems)} segment(s) lack frames: {listed}{more}")
+
+    def finish(self, store: Store, name: str) -> None:
+        """Check the stored videos a commit keeps; raise if any segment lacks frames
+        (MissingError when its video has none at all), naming the UIDs and videos."""
+        stored = store.video(name) if name in store.feature_sets() else None
+        for video, rows in self.rows.items():
+            if video in self.seen or not len(rows):
+                continue
+            if stored is not None and video in stored.videos:
+                self.check(video, np.asarray(stored.frames(video)[1]))
+            else:
+                self.problems += [(MissingError, f"UID {self.segments.uid[r]} (video {video}): the video has no frames") for r in rows]
+        if self.problems:
+            more = f"; and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
+            listed = "; ".join(msg for _, msg in self.problems[:5])
+            raise self.problems[0][0](f"video/{name}: {len(self.problems)} segment(s) lack frames: {listed}{more}")
 
 
-def _stored_times(store: Store, name: str, keep: set[str]) -> dict[str, np.ndarray]:
-    """Timestamps of the videos already in ``video/<name>`` that a commit keeps."""
-    if name not in store.feature_sets():
-        return {}
-    fs = store.video(name)
-    return {v: fs.frames(v)[1] for v in fs.videos if v not in keep}
+# ---------------------------------------------------------------------------------------
+# The import loop shared by both sources
+
+
+def _writer(store: Store, name: str, dim: int, dtype: str, selection: Selection, source: dict, attrs: dict,
+            restart: bool, frame_rate: float | None) -> VideoWriter:
+    """A writer whose partial build resumes only for the same source and selection."""
+    if name in store.feature_sets():
+        stored = store.video(name).attrs.get("selection") or Selection().to_json()
+        if stored != selection.to_json():
+            raise ConfigError(
+                f"video/{name} holds frames selected by {stored}, this import selects {selection.to_json()}:"
+                " import under another --name, or delete the group first"
+            )
+    settings = {"source": source, "selection": selection.to_json()}
+    if selection.windows is not None:  # the windows follow the segment table
+        settings["segments_sha256"] = store.manifest["segments_sha256"]
+    return store.video_writer(name, dim, dtype, frame_rate=frame_rate, attrs={**attrs, "selection": selection.to_json()},
+                              settings=settings, restart=restart)
+
+
+def _run(store: Store, writer: VideoWriter, videos: Iterator[tuple[str, np.ndarray, object]], read, *, selection: Selection,
+         check: bool, window: float, total: int | None, unit: str, progress: bool, provenance: dict) -> ImportReport:
+    """Select, stage and commit each ``(video, timestamps [n], handle)``; ``read(handle, keep)``
+    yields the kept feature rows of a video in blocks."""
+    t0 = time.perf_counter()
+    segs = _Segments(store.segments, window)
+    source_frames: dict[str, int] = {}
+    videos_done = frames = skipped = kept = 0
+    bar, task = _progress(total, f"video/{writer.name}", progress)
+    with bar:
+        for video, ts_all, handle in videos:
+            keep = selection.mask(ts_all, segs.starts(video))  # [n] bool
+            ts = ts_all[keep]
+            source_frames[video] = len(ts_all)
+            kept += len(ts)
+            if writer.done(video):
+                skipped += 1
+            else:
+                writer.put(video, read(handle, keep), ts)
+                videos_done, frames = videos_done + 1, frames + len(ts)
+            if check:
+                segs.check(video, ts)
+            rate = frames / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=len(ts_all) if unit == "frames" else 1, info=f"{video}, {rate:.0f} frames/s")
+    if check:
+        segs.finish(store, writer.name)
+    source = sum(source_frames.values())
+    if writer.name in store.feature_sets():  # the counts of stored videos that the commit keeps
+        source_frames = {**store.video(writer.name).attrs.get("source_frames", {}), **source_frames}
+    writer.attrs["source_frames"] = source_frames
+    writer.commit(provenance)
+    return ImportReport(writer.name, videos_done, skipped, frames, frames * writer.dim * np.dtype(writer.dtype).itemsize,
+                        time.perf_counter() - t0, source, kept)
+
+
+def _selection(fps: float | None, windows: WindowSpec | None) -> Selection:
+    return Selection(float(fps) if fps is not None else None, windows)
 
 
 # ---------------------------------------------------------------------------------------
 # RULSTM LMDB
-
-
-def _open_lmdb(path: Path):
-    try:
-        import lmdb
-    except ImportError:
-        raise DependencyError("importing LMDB features needs lmdb: pip install 'kdstore[lmdb]'") from None
-    if not path.exists():
-        raise ConfigError(f"{path}: no such LMDB")
-    try:
-        return lmdb.open(str(path), readonly=True, lock=False, subdir=path.is_dir(), readahead=True)
-    except lmdb.Error as e:
-        raise DataError(f"{path}: not a readable LMDB ({e})") from None
-
-
-def _parse_key(path: Path, key: bytes) -> tuple[bytes, int]:
-    video, sep, rest = key.rpartition(b"_frame_")
-    if not sep or not video or not rest.endswith(b".jpg") or not rest[:-4].isdigit():
-        raise DataError(f"{path}: key {key[:80]!r} is not <video>_frame_<number>.jpg")
-    return video, int(rest[:-4])
-
-
-def _lmdb_dim(path: Path) -> tuple[int, int]:
-    """(feature dimension, number of entries), from the first LMDB entry."""
-    env = _open_lmdb(path)
-    try:
-        with env.begin() as txn:
-            cursor = txn.cursor()
-            if not cursor.first():
-                raise DataError(f"{path}: the LMDB is empty")
-            n = len(cursor.value())
-            if n % 4 or not n:
-                raise DataError(f"{path}: value of {cursor.key().decode(errors='replace')!r} has {n} bytes, not float32 features")
-            return n // 4, env.stat()["entries"]
-    finally:
-        env.close()
-
-
-def iter_lmdb(path: Path, dim: int, skip: set[str] = frozenset()) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(video, frame numbers [n] int64, features [n, dim] float32) per video, frame-sorted.
-
-    Reads the cursor sequentially (keys sort by video, then frame); the features of
-    videos in ``skip`` are not read (None).
-    """
-    env = _open_lmdb(path)
-    skip_keys = {v.encode() for v in skip}
-    current, frames, values, finished = None, [], [], set()
-
-    def flush():
-        numbers = np.asarray(frames, dtype=np.int64)  # [n]
-        order = np.argsort(numbers, kind="stable")
-        if current in skip_keys:
-            return current.decode(), numbers[order], None
-        feats = np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(frames), dim)  # [n, D]
-        return current.decode(), numbers[order], feats[order]
-
-    try:
-        with env.begin(buffers=True) as txn:  # values are views into the map until joined
-            for key, value in txn.cursor():
-                key = bytes(key)
-                video, frame = _parse_key(path, key)
-                if video != current:
-                    if current is not None:
-                        yield flush()
-                        finished.add(current)
-                    if video in finished:
-                        raise DataError(f"{path}: frames of video {video.decode()!r} are not contiguous in key order")
-                    current, frames, values = video, [], []
-                if len(value) != 4 * dim:
-                    raise DataError(f"{path}: {key.decode()!r} holds {len(value) / 4:g} float32 features, the first key {dim}")
-                frames.append(frame)
-                if video not in skip_keys:
-                    values.append(value)
-            if current is not None:
-                yield flush()
-    finally:
-        env.close()
 
 
 def import_lmdb(
@@ -173,35 +181,31 @@ def import_lmdb(
     *,
     native_fps: float | None = None,
     dtype: str = "float16",
+    fps: float | None = None,
+    windows: WindowSpec | None = None,
     check: bool = False,
     window: float = DEFAULT_WINDOW_S,
+    restart: bool = False,
     progress: bool = True,
 ) -> ImportReport:
     """Import a RULSTM LMDB as ``video/<name>``; frame ``n`` is at ``n / native_fps`` s
-    (default the store's segments.fps). ``check``: verify segment windows before committing."""
-    t0 = time.perf_counter()
+    (default the store's segments.fps). ``fps``/``windows``: keep only the frames nearest
+    a grid / that student windows reach. ``check``: verify segment windows before committing.
+    ``restart``: discard a partial import instead of resuming it."""
     store = store if isinstance(store, Store) else Store.open(store)
-    path = Path(path)
     native_fps = float(native_fps or store.segments.fps)
     if native_fps <= 0:
         raise ConfigError(f"--native-fps must be positive, found {native_fps}")
-    dim, entries = _lmdb_dim(path)
-    writer = store.video_writer(name, dim, dtype, attrs={"source": "rulstm-lmdb", "native_fps": native_fps, "path": str(path)})
-    done = {s.video for s in writer.staged()}
-    times: dict[str, np.ndarray] = {}
-    videos = frames = 0
-    bar, task = _progress(entries, f"video/{name}", progress)
-    with bar:
-        for vid, numbers, feats in iter_lmdb(path, dim, skip=done):
-            times[vid] = numbers / native_fps  # [n] seconds
-            if feats is not None:
-                writer.put(vid, feats, times[vid])
-                videos, frames = videos + 1, frames + len(feats)
-            bar.update(task, advance=len(numbers), info=f"{vid}, {frames / (time.perf_counter() - t0):.0f} frames/s")
-    if check:
-        check_segments(store.segments, {**_stored_times(store, name, set(times)), **times}, name, window)
-    writer.commit(provenance_entry("import_features", group=f"video/{name}", format="lmdb", source=str(path), native_fps=native_fps))
-    return ImportReport(name, videos, len(done & set(times)), frames, frames * dim * np.dtype(dtype).itemsize, time.perf_counter() - t0)
+    selection = _selection(fps, windows)
+    with RulstmLmdb(path) as src:
+        source = {"format": "lmdb", **src.identity(), "native_fps": native_fps}
+        writer = _writer(store, name, src.dim, dtype, selection, source, restart=restart, frame_rate=selection.fps,
+                         attrs={"source": "rulstm-lmdb", "native_fps": native_fps, "path": str(path)})
+        videos = ((v.name, v.numbers / native_fps, v) for v in src.videos())
+        return _run(store, writer, videos, lambda v, keep: src.read(v, keep, BLOCK_ROWS), selection=selection, check=check,
+                    window=window, total=src.entries, unit="frames", progress=progress,
+                    provenance=provenance_entry("import_features", group=f"video/{name}", format="lmdb", source=str(path),
+                                                native_fps=native_fps, selection=selection.to_json()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,24 +225,33 @@ def _load_array(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the array ({str(e).splitlines()[0]})") from None
 
 
+def _array_rows(feats: np.ndarray, keep: np.ndarray) -> Iterator[np.ndarray]:
+    """The kept rows of one video's array, in blocks (a memory-mapped .npy is read block by block)."""
+    for i in range(0, len(feats), BLOCK_ROWS):
+        yield np.asarray(feats[i : i + BLOCK_ROWS][keep[i : i + BLOCK_ROWS]])
+
+
 def import_arrays(
     store: Store | str | Path,
     folder: str | Path,
     name: str,
     *,
-    fps: float,
+    native_fps: float,
     dtype: str = "float16",
+    fps: float | None = None,
+    windows: WindowSpec | None = None,
     check: bool = False,
     window: float = DEFAULT_WINDOW_S,
+    restart: bool = False,
     progress: bool = True,
 ) -> ImportReport:
     """Import one ``<video>.npy``/``<video>.npz`` ``[n, D]`` array per video from ``folder``
-    as ``video/<name>``; frame ``i`` is at ``i / fps`` seconds."""
-    t0 = time.perf_counter()
+    as ``video/<name>``; frame ``i`` is at ``i / native_fps`` seconds. The other options
+    are :func:`import_lmdb`'s."""
     store = store if isinstance(store, Store) else Store.open(store)
     folder = Path(folder)
-    if not fps or fps <= 0:
-        raise ConfigError("importing arrays needs their frame rate (--fps > 0)")
+    if not native_fps or native_fps <= 0:
+        raise ConfigError("importing arrays needs their frame rate (--native-fps > 0)")
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such folder of .npy/.npz arrays")
     files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
@@ -251,25 +264,24 @@ def import_arrays(
     first = _load_array(files[0])
     if first.ndim != 2:
         raise DataError(f"{files[0]}: expected a [frames, D] array, found shape {list(first.shape)}")
-    writer = store.video_writer(name, first.shape[1], dtype, frame_rate=float(fps), attrs={"source": "arrays", "path": str(folder)})
-    times: dict[str, np.ndarray] = {}
-    videos = frames = skipped = 0
-    bar, task = _progress(len(files), f"video/{name}", progress)
-    with bar:
+    selection = _selection(fps, windows)
+    listing = hashlib.sha256()  # the files, their sizes and times: a changed folder is another source
+    for p in files:
+        st = p.stat()
+        listing.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    source = {"format": "arrays", "path": str(folder.resolve()), "files_sha256": listing.hexdigest(), "native_fps": float(native_fps)}
+    writer = _writer(store, name, first.shape[1], dtype, selection, source, restart=restart,
+                     frame_rate=selection.fps or float(native_fps),
+                     attrs={"source": "arrays", "native_fps": float(native_fps), "path": str(folder)})
+
+    def videos():
         for p in files:
-            if writer.done(p.stem):
-                n = len(_load_array(p))
-                skipped += 1
-            else:
-                feats = _load_array(p)
-                if feats.ndim != 2:
-                    raise DataError(f"{p}: expected a [frames, D] array, found shape {list(feats.shape)}")
-                n = len(feats)
-                writer.put(p.stem, feats, np.arange(n) / fps)
-                videos, frames = videos + 1, frames + n
-            times[p.stem] = np.arange(n) / fps  # [n] seconds
-            bar.advance(task)
-    if check:
-        check_segments(store.segments, {**_stored_times(store, name, set(times)), **times}, name, window)
-    writer.commit(provenance_entry("import_features", group=f"video/{name}", format="arrays", source=str(folder), fps=fps))
-    return ImportReport(name, videos, skipped, frames, frames * writer.dim * np.dtype(dtype).itemsize, time.perf_counter() - t0)
+            feats = _load_array(p)
+            if feats.ndim != 2:
+                raise DataError(f"{p}: expected a [frames, D] array, found shape {list(feats.shape)}")
+            yield p.stem, np.arange(len(feats)) / native_fps, feats
+
+    return _run(store, writer, videos(), _array_rows, selection=selection, check=check,
+                window=window, total=len(files), unit="videos", progress=progress,
+                provenance=provenance_entry("import_features", group=f"video/{name}", format="arrays", source=str(folder),
+                                            native_fps=native_fps, selection=selection.to_json()))

@@ -1,0 +1,132 @@
+"""Which frames of a video an import keeps: a regular grid (``--fps``) and student windows (``--windows``).
+
+Both work on one video's exact, increasing timestamps and return a boolean mask over its
+frames, so an import decides per video, before reading the features, which values to read.
+
+- ``grid_mask``: for every point ``k / fps`` of a regular grid over the video, the frame
+  nearest to it (ties go to the earlier frame, so no frame comes from after its grid point).
+  Timestamps are kept exact, not rounded to the grid.
+- ``window_mask``: the frames that the student's window lookup (``FeatureSet.frames_at``:
+  the last frame at or before each time) can return for some segment of the video, for
+  every ``tau_a`` in ``[tau_min, tau_max]`` and windows of up to ``num_frames`` frames at
+  ``fps`` (AVT: ``num_frames`` at the student's fps, the last one ``tau_a`` before the
+  segment start). A student whose window falls in that range reads the same frames from the
+  selected set as from the full one; each segment's reachable frames form one run of rows
+  (for ``tau_max - tau_min >= 1 / fps``, one interval of time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from kdstore.errors import ConfigError
+
+# Window times are widened by this much (seconds) on both sides: the store looks frames up
+# with shifted float keys whose rounding can move a time that is within a few ulps of a
+# frame's timestamp across it, so frames that close to a window edge are kept too.
+EDGE_S = 1e-6
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Student windows an import must serve: ``num_frames`` at ``fps``, ending ``tau_a`` in
+    ``[tau_min, tau_max]`` seconds before each segment start."""
+
+    tau_min: float
+    tau_max: float
+    num_frames: int
+    fps: float
+
+    def __post_init__(self):
+        if not (np.isfinite(self.tau_min) and np.isfinite(self.tau_max)) or self.tau_min > self.tau_max:
+            raise ConfigError(f"--tau-a: expected A or A:B with A <= B, found {self.tau_min}:{self.tau_max}")
+        if self.num_frames < 1:
+            raise ConfigError(f"--num-frames must be >= 1, found {self.num_frames}")
+        if not self.fps > 0:
+            raise ConfigError(f"--window-fps must be positive, found {self.fps}")
+
+    @classmethod
+    def parse(cls, tau_a: str, num_frames: int, fps: float) -> "WindowSpec":
+        """From the CLI: ``tau_a`` is ``A`` or ``A:B`` seconds."""
+        parts = str(tau_a).split(":")
+        try:
+            lo, hi = (float(parts[0]), float(parts[-1])) if len(parts) <= 2 else (None, None)
+        except ValueError:
+            lo = hi = None
+        if lo is None:
+            raise ConfigError(f"--tau-a: expected A or A:B in seconds (e.g. 1 or 0.5:2), found {tau_a!r}")
+        return cls(lo, hi, int(num_frames), float(fps))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What an import keeps: every frame (both None), a grid, windows, or windows on a grid."""
+
+    fps: float | None = None
+    windows: WindowSpec | None = None
+
+    def __post_init__(self):
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"--fps must be positive, found {self.fps}")
+
+    def mask(self, ts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """[n] bool: the frames to keep of one video with timestamps ``ts`` [n] (seconds,
+        increasing) and segments starting at ``starts`` [m] seconds."""
+        keep = np.ones(len(ts), bool) if self.fps is None else grid_mask(ts, self.fps)
+        if self.windows is not None:
+            rows = np.flatnonzero(keep)
+            keep = np.zeros(len(ts), bool)
+            keep[rows[window_mask(ts[rows], starts, self.windows)]] = True
+        return keep
+
+    def to_json(self) -> dict:
+        return {"fps": self.fps, "windows": self.windows.to_json() if self.windows else None}
+
+
+def grid_mask(ts: np.ndarray, fps: float) -> np.ndarray:
+    """[n] bool: the frames nearest to the points ``k / fps`` of a grid spanning ``ts``."""
+    ts = np.asarray(ts, np.float64)
+    keep = np.zeros(len(ts), bool)
+    if not len(ts):
+        return keep
+    k = np.arange(np.ceil(ts[0] * fps - 0.5), np.floor(ts[-1] * fps + 0.5) + 1)  # grid points within half a step
+    g = k / fps  # [G] seconds
+    i = np.searchsorted(ts, g, side="left")  # [G] first frame at or after each point
+    prev, nxt = np.clip(i - 1, 0, len(ts) - 1), np.clip(i, 0, len(ts) - 1)
+    # the later frame only when it is strictly nearer (by more than float noise)
+    take_next = (i == 0) | ((i < len(ts)) & (ts[nxt] - g < g - ts[prev] - 1e-9))
+    keep[np.where(take_next, nxt, prev)] = True
+    return keep
+
+
+def window_mask(ts: np.ndarray, starts: np.ndarray, spec: WindowSpec) -> np.ndarray:
+    """[n] bool: the frames some window of ``spec`` before one of ``starts`` can return.
+
+    The video's first and last frames are always kept: the store derives its lookup keys
+    from the span of all timestamps and the list of videos, and keeping both ends (and so
+    every video) makes those keys, and the frames found, identical to the full set's.
+    """
+    ts = np.asarray(ts, np.float64)
+    n = len(ts)
+    keep = np.zeros(n, bool)
+    if not n:
+        return keep
+    starts = np.asarray(starts, np.float64)
+    if len(starts):
+        # the same arithmetic as the student's windows: end = start - tau_a, then end + offsets
+        offsets = (np.arange(spec.num_frames) - (spec.num_frames - 1)) / spec.fps  # [T]
+        lo = (starts - spec.tau_max)[:, None] + offsets[None, :] - EDGE_S  # [m, T]
+        hi = (starts - spec.tau_min)[:, None] + offsets[None, :] + EDGE_S
+        a = np.maximum(np.searchsorted(ts, lo.ravel(), side="right") - 1, 0)  # last frame at or before
+        b = np.maximum(np.searchsorted(ts, hi.ravel(), side="right") - 1, 0)
+        runs = np.zeros(n + 1, np.int64)  # +1 at each run's first frame, -1 after its last
+        np.add.at(runs, a, 1)
+        np.add.at(runs, b + 1, -1)
+        keep = np.cumsum(runs[:n]) > 0
+    keep[0] = keep[-1] = True
+    return keep
