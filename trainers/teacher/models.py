@@ -22,7 +22,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 
 from kdstore.errors import ConfigError
 
-from .optim import read_json, read_safetensors
+from .optim import check_json_files, read_json, read_safetensors
+from .tokenizer import TOKENIZER_FILES
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -37,6 +38,7 @@ SIZE_PRESETS = {
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert", "albert": "albert",
                "deberta": "deberta-v2", "electra": "electra"}
 HEADS_FILE, TEACHER_FILE = "heads.safetensors", "teacher.json"
+JSON_FILES = ("config.json", *TOKENIZER_FILES, TEACHER_FILE)
 POOLINGS = ("cls", "mean")
 
 
@@ -64,7 +66,8 @@ def encoder_config(family: str, size: str, tok: PreTrainedTokenizerFast, max_len
 
 
 def check_checkpoint(path: str | Path) -> Path:
-    """``path`` if it is a local HF checkpoint dir (config.json + safetensors weights), else ConfigError."""
+    """``path`` if it is a local HF checkpoint dir (config.json + safetensors weights + a
+    tokenizer), else ConfigError; also one naming the file if a JSON file of it is unreadable."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: not a Hugging Face checkpoint directory (no such directory)")
@@ -75,6 +78,7 @@ def check_checkpoint(path: str | Path) -> Path:
         missing.append("tokenizer.json")
     if missing:
         raise ConfigError(f"{path}: not a Hugging Face checkpoint directory (missing {', '.join(missing)})")
+    check_json_files(path, JSON_FILES)
     return path
 
 
@@ -180,7 +184,7 @@ def pretrained_teacher(path: str | Path, tok: PreTrainedTokenizerFast, classes: 
         check_positions(encoder, max_len)
     model = TeacherModel(encoder, *classes, dropout=dropout, pooling=pooling)
     if (path / HEADS_FILE).exists():
-        meta = read_json(path / TEACHER_FILE) if (path / TEACHER_FILE).exists() else {}
+        meta = read_json(path / TEACHER_FILE, hint=None) if (path / TEACHER_FILE).exists() else {}
         found = tuple(meta.get(k) for k in ("num_actions", "num_verbs", "num_nouns"))
         if found != tuple(classes):
             raise ConfigError(

@@ -98,26 +98,37 @@ def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
             old.unlink()
 
 
+RESUME_HINT = "delete its stage directory or pass fresh (--fresh)"
+
+
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; ConfigError naming the file if it is missing, cut
     short or not safetensors."""
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)});"
-                          " delete its stage directory or pass fresh (--fresh)") from None
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}); {RESUME_HINT}") from None
 
 
-def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
-    """A JSON object file of a build; ConfigError naming it if it is unreadable or lacks ``required`` keys."""
+def read_json(path: Path, required: tuple[str, ...] = (), hint: str | None = RESUME_HINT) -> dict:
+    """A JSON object file of a checkpoint; ConfigError naming it if it is unreadable, not an
+    object or lacks ``required`` keys (``hint``, if any, ends the message)."""
+    end = f"; {hint}" if hint else ""
     try:
         out = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}); delete its stage directory"
-                          " or pass fresh (--fresh)") from None
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}){end}") from None
     if not isinstance(out, dict) or not set(required) <= out.keys():
-        raise ConfigError(f"{path}: unreadable checkpoint file (expected a JSON object with {', '.join(required)})")
+        keys = f" with {', '.join(required)}" if required else ""
+        raise ConfigError(f"{path}: unreadable checkpoint file (expected a JSON object{keys}){end}")
     return out
+
+
+def check_json_files(path: Path, names: tuple[str, ...]) -> None:
+    """ConfigError naming the first of ``names`` in the directory ``path`` that is not a readable JSON object."""
+    for name in names:
+        if (path / name).exists():
+            read_json(path / name, hint=None)
 
 
 def _first_line(e: Exception) -> str:

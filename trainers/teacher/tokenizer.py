@@ -4,7 +4,7 @@ Teachers read histories as ``verb <v> noun <a> verb <v> noun``; ``<v>`` and ``<a
 special tokens so they are never split and never masked in pretraining.
 
 Tokenized texts live in ``Tokens``: one right-padded int32 array and the lengths, filled
-in chunks (``encode_array``), so a training set of tens of thousands of histories is a
+in chunks (``encode``), so a training set of tens of thousands of histories is a
 few tens of MB and no per-text Python objects.
 """
 
@@ -22,8 +22,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kdstore.errors import ConfigError, DataError
 
+from .optim import check_json_files
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<v>", "<a>"]
 ACTION_TOKENS = ["<v>", "<a>"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -62,10 +65,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer saved in a local checkpoint dir, with ``<v>``/``<a>`` added if missing.
 
-    Raises ConfigError when the directory has no fast tokenizer or lacks a mask, pad or
-    CLS-like start token. Nothing is fetched from a hub.
+    Raises ConfigError when the directory has no fast tokenizer, one of its JSON files is
+    unreadable, or the tokenizer lacks a mask, pad or CLS-like start token. Nothing is fetched from a hub.
     """
     path = Path(path)
+    check_json_files(path, ("config.json", *TOKENIZER_FILES))  # AutoTokenizer reads config.json too
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
