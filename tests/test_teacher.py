@@ -335,6 +335,23 @@ def test_parallel_workers_give_the_same_predictions(built, tmp_path, teacher_ann
     assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
 
 
+def test_eval_split_predictions_do_not_depend_on_the_folds(built, tmp_path, teacher_ann):
+    """The full model alone predicts the eval splits, so a build without folds gives them the same
+    logits and metrics; only the training split's predictions (in-sample instead of out-of-fold) differ."""
+    store, cfg, r = built
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
+    work = shared_start(r.work_dir, tmp_path / "work")
+    (work / "build.json").unlink()  # a build of other settings (folds) on the same tokenizer and encoder
+    result = build_teacher(other, "t", preset("tiny", **{**BUILD, "folds": 1}), train_split="training1",
+                           eval_splits=("validation1",), show_progress=False, work_dir=work)
+    a, b = store.teacher("t"), other.teacher("t")
+    for split, same in (("validation1", True), ("training1", False)):
+        rows = store.segments.rows_in(split)
+        la, lb = (np.asarray(g.logits[g.row_of_segment[rows]], np.float32) for g in (a, b))
+        assert np.allclose(la, lb, atol=1e-2) == same, split
+    assert result.metrics["validation1"] == pytest.approx(r.metrics["validation1"])
+
+
 # -- bad input: one-line KDStoreError, nothing written ------------------------------------------
 
 
@@ -516,8 +533,9 @@ def test_bench_teacher_build_tiny(tmp_path):
     assert 0 <= float(row["teacher_top1"]) <= 100 and float(row["ngram2_top1"]) > 0
     assert (tmp_path / "teacher_build.csv").read_text().count("\n") == 2
     # a pretrained-checkpoint build (a stand-in of MiniLM's kind, tiny), on the device option
-    [row] = run(tiny=True, out_dir=tmp_path, init_from="standin", preset_name="egtea", device="cpu", folds=2, epochs=1,
-                max_len=64, batch_size=16, lr=1e-3, threads=1)
+    [row] = run(tiny=True, out_dir=tmp_path, init_from="standin", preset_name="egtea", device="cpu", fps=30.0, folds=2,
+                epochs=1, max_len=64, batch_size=16, lr=1e-3, threads=1)
     config = json.loads(row["config"])
+    assert config["fps"] == 30.0  # the annotations' rate, as given
     assert config["checkpoint"].startswith("standin") and config["teacher"]["hist_len"] == 15
     assert row["devices"] == "cpu" and float(row["full_seconds"]) > 0 and float(row["fold_seconds_max"]) > 0
