@@ -20,7 +20,7 @@ split's histories skip ~4 of 5 actions.
 cores (``--init-from``, e.g. all-MiniLM-L6-v2, 22M parameters): the last ~9 actions
 (max_len 48), 3 epochs at lr 3e-4 with frozen word embeddings (the optimizer then skips
 half the weights), and ``egtea-scratch``'s two additions; sized for time, not tuned
-(docs/results.md measures it with one epoch and max_len 32).
+(docs/results.md measures it with one and two epochs at max_len 32).
 ``demo`` is a quick variant for the synthetic demo; ``tiny`` is for tests.
 """
 
