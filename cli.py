@@ -196,8 +196,9 @@ def pretrain_lm(
     window: int = typer.Option(16, help="Actions a line with --from-annotations."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="auto (CUDA when visible), cpu or cuda (bf16 autocast)."),
 ) -> None:
-    """Masked-LM pretraining of an encoder on an action-sequence corpus."""
+    """Masked-LM pretraining of an encoder on an action-sequence corpus (or continued from --init-from)."""
     import torch
 
     from trainers.teacher.corpus import annotations_corpus, read_corpus
@@ -209,7 +210,7 @@ def pretrain_lm(
     torch.set_num_threads(threads)
     texts = read_corpus(corpus) if corpus else annotations_corpus(from_annotations, split, window)
     cfg = PretrainConfig(family=family, size=size, init_from=str(init_from) if init_from else None, vocab_size=vocab_size,
-                         max_len=max_len, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+                         max_len=max_len, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
     with progress() as task:
         summary = pretrain_mlm(texts, out, cfg, on_step=task("pretrain"))
     last = summary["log"][-1]
@@ -221,7 +222,7 @@ def pretrain_lm(
 def build_teacher_cmd(
     store: Path,
     name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind teacher)."),
-    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, demo or tiny."),
+    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, demo or tiny."),
     train_split: str = typer.Option("training1", help="Split the teacher learns from (out-of-fold predictions)."),
     eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
     pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),
@@ -231,7 +232,8 @@ def build_teacher_cmd(
     folds: Optional[int] = typer.Option(None, help="Cross-fitting folds by video (1: the full model predicts everything)."),
     family: Optional[str] = typer.Option(None),
     size: Optional[str] = typer.Option(None),
-    init_from: Optional[Path] = typer.Option(None, help="Local HF checkpoint dir (e.g. bert-base-uncased) as the encoder."),
+    init_from: Optional[Path] = typer.Option(None, help="Local HF/sentence-transformers checkpoint dir as the encoder "
+                                             "(its tokenizer + <v>, <a>)."),
     hist_len: Optional[int] = typer.Option(None, help="Actions of history (paper: 15 EGTEA, 5 EK55)."),
     multi_history: Optional[str] = typer.Option(None, help="History lengths to average over, e.g. 5,10,15."),
     history: Optional[str] = typer.Option(None, help="gappy or complete."),
@@ -245,7 +247,11 @@ def build_teacher_cmd(
     seed: Optional[int] = typer.Option(None),
     history_dropout: Optional[float] = typer.Option(None, help="Also train on thinned histories (drop rate up to this)."),
     threads: Optional[int] = typer.Option(None, help="torch threads per process."),
-    workers: Optional[int] = typer.Option(None, help="Fine-tuning stages run in parallel processes."),
+    workers: Optional[int] = typer.Option(None, help="Fine-tuning stages in parallel processes (on CUDA: per GPU)."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when visible), cpu or cuda (folds spread over GPUs)."),
+    pooling: Optional[str] = typer.Option(None, help="Heads read the [CLS] state (cls) or the tokens' mean (mean)."),
+    freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings",
+                                                     help="Keep a checkpoint's word embeddings fixed."),
     overrides: list[str] = typer.Option([], "--set", help="Any TeacherConfig field, key=value (repeatable)."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoints (default <store>.teacher-work/<name>); resumed."),
     overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
@@ -265,7 +271,8 @@ def build_teacher_cmd(
         "size": size, "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
         "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted, "lr": lr,
         "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
-        "history_dropout": history_dropout, "workers": workers})
+        "history_dropout": history_dropout, "workers": workers, "device": device, "pooling": pooling,
+        "freeze_embeddings": freeze_embeddings})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                       pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                       overwrite=overwrite, fresh=fresh)

@@ -8,6 +8,8 @@ Fixtures
 ``egtea_dir``          the real EGTEA splits in ``../shared/data/egtea``; skips when absent.
 ``make_synthetic``     :func:`synthetic_annotations` (session-scoped factory).
 ``make_store``         :func:`build_store`, a factory of stores with features and teachers.
+``teacher_ann``        the teacher tests' synthetic dataset (24 videos, module-scoped: read only);
+                       :func:`annotation_store` makes a store of it.
 
 Stores are real files on disk (no mocks). Everything is deterministic (fixed seeds).
 The synthetic fixtures are function-scoped, so a test may edit the files freely; for
@@ -83,6 +85,22 @@ def build_store(
         hidden = rng.normal(size=(len(rows), teacher_hidden)).astype(np.float32)
         store.write_predictions(name, segments.uid[rows], logits, features=hidden, topk=10)
     return Store.open(path)
+
+
+#: The teacher tests' synthetic dataset: 24 videos of 2 recipes, ~200 segments, ~20 actions.
+TEACHER_SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)
+
+
+def annotation_store(path: str | Path, ann: Path) -> Store:
+    """A new store (backend from the suffix) of the annotation folder ``ann`` at 24 fps."""
+    classes, segments = load_annotations(ann, fps=24.0)
+    return Store.create(path, classes, segments)
+
+
+@pytest.fixture(scope="module")
+def teacher_ann(tmp_path_factory) -> Path:
+    """A folder with the :data:`TEACHER_SYN` dataset, shared by a test module (do not edit it)."""
+    return generate_annotations(tmp_path_factory.mktemp("syn") / "ann", TEACHER_SYN)
 
 
 @pytest.fixture

@@ -9,44 +9,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import annotation_store as new_store
 import torch
 from typer.testing import CliRunner
 
 from kdstore.annotations import SegmentTable, load_annotations
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError
 from kdstore.store import Store
-from kdstore.synthetic import SyntheticConfig, generate_annotations
 from trainers.teacher.build import assign_folds, build_teacher, make_model
 from trainers.teacher.config import PRESETS, TeacherConfig, preset
 from trainers.teacher.corpus import STOP_VERBS, history_corpus, history_texts, read_corpus
 from trainers.teacher.finetune import Thinning, class_weights, predict
 from trainers.teacher.models import MODEL_TYPES, check_checkpoint, scratch_teacher
 from trainers.teacher.ngram import NGram, action_histories, ngram_baseline
-from trainers.teacher.optim import pad_batch
 from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
-from trainers.teacher.tokenizer import encode, load_tokenizer, train_tokenizer
+from trainers.teacher.tokenizer import Tokens, encode, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EGTEA_DIR = ROOT.parent / "shared/data/egtea"
-SYN = SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2), seed=0)  # ~200 segments, ~20 actions
 TINY = dict(threads=1)
 BUILD = dict(pretrain_epochs=2, history_dropout=0.5, **TINY)  # the shared end-to-end build
 
 
-@pytest.fixture(scope="module")
-def syn_dir(tmp_path_factory) -> Path:
-    return generate_annotations(tmp_path_factory.mktemp("syn") / "ann", SYN)
-
-
-def new_store(path: Path, ann: Path) -> Store:
-    classes, segments = load_annotations(ann, fps=24.0)
-    return Store.create(path, classes, segments)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, syn_dir):
+def built(tmp_path_factory, teacher_ann):
     """One tiny end-to-end build (MLM pretraining + 2 folds) shared by several tests."""
-    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", syn_dir)
+    store = new_store(tmp_path_factory.mktemp("built") / "s.zarr", teacher_ann)
     cfg = preset("tiny", **BUILD)
     result = build_teacher(store, "t", cfg, train_split="training1", eval_splits=("validation1",), show_progress=False)
     return store, cfg, result
@@ -59,7 +49,8 @@ def test_presets_and_config_errors():
     assert preset("egtea").hist_len == 15 and preset("ek55").hist_len == 5
     assert preset("egtea").lr == 1e-5 and preset("egtea").multi_task
     assert preset("egtea-scratch").pretrain_epochs > 0 and preset("egtea-scratch").lr == 1e-3
-    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "demo", "tiny"}
+    assert preset("egtea-cpu").hist_len == 15 and preset("egtea-cpu").freeze_embeddings
+    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "egtea-cpu", "demo", "tiny"}
     assert preset("tiny", multi_history=[2, 4]).hist_lens == (2, 4)
     with pytest.raises(ConfigError, match="preset 'nope'"):
         preset("nope")
@@ -75,9 +66,10 @@ def test_tokenizer_keeps_action_tokens_and_recent_history(tmp_path):
     tok = train_tokenizer(["take <v> eating utensil <a> cut <v> tomato", "open <v> fridge <a> wash <v> hand"], 200)
     toks = tok.convert_ids_to_tokens(tok("cut <v> tomato <a> open <v> fridge")["input_ids"])
     assert toks == ["[CLS]", "cut", "<v>", "tomato", "<a>", "open", "<v>", "fridge", "[SEP]"]
-    ids = encode(tok, ["take <v> tomato <a> cut <v> tomato <a> open <v> fridge", ""], 6)
-    assert tok.convert_ids_to_tokens(ids[0]) == ["[CLS]", "<a>", "open", "<v>", "fridge", "[SEP]"]  # oldest dropped
-    assert tok.convert_ids_to_tokens(ids[1]) == ["[CLS]", "[SEP]"]  # empty history: specials only
+    ids = encode(tok, ["take <v> tomato <a> cut <v> tomato <a> open <v> fridge", ""], 6, chunk=1)
+    assert tok.convert_ids_to_tokens(ids.row(0)) == ["[CLS]", "<a>", "open", "<v>", "fridge", "[SEP]"]  # oldest dropped
+    assert tok.convert_ids_to_tokens(ids.row(1)) == ["[CLS]", "[SEP]"]  # empty history: specials only
+    assert ids.ids.shape == (2, 6) and ids.lens.tolist() == [6, 2] and (ids.ids[1, 2:] == tok.pad_token_id).all()
     tok.save_pretrained(tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok")
     assert again("cut <v> tomato")["input_ids"] == tok("cut <v> tomato")["input_ids"]
@@ -120,8 +112,8 @@ def test_corpus_files(tmp_path):
         read_corpus(bad)
 
 
-def test_histories_and_history_corpus(syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_histories_and_history_corpus(teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     rows = seg.rows_in("training1")
     texts = history_texts(classes, seg, rows, 3, split="training1")
     first = [r for r in rows if not any(  # first training segment of its video
@@ -140,7 +132,8 @@ def test_histories_and_history_corpus(syn_dir):
 def test_every_family_builds_and_reads_position_zero(family):
     tok = train_tokenizer(["take <v> cup <a> open <v> fridge"], 200)
     model = scratch_teacher(family, "tiny", tok, 16, (5, 3, 4), 0.0)
-    ids, mask = pad_batch(encode(tok, ["take <v> cup", "open <v> fridge <a> take <v> cup"], 16), tok.pad_token_id)
+    ids, mask = encode(tok, ["take <v> cup", "open <v> fridge <a> take <v> cup"], 16).batch([0, 1])
+    assert ids.shape == mask.shape == (2, 9) and mask.sum(1).tolist() == [5, 9]  # cut to the longest
     out = model(ids, mask)
     assert out["action"].shape == (2, 5) and out["verb"].shape == (2, 3) and out["noun"].shape == (2, 4)
     assert out["features"].shape == (2, 64)
@@ -185,15 +178,66 @@ def test_class_weights_balanced_and_absent_classes_zero():
     assert class_weights(np.array([0, 0, 0, 1]), 3, 0.5).tolist() == pytest.approx([2 / 3, (4 / 3) ** 0.5, 0.0])
 
 
-def test_history_dropout_thins_histories_reproducibly():
-    tok = train_tokenizer(["a <v> x <a> b <v> y <a> c <v> z"], 200)
-    words = ["a <v> x", "b <v> y", "c <v> z"]
-    actions = np.array([[-1, 0, 1, 2, 0, 1, 2, 0], [-1, -1, -1, -1, -1, -1, -1, 2]])
-    dense = Thinning(actions, np.array([3, 3]), words, 0.0, 64).draw(tok, 0, 0)
-    assert dense == encode(tok, ["b <v> y <a> c <v> z <a> a <v> x", "c <v> z"], 64)
-    thin = Thinning(actions, np.array([3, 3]), words, 0.99, 64)
-    assert thin.draw(tok, 0, 1) == thin.draw(tok, 0, 1) != thin.draw(tok, 0, 2)
-    assert all(len(ids) > 2 for e in range(5) for ids in thin.draw(tok, 0, e))  # never empty
+def rows(t: Tokens) -> list[list[int]]:
+    return [t.row(i) for i in range(len(t))]
+
+
+def thinned_texts(actions, lens, words, rate, seed, epoch) -> list[str]:
+    """History dropout's rule written out row by row: the same draws, then each row's kept actions."""
+    rng = np.random.default_rng([seed, epoch])
+    drop = rng.uniform(0, rate, len(actions))[:, None]
+    keep = (actions >= 0) & (rng.random(actions.shape) >= drop)
+    out = []
+    for row, k, L in zip(actions, keep, lens):
+        acts = row[k][-L:] if k.any() else row[row >= 0][-L:]
+        out.append(" <a> ".join(words[a] for a in acts))
+    return out
+
+
+def random_histories(n=60, width=12, actions=6, seed=0):
+    rng = np.random.default_rng(seed)
+    acts = rng.integers(0, actions, (n, width))
+    acts[np.arange(width)[None, :] < rng.integers(0, width, n)[:, None]] = -1  # left padding
+    return acts, rng.integers(1, 6, n)
+
+
+def test_history_dropout_joins_token_ids_like_the_tokenizer():
+    words = ["take <v> cup", "open <v> fridge drawer", "cut <v> tomato", "wash <v> eating utensil",
+             "put <v> pan", "inspect read <v> recipe"]
+    # a capped vocabulary splits most words into ##pieces; max_len 12 cuts histories mid-action
+    tok = train_tokenizer([" <a> ".join(words)], 40)
+    acts, lens = random_histories()
+    dense = encode(tok, thinned_texts(acts, lens, words, 0.0, 0, 0), 12)
+    thin = Thinning(acts, lens, words, 0.9, 12).prepare(tok, dense)
+    assert thin.table is not None  # WordPiece: the joined ids are the tokenizer's
+    assert rows(Thinning(acts, lens, words, 0.0, 12).prepare(tok, dense).draw(tok, 0, 0)) == rows(dense)
+    for epoch in range(3):
+        want = encode(tok, thinned_texts(acts, lens, words, 0.9, 7, epoch), 12)
+        assert rows(thin.draw(tok, 7, epoch, chunk=16)) == rows(want), epoch
+    assert rows(thin.draw(tok, 0, 1)) == rows(thin.draw(tok, 0, 1)) != rows(thin.draw(tok, 0, 2))
+    assert all(n > 2 for e in range(5) for n in thin.draw(tok, 0, e).lens)  # never empty
+
+
+def test_history_dropout_retokenizes_when_joining_differs():
+    """A byte-level BPE marks a word's leading space, so an action's ids depend on its place:
+    the joined ids differ from the tokenizer's and every epoch is tokenized again."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["take <v> cup", "open <v> fridge", "cut <v> tomato"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" <a> ".join(words)] * 4, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<mask>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  mask_token="<mask>", cls_token="<s>", sep_token="</s>", extra_special_tokens=["<v>", "<a>"])
+    from tokenizers import processors
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.cls_token_id), ("</s>", tok.sep_token_id)])
+    tok.truncation_side = "left"
+    acts, lens = random_histories(actions=3)
+    dense = encode(tok, thinned_texts(acts, lens, words, 0.0, 0, 0), 32)
+    thin = Thinning(acts, lens, words, 0.9, 32).prepare(tok, dense)
+    assert thin.table is None
+    assert rows(thin.draw(tok, 3, 1)) == rows(encode(tok, thinned_texts(acts, lens, words, 0.9, 3, 1), 32))
 
 
 def test_assign_folds_keeps_videos_together():
@@ -239,7 +283,7 @@ def test_out_of_fold_predictions_come_from_other_models(built):
     for split, same in (("training1", False), ("validation1", True)):
         rows = seg.rows_in(split)
         texts = history_texts(store.classes, seg, rows, cfg.hist_len, split=split)
-        ours = predict(full, encode(tok, texts, cfg.max_len), tok.pad_token_id)["action"]
+        ours = predict(full, encode(tok, texts, cfg.max_len))["action"]
         stored = np.asarray(group.logits[group.row_of_segment[rows]], np.float32)
         assert np.allclose(ours, stored, atol=2e-2) == same, split
 
@@ -257,9 +301,9 @@ def shared_start(work: Path, dest: Path) -> Path:
     return dest
 
 
-def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, syn_dir):
+def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teacher_ann):
     store, cfg, r = built
-    other = new_store(tmp_path / "s.zarr", syn_dir)
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
     work = shared_start(r.work_dir, tmp_path / "work")
 
     def stop(stage, epoch, row):
@@ -281,14 +325,31 @@ def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, syn_di
         build_teacher(other, "t2", preset("tiny", **{**BUILD, "lr": 1e-3}), **args)
 
 
-def test_parallel_workers_give_the_same_predictions(built, tmp_path, syn_dir):
+def test_parallel_workers_give_the_same_predictions(built, tmp_path, teacher_ann):
     store, cfg, r = built
-    other = new_store(tmp_path / "s.zarr", syn_dir)
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
     par = preset("tiny", workers=2, **BUILD)
     build_teacher(other, "t", par, train_split="training1", eval_splits=("validation1",), show_progress=False,
                   work_dir=shared_start(r.work_dir, tmp_path / "work"))
     a, b = store.teacher("t"), other.teacher("t")
     assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
+
+
+def test_eval_split_predictions_do_not_depend_on_the_folds(built, tmp_path, teacher_ann):
+    """The full model alone predicts the eval splits, so a build without folds gives them the same
+    logits and metrics; only the training split's predictions (in-sample instead of out-of-fold) differ."""
+    store, cfg, r = built
+    other = new_store(tmp_path / "s.zarr", teacher_ann)
+    work = shared_start(r.work_dir, tmp_path / "work")
+    (work / "build.json").unlink()  # a build of other settings (folds) on the same tokenizer and encoder
+    result = build_teacher(other, "t", preset("tiny", **{**BUILD, "folds": 1}), train_split="training1",
+                           eval_splits=("validation1",), show_progress=False, work_dir=work)
+    a, b = store.teacher("t"), other.teacher("t")
+    for split, same in (("validation1", True), ("training1", False)):
+        rows = store.segments.rows_in(split)
+        la, lb = (np.asarray(g.logits[g.row_of_segment[rows]], np.float32) for g in (a, b))
+        assert np.allclose(la, lb, atol=1e-2) == same, split
+    assert result.metrics["validation1"] == pytest.approx(r.metrics["validation1"])
 
 
 # -- bad input: one-line KDStoreError, nothing written ------------------------------------------
@@ -299,7 +360,7 @@ def _nothing_written(store: Store, name: str) -> None:
     assert not (Path(f"{store.path}.teacher-work") / name).exists()
 
 
-def test_build_errors(built, tmp_path, syn_dir):
+def test_build_errors(built, tmp_path, teacher_ann):
     store, cfg, r = built
     quick = preset("tiny", epochs=1, folds=1, **TINY)
     with pytest.raises(MissingError, match="split 'test9'"):
@@ -343,8 +404,8 @@ def test_all_unknown_histories(built, tmp_path):
     _nothing_written(store, "e5")
 
 
-def test_empty_split_and_empty_histories(tmp_path, syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_empty_split_and_empty_histories(tmp_path, teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     # keep one training segment per video (so every training history is empty) and add an empty split
     rows = seg.rows_in("training1")
     first = np.array([rows[seg.video[rows] == v][0] for v in np.unique(seg.video[rows])] + list(seg.rows_in("validation1")))
@@ -380,8 +441,8 @@ def test_ngram_sanity():
         NGram(4).fit(np.zeros((0, 2)), np.zeros(0))
 
 
-def test_ngram_learns_synthetic_sequences(syn_dir):
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+def test_ngram_learns_synthetic_sequences(teacher_ann):
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     val = seg.rows_in("validation1")
     p = ngram_baseline(seg, classes.num_actions, "training1", val, order=2, mode="complete")
     assert (p.argmax(1) == seg.action[val]).mean() > 0.3  # far above chance (1/21)
@@ -391,7 +452,7 @@ def test_ngram_learns_synthetic_sequences(syn_dir):
 # -- CLI ------------------------------------------------------------------------------------------
 
 
-def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
+def test_cli_evaluate_pretrain_and_errors(built, tmp_path, teacher_ann):
     from cli import app
 
     store, cfg, r = built
@@ -406,7 +467,7 @@ def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
     res = runner.invoke(app, ["evaluate", str(store.path), "-p", "t", "--json"])
     stored = store.teacher("t").metrics["validation1"]
     assert json.loads(res.stdout)["top1"] == pytest.approx(stored["top1"], abs=2.5)  # fp16 logits in the store
-    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(syn_dir), "--out", str(tmp_path / "lm"),
+    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(teacher_ann), "--out", str(tmp_path / "lm"),
                               "--size", "tiny", "--epochs", "1", "--max-len", "32", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "lm" / "model.safetensors").exists()
@@ -417,10 +478,10 @@ def test_cli_evaluate_pretrain_and_errors(built, tmp_path, syn_dir):
     assert not (tmp_path / "lm2").exists()
 
 
-def test_cli_build_teacher_tiny(tmp_path, syn_dir):
+def test_cli_build_teacher_tiny(tmp_path, teacher_ann):
     from cli import app
 
-    store = new_store(tmp_path / "s.zarr", syn_dir)
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
     res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--folds", "1",
                                    "--epochs", "1", "--single-task", "--set", "threads=1", "--topk", "5"])
     assert res.exit_code == 0, res.output
@@ -428,7 +489,7 @@ def test_cli_build_teacher_tiny(tmp_path, syn_dir):
     assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
     assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
     # an external corpus: pretraining text plus (history, next action) fine-tuning examples
-    classes, seg = load_annotations(syn_dir, fps=24.0)
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
     corpus = tmp_path / "recipes.txt"
     corpus.write_text("\n".join(history_corpus(classes, seg, "training1") + ["fly <v> kite <a> cut <v> tomato"]) + "\n")
     args = ["build-teacher", str(store.path), "--preset", "tiny", "--folds", "1", "--epochs", "1", "--pretrain-epochs",
@@ -458,7 +519,7 @@ def test_real_egtea_histories_corpus_and_ngram():
     assert sum(t == "" for t in texts) < 0.05 * len(texts)
     tok = train_tokenizer(history_corpus(classes, seg, "training1"), 512)
     ids = encode(tok, texts, 96)
-    assert tok.unk_token_id not in {i for seq in ids for i in seq}  # class words are all in the vocabulary
+    assert tok.unk_token_id not in ids.ids  # class words are all in the vocabulary
     from kdstore.metrics import compute_metrics
 
     m = compute_metrics(ngram_baseline(seg, 106, "training1", val, order=2, split="validation1"), seg.action[val], classes)
@@ -472,3 +533,10 @@ def test_bench_teacher_build_tiny(tmp_path):
     assert float(row["seconds"]) > 0 and float(row["peak_rss_mib"]) > 0 and int(row["uids"]) > 100
     assert 0 <= float(row["teacher_top1"]) <= 100 and float(row["ngram2_top1"]) > 0
     assert (tmp_path / "teacher_build.csv").read_text().count("\n") == 2
+    # a pretrained-checkpoint build (a stand-in of MiniLM's kind, tiny), on the device option
+    [row] = run(tiny=True, out_dir=tmp_path, init_from="standin", preset_name="egtea", device="cpu", fps=30.0, folds=2,
+                epochs=1, max_len=64, batch_size=16, lr=1e-3, threads=1)
+    config = json.loads(row["config"])
+    assert config["fps"] == 30.0  # the annotations' rate, as given
+    assert config["checkpoint"].startswith("standin") and config["teacher"]["hist_len"] == 15
+    assert row["devices"] == "cpu" and float(row["full_seconds"]) > 0 and float(row["fold_seconds_max"]) > 0

@@ -12,7 +12,13 @@ Stages, each resumable, in a work dir (default ``<store>.teacher-work/<name>/``)
 A stage directory holds epoch checkpoints (see ``optim``) and, when finished,
 ``predictions.safetensors``. A rerun skips finished stages, resumes a stage from its last
 epoch checkpoint (model and AdamW state restored exactly), and redoes an interrupted
-pretraining from its start.
+pretraining from its start. An unreadable checkpoint file is a ConfigError naming it.
+
+Stages run on ``cfg.device`` (see ``device``): the fine-tuning stages go to a pool of
+processes, one per entry of ``stage_devices`` (each visible GPU, or ``workers`` CPU
+processes), each taking the next unfinished stage; with one entry they run in this
+process. The device changes neither the files nor their format, so a build started on
+the CPU resumes on a GPU and the other way round.
 
 An external ``corpus`` (action-sequence lines, e.g. recipes; ``corpus.read_corpus``) joins
 the train-split histories in the tokenizer and the masked-LM pretraining, as the paper
@@ -32,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from kdstore.annotations import action_text, action_words
 from kdstore.errors import ConfigError, DataError
@@ -52,20 +59,22 @@ from kdstore.store import Store, _check_name, provenance_entry
 
 from .config import TeacherConfig, config_from_dict
 from .corpus import corpus_sequences, history_corpus, history_texts
+from .device import stage_devices
 from .finetune import Examples, Thinning, finetune, predict
 from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
 from .ngram import action_histories
-from .optim import num_threads
+from .optim import num_threads, read_json, read_safetensors
 from .pretrain import PretrainConfig, pretrain_mlm
 from .progress import progress
-from .tokenizer import check_known, encode, load_tokenizer, train_tokenizer
+from .tokenizer import Tokens, check_known, encode, load_tokenizer, train_tokenizer
 
 PRED_KEYS = ("action", "verb", "noun", "features")
 
 
 @dataclass
 class BuildResult:
-    """What a build wrote: the group name, its UIDs, metrics per split, the log, the timing."""
+    """What a build wrote: the group name, its UIDs, metrics per split, the log, the timing, and
+    where this run's fine-tuning stages ran (stage, device, process id)."""
 
     name: str
     uids: np.ndarray
@@ -73,6 +82,7 @@ class BuildResult:
     log: list
     seconds: float
     work_dir: Path
+    stages: list[dict]
 
 
 def work_dir_for(store: Store, name: str) -> Path:
@@ -108,7 +118,7 @@ class StageJob:
     nums: tuple[int, int, int]
     seed: int
     data: Examples
-    pred_ids: list[list[list[int]]]  # per history length, the inputs of the predicted rows
+    pred_ids: list[Tokens]  # per history length, the inputs of the predicted rows
     pred_index: np.ndarray  # [m] positions of the predicted rows in the build's row order
     export: Path | None = None  # where the full model is saved as a teacher checkpoint
 
@@ -117,18 +127,23 @@ def make_model(cfg: TeacherConfig, tok, model_base: Path | None, nums: tuple[int
     """The teacher to fine-tune: from ``model_base`` if given, else randomly initialised."""
     torch.manual_seed(seed)
     if model_base:
-        return pretrained_teacher(model_base, tok, nums, cfg.dropout)
-    return scratch_teacher(cfg.family, cfg.size, tok, cfg.max_len, nums, cfg.dropout)
+        model = pretrained_teacher(model_base, tok, nums, cfg.dropout, cfg.pooling, cfg.max_len)
+    else:
+        model = scratch_teacher(cfg.family, cfg.size, tok, cfg.max_len, nums, cfg.dropout, cfg.pooling)
+    if cfg.freeze_embeddings:
+        model.freeze_embeddings()
+    return model
 
 
-def run_stage(job: StageJob, on_step=None, on_epoch=None) -> None:
-    """Fine-tune (resuming from ``job.sdir``), predict, write ``predictions.safetensors``."""
+def run_stage(job: StageJob, device: str = "cpu", on_step=None, on_epoch=None) -> dict:
+    """Fine-tune on ``device`` (resuming from ``job.sdir``), predict, write ``predictions.safetensors``;
+    returns where it ran (stage, device, process id)."""
     cfg = config_from_dict(job.cfg)
     tok = load_tokenizer(job.tok_dir)
     with num_threads(cfg.threads):
-        model = make_model(cfg, tok, job.model_base, job.nums, job.seed)
+        model = make_model(cfg, tok, job.model_base, job.nums, job.seed).to(device)
         finetune(model, job.data, cfg, tok, job.seed, job.sdir, on_step=on_step, on_epoch=on_epoch)
-        outs = [predict(model, ids, tok.pad_token_id) for ids in job.pred_ids]
+        outs = [predict(model, ids) for ids in job.pred_ids]
     preds = {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in PRED_KEYS}  # mean over lengths
     if job.export:
         model.save(job.export, tok, {"config": job.cfg})
@@ -136,33 +151,48 @@ def run_stage(job: StageJob, on_step=None, on_epoch=None) -> None:
     save_file({**preds, "index": job.pred_index.astype(np.int64)}, str(tmp))
     tmp.replace(job.sdir / "predictions.safetensors")  # the stage counts as finished only once this exists
     crash_point("teacher.stage")
+    return {"stage": job.stage, "device": device, "pid": os.getpid()}
 
 
-def _worker(job: StageJob, queue) -> None:
-    run_stage(job, on_step=lambda done, total: queue.put((job.stage, done, total)))
+_DEVICE = "cpu"  # the device of this stage process, taken once from the pool's queue of slots
 
 
-def run_stages(jobs: list[StageJob], workers: int, task, on_epoch=None) -> None:
-    """Run the unfinished stages, ``workers`` at a time in spawned processes (1: in this one)."""
+def _take_device(slots) -> None:
+    global _DEVICE
+    _DEVICE = slots.get()
+    if _DEVICE.startswith("cuda"):
+        torch.cuda.set_device(_DEVICE)
+
+
+def _worker(job: StageJob, queue) -> dict:
+    return run_stage(job, _DEVICE, on_step=lambda done, total: queue.put((job.stage, done, total)))
+
+
+def run_stages(jobs: list[StageJob], devices: list[str], task, on_epoch=None) -> list[dict]:
+    """Run the unfinished stages: with one device in this process, else in one spawned process
+    per entry of ``devices`` (at most one per stage), each taking the next stage as it frees up.
+    Returns where each stage ran (``run_stage``)."""
     todo = [j for j in jobs if not (j.sdir / "predictions.safetensors").exists()]
-    if workers <= 1 or len(todo) <= 1:
-        for j in todo:
-            run_stage(j, task(j.stage), (lambda e, row, s=j.stage: on_epoch(s, e, row)) if on_epoch else None)
-        return
+    if len(devices) <= 1 or len(todo) <= 1:
+        return [run_stage(j, devices[0], task(j.stage), (lambda e, row, s=j.stage: on_epoch(s, e, row)) if on_epoch else None)
+                for j in todo]
+    n = min(len(devices), len(todo))
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        bars = {j.stage: task(j.stage) for j in todo}
-        futures = [pool.submit(_worker, j, queue) for j in todo]
-        while not all(f.done() for f in futures) or not queue.empty():
-            try:
-                stage, done, total = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            if bars[stage]:
-                bars[stage](done, total)
-        for f in futures:
-            f.result()  # re-raise a worker's error
+    with ctx.Manager() as manager:
+        queue, slots = manager.Queue(), manager.Queue()
+        for d in devices[:n]:
+            slots.put(d)
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_take_device, initargs=(slots,)) as pool:
+            bars = {j.stage: task(j.stage) for j in todo}
+            futures = [pool.submit(_worker, j, queue) for j in todo]
+            while not all(f.done() for f in futures) or not queue.empty():
+                try:
+                    stage, done, total = queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                if bars[stage]:
+                    bars[stage](done, total)
+            return [f.result() for f in futures]  # re-raises a worker's error
 
 
 def build_teacher(
@@ -179,6 +209,7 @@ def build_teacher(
     fresh: bool = False,
     show_progress: bool = True,
     on_epoch: Callable[[str, int, dict], None] | None = None,
+    devices: list[str] | None = None,
 ) -> BuildResult:
     """Train the teacher and write ``teacher/<name>`` (kind "teacher") into ``store``.
 
@@ -186,14 +217,17 @@ def build_teacher(
     checkpoint that is not one or whose heads have other class counts, histories that
     are all empty or unknown to the tokenizer, a work dir of another build) raises a
     KDStoreError before anything is written. ``on_epoch(stage, epoch, row)`` is called
-    after each fine-tuning epoch's checkpoint (only with ``cfg.workers == 1``).
+    after each fine-tuning epoch's checkpoint (only when the stages run in this process).
+    ``devices`` (default ``stage_devices(cfg.device, cfg.workers)``) lists one device per
+    stage process, e.g. ``["cuda:2", "cuda:3"]``.
     """
     with num_threads(cfg.threads):
         return _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh,
-                      show_progress, on_epoch)
+                      show_progress, on_epoch, devices)
 
 
-def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh, show_progress, on_epoch) -> BuildResult:
+def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh, show_progress,
+           on_epoch, devices) -> BuildResult:
     t0 = time.perf_counter()
     seg, classes = store.segments, store.classes
     nums = (classes.num_actions, classes.num_verbs, classes.num_nouns)
@@ -207,6 +241,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         if len(r) == 0:
             raise DataError(f"{store.path}: no labelled segments in split {s!r} ({len(seg.rows_in(s))} unlabelled);"
                             " the teacher predicts labelled segments only")
+    devices = devices or stage_devices(cfg.device, cfg.workers)
     if pretrained and cfg.init_from:
         raise ConfigError("give a pretrained checkpoint or init_from, not both")
     base = Path(pretrained or cfg.init_from) if (pretrained or cfg.init_from) else None
@@ -237,8 +272,8 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
         tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + corpus + vocab_lines, cfg.vocab_size)
     ids = {L: encode(tok, texts[L], cfg.max_len) for L in cfg.hist_lens}
-    check_known(tok, [i for L in cfg.hist_lens for i, t in zip(ids[L][:n_train], texts[L]) if t],
-                f"split {train_split!r} histories")
+    check_known(tok, Tokens.concat([ids[L].take(np.flatnonzero([bool(t) for t in texts[L][:n_train]]))
+                                    for L in cfg.hist_lens]), f"split {train_split!r} histories")
     if base:
         make_model(cfg, tok, base, nums, cfg.seed)  # a teacher checkpoint's class counts are checked before any write
 
@@ -259,9 +294,9 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
                                       max_len=cfg.max_len, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
                                       batch_size=cfg.pretrain_batch_size, weight_decay=cfg.weight_decay,
                                       warmup=cfg.warmup, mask_prob=cfg.mask_prob, dropout=cfg.dropout, seed=cfg.seed,
-                                      threads=cfg.threads)
+                                      threads=cfg.threads, device=cfg.device)
                 pretrain_mlm(lines, model_base, pcfg, tok=tok, on_step=task("pretrain"))
-            log += [{"stage": "pretrain", **r} for r in json.loads((model_base / "pretrain.json").read_text())["log"]]
+            log += [{"stage": "pretrain", **r} for r in read_json(model_base / "pretrain.json", ("log",))["log"]]
 
         long = None
         if cfg.history_dropout:  # the actions a thinned history draws from
@@ -273,31 +308,36 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         def examples(idx: np.ndarray) -> Examples:
             """One example per (row, distinct non-empty history text); ``idx`` are train-split positions
             (plus the corpus examples)."""
-            picked, at, lens = [], [], []
+            at, lens = [], []
             for i in idx:
                 seen = set()
                 for L in cfg.hist_lens:
                     if texts[L][i] and texts[L][i] not in seen:
                         seen.add(texts[L][i])
-                        picked.append(ids[L][i])
                         at.append(i)
                         lens.append(L)
-            lab = all_rows[np.asarray(at, dtype=np.int64)]
+            at = np.asarray(at, dtype=np.int64)
+            picked = Tokens(np.empty((len(at), cfg.max_len), np.int32), np.empty(len(at), np.int32), tok.pad_token_id)
+            for L in cfg.hist_lens:
+                sel = np.asarray(lens) == L
+                picked.ids[sel], picked.lens[sel] = ids[L].ids[at[sel]], ids[L].lens[at[sel]]
+            lab = all_rows[at]
             action, verb, noun = seg.action[lab], seg.verb[lab], seg.noun[lab]
             hist = long[at] if long is not None else None
             if extra is not None:
-                picked, lens = picked + extra["ids"], lens + extra["lens"]
+                picked, lens = Tokens.concat([picked, extra["ids"]]), lens + extra["lens"]
                 a = extra["action"]
                 action, verb, noun = (np.concatenate([x, y.astype(x.dtype)]) for x, y in
                                       ((action, a), (verb, classes.action_verb[a]), (noun, classes.action_noun[a])))
                 if hist is not None:
                     hist = np.concatenate([hist, _left_pad(extra["hist"], hist.shape[1])])
-            thin = Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len) if long is not None else None
+            thin = (Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len).prepare(tok, picked)
+                    if long is not None else None)
             return Examples(picked, action, verb, noun, thin)
 
         def job(stage: str, seed: int, train_idx: np.ndarray, pred_idx: np.ndarray) -> StageJob:
             return StageJob(stage, work / stage, cfg.to_dict(), tok_dir, model_base, nums, seed, examples(train_idx),
-                            [[ids[L][i] for i in pred_idx] for L in cfg.hist_lens], pred_idx,
+                            [ids[L].take(pred_idx) for L in cfg.hist_lens], pred_idx,
                             work / "teacher" if stage == "full" else None)
 
         train_idx, everything = np.arange(n_train), np.arange(len(all_rows))
@@ -305,10 +345,10 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         if folds is not None:
             jobs += [job(f"fold{k}", cfg.seed + 101 * (k + 1), train_idx[folds != k], train_idx[folds == k])
                      for k in range(cfg.folds)]
-        run_stages(jobs, cfg.workers, task, on_epoch)
-    parts = [load_file(str(j.sdir / "predictions.safetensors")) for j in jobs]
+        ran = run_stages(jobs, devices, task, on_epoch)
+    parts = [{k: v.numpy() for k, v in read_safetensors(j.sdir / "predictions.safetensors").items()} for j in jobs]
     for j in jobs:
-        log += [{"stage": j.stage, **r} for r in json.loads((j.sdir / "state.json").read_text())["log"]]
+        log += [{"stage": j.stage, **r} for r in read_json(j.sdir / "state.json", ("log",))["log"]]
     out = {k: np.zeros((len(all_rows), parts[0][k].shape[1]), np.float32) for k in PRED_KEYS}
     for p in parts:
         for k in PRED_KEYS:
@@ -331,7 +371,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         topk=cfg.topk, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=train_split),
     )
-    return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work)
+    return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work, ran)
 
 
 def _corpus_examples(classes, corpus: list[str], cfg: TeacherConfig, tok) -> dict:
@@ -360,8 +400,8 @@ def _left_pad(hists: list[np.ndarray], width: int) -> np.ndarray:
 
 
 def _result_config(d: dict) -> dict:
-    """The config fields that change results (not threads or workers)."""
-    return {k: v for k, v in d.items() if k not in ("threads", "workers")}
+    """The config fields that change results (not threads, workers or device)."""
+    return {k: v for k, v in d.items() if k not in ("threads", "workers", "device")}
 
 
 def _check_resume(work: Path, settings: dict) -> None:
@@ -369,7 +409,7 @@ def _check_resume(work: Path, settings: dict) -> None:
     path = work / "build.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    old = read_json(path)
     old_cfg = config_from_dict(old.get("config", {})).to_dict() if "config" in old else {}
     old = {**old, "config": _result_config(old_cfg)}
     diff = sorted(k for k in settings if old.get(k) != settings[k])

@@ -16,6 +16,11 @@ of ours, chosen on validation1 against the n-gram baseline (splits 2 and 3 were 
 used): mild class weights ((n / (C count)) ** 0.25, ``class_weighted``) for class-mean
 recall, and ``history_dropout=0.5``, which trains on thinned histories too, since a gappy
 split's histories skip ~4 of 5 actions.
+``egtea-cpu`` is the ``egtea`` preset sized for a small pretrained checkpoint on 2 CPU
+cores (``--init-from``, e.g. all-MiniLM-L6-v2, 22M parameters): the last ~9 actions
+(max_len 48), 3 epochs at lr 3e-4 with frozen word embeddings (the optimizer then skips
+half the weights), and ``egtea-scratch``'s two additions; sized for time, not tuned
+(docs/results.md measures it with one and two epochs at max_len 32).
 ``demo`` is a quick variant for the synthetic demo; ``tiny`` is for tests.
 """
 
@@ -27,6 +32,8 @@ import typing
 from dataclasses import dataclass
 
 from kdstore.errors import ConfigError
+
+from .device import DEVICES
 
 FAMILIES = ("bert", "roberta", "distilbert", "albert", "deberta", "electra")
 SIZES = ("tiny", "mini", "small", "base")
@@ -42,6 +49,8 @@ class TeacherConfig:
     init_from: str | None = None  # local HF checkpoint dir (its tokenizer gains <v>, <a>)
     vocab_size: int = 512  # WordPiece vocabulary trained on the histories (no init_from)
     dropout: float = 0.1
+    pooling: str = "cls"  # the heads read the [CLS] state ("cls", the paper's) or the tokens' mean ("mean")
+    freeze_embeddings: bool = False  # keep a checkpoint's word embeddings fixed while fine-tuning
     # Input: the text of the actions before a segment.
     hist_len: int = 15
     multi_history: tuple[int, ...] = ()  # e.g. (5, 10, 15): train on each, average predictions
@@ -74,7 +83,8 @@ class TeacherConfig:
     corpus_examples: int = 0
     seed: int = 0
     threads: int = 1  # torch threads per process (1 is fastest for these small models on a busy CPU)
-    workers: int = 1  # fine-tuning stages (full model, folds) run in parallel processes
+    workers: int = 1  # fine-tuning stages (full model, folds) in parallel processes: on CPU in all, on CUDA per GPU
+    device: str = "auto"  # auto (CUDA when visible), cpu or cuda (every visible GPU, bf16 autocast)
 
     def __post_init__(self) -> None:
         self.multi_history = tuple(self.multi_history)
@@ -87,6 +97,10 @@ class TeacherConfig:
             raise ConfigError(f"TeacherConfig.size: expected one of {SIZES}, got {self.size!r}")
         if self.colon not in ("keep", "reverse"):
             raise ConfigError(f"TeacherConfig.colon: expected 'keep' or 'reverse', got {self.colon!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"TeacherConfig.pooling: expected 'cls' or 'mean', got {self.pooling!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"TeacherConfig.device: expected one of {DEVICES}, got {self.device!r}")
         if self.history not in ("gappy", "complete"):
             raise ConfigError(f"TeacherConfig.history: expected 'gappy' or 'complete', got {self.history!r}")
         for name in ("hist_len", "max_len", "lr", "epochs", "batch_size", "folds", "topk", "vocab_size",
@@ -142,6 +156,9 @@ PRESETS: dict[str, dict] = {
     "egtea-scratch": dict(
         size="mini", max_len=48, lr=1e-3, epochs=8, batch_size=64, class_weighted=0.25, history_dropout=0.5,
         pretrain_epochs=20, pretrain_lr=1e-3, workers=2,
+    ),
+    "egtea-cpu": dict(
+        max_len=48, lr=3e-4, epochs=3, class_weighted=0.25, history_dropout=0.5, freeze_embeddings=True, workers=2,
     ),
     "demo": dict(
         size="mini", max_len=64, lr=1e-3, epochs=6, batch_size=32, pretrain_epochs=10, pretrain_lr=1e-3, workers=2,

@@ -2,8 +2,10 @@
 
 Encoders come from the Auto classes: ``AutoConfig.for_model`` + ``from_config`` for a
 family at a size preset (random init), or ``from_pretrained`` on a local checkpoint dir
-(safetensors only). The teacher reads the encoder's last hidden state at position 0
-(the [CLS] / <s> token) for every family.
+(safetensors only). The teacher pools the encoder's last hidden state: position 0 (the
+[CLS] / <s> token, the paper's choice, ``pooling="cls"``) or the mean over the real
+tokens (``"mean"``, how sentence-transformers checkpoints were trained). The pooled
+vector feeds the heads and is stored as the teacher's features.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from kdstore.errors import ConfigError
+
+from .optim import check_json_files, read_json, read_safetensors
+from .tokenizer import TOKENIZER_FILES
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -32,6 +38,8 @@ SIZE_PRESETS = {
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert", "albert": "albert",
                "deberta": "deberta-v2", "electra": "electra"}
 HEADS_FILE, TEACHER_FILE = "heads.safetensors", "teacher.json"
+JSON_FILES = ("config.json", *TOKENIZER_FILES, TEACHER_FILE)
+POOLINGS = ("cls", "mean")
 
 
 def encoder_config(family: str, size: str, tok: PreTrainedTokenizerFast, max_len: int, dropout: float = 0.1) -> PretrainedConfig:
@@ -58,7 +66,8 @@ def encoder_config(family: str, size: str, tok: PreTrainedTokenizerFast, max_len
 
 
 def check_checkpoint(path: str | Path) -> Path:
-    """``path`` if it is a local HF checkpoint dir (config.json + safetensors weights), else ConfigError."""
+    """``path`` if it is a local HF checkpoint dir (config.json + safetensors weights + a
+    tokenizer), else ConfigError; also one naming the file if a JSON file of it is unreadable."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: not a Hugging Face checkpoint directory (no such directory)")
@@ -69,6 +78,7 @@ def check_checkpoint(path: str | Path) -> Path:
         missing.append("tokenizer.json")
     if missing:
         raise ConfigError(f"{path}: not a Hugging Face checkpoint directory (missing {', '.join(missing)})")
+    check_json_files(path, JSON_FILES)
     return path
 
 
@@ -82,6 +92,9 @@ def _load_local(auto_cls, path: str | Path, tok: PreTrainedTokenizerFast, what: 
     path = check_checkpoint(path)
     try:
         model = auto_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    except SafetensorError as e:
+        files = ", ".join(str(p) for p in sorted(path.glob("*.safetensors")) if p.name != HEADS_FILE)
+        raise ConfigError(f"{files}: unreadable checkpoint file ({str(e).splitlines()[0][:160]})") from None
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: cannot load {what} ({str(e).splitlines()[0][:160]})") from None
     if model.get_input_embeddings().num_embeddings < len(tok):
@@ -89,12 +102,26 @@ def _load_local(auto_cls, path: str | Path, tok: PreTrainedTokenizerFast, what: 
     return model
 
 
-class TeacherModel(nn.Module):
-    """Encoder + linear action/verb/noun heads on the position-0 hidden state."""
+def check_positions(model: nn.Module, max_len: int) -> None:
+    """ConfigError if ``max_len`` tokens do not fit the encoder's position embeddings."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if "roberta" in model.config.model_type:  # its positions start at pad + 1
+        limit -= model.config.pad_token_id + 1
+    if max_len > limit:
+        raise ConfigError(f"max_len {max_len}: the model has only {limit} positions")
 
-    def __init__(self, encoder: nn.Module, num_actions: int, num_verbs: int, num_nouns: int, dropout: float = 0.1):
+
+class TeacherModel(nn.Module):
+    """Encoder + linear action/verb/noun heads on the pooled last hidden state."""
+
+    def __init__(self, encoder: nn.Module, num_actions: int, num_verbs: int, num_nouns: int, dropout: float = 0.1,
+                 pooling: str = "cls"):
         super().__init__()
-        self.encoder = encoder
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+        self.encoder, self.pooling = encoder, pooling
         hidden = _hidden_size(encoder.config)
         self.drop = nn.Dropout(dropout)
         self.action = nn.Linear(hidden, num_actions)
@@ -107,9 +134,18 @@ class TeacherModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-        cls = h[:, 0]  # [B, H]
-        x = self.drop(cls)
-        return {"action": self.action(x), "verb": self.verb(x), "noun": self.noun(x), "features": cls}
+        if self.pooling == "cls":
+            pooled = h[:, 0]  # [B, H]
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)  # [B, T, 1]
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # [B, H]
+        x = self.drop(pooled)
+        return {"action": self.action(x), "verb": self.verb(x), "noun": self.noun(x), "features": pooled}
+
+    def freeze_embeddings(self) -> None:
+        """Keep the encoder's word embeddings as they are (positions and LayerNorm still train);
+        the optimizer then skips them, a third to a half of a small checkpoint's weights."""
+        self.encoder.get_input_embeddings().weight.requires_grad_(False)
 
     def save(self, path: str | Path, tok: PreTrainedTokenizerFast, extra: dict | None = None) -> None:
         """Write an HF checkpoint of the encoder + tokenizer, plus the heads and their class counts."""
@@ -126,30 +162,36 @@ def _hidden_size(config: PretrainedConfig) -> int:
     return int(getattr(config, "hidden_size", None) or getattr(config, "dim"))
 
 
-def scratch_teacher(family: str, size: str, tok: PreTrainedTokenizerFast, max_len: int, classes: tuple[int, int, int], dropout: float) -> TeacherModel:
+def scratch_teacher(family: str, size: str, tok: PreTrainedTokenizerFast, max_len: int, classes: tuple[int, int, int],
+                    dropout: float, pooling: str = "cls") -> TeacherModel:
     """A randomly initialised teacher of ``family`` at ``size``."""
     encoder = AutoModel.from_config(encoder_config(family, size, tok, max_len, dropout))
-    return TeacherModel(encoder, *classes, dropout=dropout)
+    return TeacherModel(encoder, *classes, dropout=dropout, pooling=pooling)
 
 
-def pretrained_teacher(path: str | Path, tok: PreTrainedTokenizerFast, classes: tuple[int, int, int], dropout: float) -> TeacherModel:
-    """A teacher whose encoder comes from a local checkpoint (masked-LM or teacher export).
+def pretrained_teacher(path: str | Path, tok: PreTrainedTokenizerFast, classes: tuple[int, int, int], dropout: float,
+                       pooling: str = "cls", max_len: int | None = None) -> TeacherModel:
+    """A teacher whose encoder comes from a local checkpoint (a BERT-family or
+    sentence-transformers directory, a ``pretrain-lm`` output or a teacher export).
 
     A teacher export (``heads.safetensors`` + ``teacher.json``) also restores the heads;
-    ConfigError if its class counts differ from ``classes``.
+    ConfigError if its class counts differ from ``classes``, or if ``max_len`` tokens do
+    not fit the encoder's positions.
     """
     path = check_checkpoint(path)
     encoder = _load_local(AutoModel, path, tok, "the encoder")
-    model = TeacherModel(encoder, *classes, dropout=dropout)
+    if max_len is not None:
+        check_positions(encoder, max_len)
+    model = TeacherModel(encoder, *classes, dropout=dropout, pooling=pooling)
     if (path / HEADS_FILE).exists():
-        meta = json.loads((path / TEACHER_FILE).read_text()) if (path / TEACHER_FILE).exists() else {}
+        meta = read_json(path / TEACHER_FILE, hint=None) if (path / TEACHER_FILE).exists() else {}
         found = tuple(meta.get(k) for k in ("num_actions", "num_verbs", "num_nouns"))
         if found != tuple(classes):
             raise ConfigError(
                 f"{path}: teacher heads have {found[0]} actions, {found[1]} verbs, {found[2]} nouns;"
                 f" the store has {classes[0]}, {classes[1]}, {classes[2]}"
             )
-        heads = load_file(path / HEADS_FILE)
+        heads = read_safetensors(path / HEADS_FILE)
         for n in ("action", "verb", "noun"):
             getattr(model, n).load_state_dict({k: heads[f"{n}.{k}"] for k in ("weight", "bias")})
     return model

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
 
 from kdstore.errors import ConfigError
 from kdstore.faults import crash_point
@@ -29,13 +29,14 @@ NO_DECAY = ("bias", "layernorm", "layer_norm", "norm.weight")
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on every parameter except biases and LayerNorm weights."""
+    """AdamW with weight decay on every parameter except biases and LayerNorm weights (fused
+    when the model is on CUDA)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if any(k in name.lower() for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=all(p.is_cuda for p in decay + no_decay) or None)  # one kernel on CUDA
 
 
 def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
@@ -47,17 +48,6 @@ def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, T], mask [B, T]) right-padded to the longest sequence."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -108,29 +98,70 @@ def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
             old.unlink()
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
-    """Restore a checkpoint written by ``save_checkpoint``; None if there is none.
+RESUME_HINT = "delete its stage directory or pass fresh (--fresh)"
 
-    ConfigError if a stored tensor's shape differs from the model's (e.g. heads for
-    another class count).
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ConfigError naming the file if it is missing, cut
+    short or not safetensors."""
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}); {RESUME_HINT}") from None
+
+
+def read_json(path: Path, required: tuple[str, ...] = (), hint: str | None = RESUME_HINT) -> dict:
+    """A JSON object file of a checkpoint; ConfigError naming it if it is unreadable, not an
+    object or lacks ``required`` keys (``hint``, if any, ends the message)."""
+    end = f"; {hint}" if hint else ""
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}){end}") from None
+    if not isinstance(out, dict) or not set(required) <= out.keys():
+        keys = f" with {', '.join(required)}" if required else ""
+        raise ConfigError(f"{path}: unreadable checkpoint file (expected a JSON object{keys}){end}")
+    return out
+
+
+def check_json_files(path: Path, names: tuple[str, ...]) -> None:
+    """ConfigError naming the first of ``names`` in the directory ``path`` that is not a readable JSON object."""
+    for name in names:
+        if (path / name).exists():
+            read_json(path / name, hint=None)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
+    """Restore a checkpoint written by ``save_checkpoint`` onto the model's device; None if
+    there is none.
+
+    ConfigError naming the file if one is unreadable (truncated, not safetensors or JSON),
+    or if a stored tensor's shape differs from the model's (e.g. heads for another class count).
     """
     path = Path(path)
     if not (path / "state.json").exists():
         return None
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", ("epoch", "tag", "param_groups", "log"))
     weights = path / f"model-{state['tag']}.safetensors"
+    device = next(model.parameters()).device
+    tensors = read_safetensors(weights, device)
     own = model.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
-            if key in own and tuple(own[key].shape) != shape:
-                raise ConfigError(
-                    f"{weights}: {key} has shape {list(shape)}, the model needs {list(own[key].shape)}"
-                    " (checkpoint made for another class count or model; use a fresh work dir)"
-                )
-    load_model(model, str(weights))
+    for key, v in tensors.items():
+        if key in own and tuple(own[key].shape) != tuple(v.shape):
+            raise ConfigError(
+                f"{weights}: {key} has shape {list(v.shape)}, the model needs {list(own[key].shape)}"
+                " (checkpoint made for another class count or model; use a fresh work dir)"
+            )
+    missing = sorted(own.keys() - tensors.keys())
+    if missing:
+        raise ConfigError(f"{weights}: lacks {len(missing)} of the model's tensors ({missing[0]}, ...)")
+    model.load_state_dict(tensors)
     if opt is not None:
-        flat = load_file(str(path / f"optimizer-{state['tag']}.safetensors"))
+        flat = read_safetensors(path / f"optimizer-{state['tag']}.safetensors")
         per: dict[int, dict] = {}
         for key, v in flat.items():
             i, name = key.split(".", 1)
@@ -141,3 +172,4 @@ def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
                 s[name] = s[name].reshape(params[i].shape)
         opt.load_state_dict({"state": per, "param_groups": state["param_groups"]})
     return state
+

@@ -5,6 +5,12 @@ tokens, each wrapped in [CLS] ... [SEP]. BERT masking: ``mask_prob`` of the non-
 tokens (at least one a chunk) are predicted; of those 80% become [MASK], 10% a random
 token, 10% stay. The result is a standard HF checkpoint dir (``save_pretrained``,
 safetensors) with its tokenizer and ``pretrain.json`` (config and per-epoch loss).
+
+``init_from`` continues from a local checkpoint (a BERT-family or sentence-transformers
+directory: its tokenizer gains ``<v>``/``<a>``, its embeddings grow to match, and a
+missing masked-LM head starts from random weights). Masking is drawn on the CPU, so the
+same seed masks the same tokens on any device; the model runs on ``device`` (bf16
+autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 
-from kdstore.errors import ConfigError, DataError
+from kdstore.errors import DataError
 from kdstore.faults import crash_point
 
-from .models import check_checkpoint, encoder_config, load_mlm
-from .optim import lr_at, make_optimizer, num_threads, pad_batch, seed_epoch, set_lr, steps_per_epoch
-from .tokenizer import check_known, load_tokenizer, train_tokenizer
+from .device import autocast, stage_devices
+from .models import check_checkpoint, check_positions, encoder_config, load_mlm
+from .optim import lr_at, make_optimizer, num_threads, seed_epoch, set_lr, steps_per_epoch
+from .tokenizer import Tokens, check_known, load_tokenizer, train_tokenizer
 
 
 @dataclass
@@ -45,16 +53,21 @@ class PretrainConfig:
     dropout: float = 0.1
     seed: int = 0
     threads: int = 1
+    device: str = "auto"  # auto, cpu or cuda (the first visible GPU)
 
 
-def chunk(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids of every line cut into [CLS] + ``max_len - 2`` tokens + [SEP] chunks."""
+def chunk(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int, lines: int = 4096) -> Tokens:
+    """Token ids of every line cut into [CLS] + ``max_len - 2`` tokens + [SEP] chunks
+    (tokenized ``lines`` lines at a time)."""
     body = max_len - 2
-    out = []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        for lo in range(0, max(1, len(ids)), body):
-            out.append([tok.cls_token_id, *ids[lo : lo + body], tok.sep_token_id])
-    return out
+    parts = []
+    for lo in range(0, len(texts), lines):
+        out = []
+        for ids in tok(texts[lo : lo + lines], add_special_tokens=False)["input_ids"]:
+            for at in range(0, max(1, len(ids)), body):
+                out.append([tok.cls_token_id, *ids[at : at + body], tok.sep_token_id])
+        parts.append(Tokens.from_lists(out, tok.pad_token_id))
+    return Tokens.concat(parts)
 
 
 def mask_tokens(ids: torch.Tensor, special: torch.Tensor, tok: PreTrainedTokenizerFast, prob: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,14 +110,14 @@ def _pretrain(texts, out: Path, cfg: PretrainConfig, tok, on_step) -> dict:
         tok = load_tokenizer(cfg.init_from) if cfg.init_from else train_tokenizer(texts, cfg.vocab_size)
     data = chunk(tok, texts, cfg.max_len)
     check_known(tok, data, "pretraining corpus")
+    device = stage_devices(cfg.device)[0]
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         model = load_mlm(cfg.init_from, tok)
     else:
         model = AutoModelForMaskedLM.from_config(encoder_config(cfg.family, cfg.size, tok, cfg.max_len, cfg.dropout))
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and cfg.max_len > limit - 2:
-        raise ConfigError(f"max_len {cfg.max_len}: the model has only {limit} positions")
+    check_positions(model, cfg.max_len)
+    model.to(device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     special_ids = torch.tensor(sorted(set(tok.all_special_ids)))
     n, bs = len(data), cfg.batch_size
@@ -113,24 +126,27 @@ def _pretrain(texts, out: Path, cfg: PretrainConfig, tok, on_step) -> dict:
     for epoch in range(cfg.epochs):
         model.train()
         g = seed_epoch(cfg.seed, epoch)
-        perm = torch.randperm(n, generator=g)
-        t0, loss_sum = time.perf_counter(), 0.0
+        perm = torch.randperm(n, generator=g).numpy()
+        t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for b in range(per_epoch):
-            ids, attn = pad_batch([data[i] for i in perm[b * bs : (b + 1) * bs]], tok.pad_token_id)  # [B, T]
+            ids, attn = data.batch(perm[b * bs : (b + 1) * bs])  # [B, T]
             inputs, labels = mask_tokens(ids, torch.isin(ids, special_ids), tok, cfg.mask_prob, g)
             set_lr(opt, lr_at(step, total, cfg.lr, cfg.warmup))
-            loss = model(input_ids=inputs, attention_mask=attn, labels=labels).loss
+            with autocast(device):
+                logits = model(input_ids=inputs.to(device), attention_mask=attn.to(device)).logits  # [B, T, V]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             if on_step:
                 on_step(step, total)
-        log.append({"epoch": epoch + 1, "mlm_loss": loss_sum / per_epoch, "seconds": time.perf_counter() - t0})
+        log.append({"epoch": epoch + 1, "mlm_loss": loss_sum.item() / per_epoch, "seconds": time.perf_counter() - t0})
         crash_point("teacher.pretrain")
-    summary = {"config": cfg.__dict__, "lines": len(texts), "chunks": n, "vocab": len(tok), "log": log}
+    model.cpu()
+    summary = {"config": cfg.__dict__, "lines": len(texts), "chunks": n, "vocab": len(tok), "device": device, "log": log}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

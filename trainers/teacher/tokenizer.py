@@ -2,21 +2,31 @@
 
 Teachers read histories as ``verb <v> noun <a> verb <v> noun``; ``<v>`` and ``<a>`` are
 special tokens so they are never split and never masked in pretraining.
+
+Tokenized texts live in ``Tokens``: one right-padded int32 array and the lengths, filled
+in chunks (``encode``), so a training set of tens of thousands of histories is a
+few tens of MB and no per-text Python objects.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kdstore.errors import ConfigError, DataError
 
+from .optim import check_json_files
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<v>", "<a>"]
 ACTION_TOKENS = ["<v>", "<a>"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -55,10 +65,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer saved in a local checkpoint dir, with ``<v>``/``<a>`` added if missing.
 
-    Raises ConfigError when the directory has no fast tokenizer or lacks a mask, pad or
-    CLS-like start token. Nothing is fetched from a hub.
+    Raises ConfigError when the directory has no fast tokenizer, one of its JSON files is
+    unreadable, or the tokenizer lacks a mask, pad or CLS-like start token. Nothing is fetched from a hub.
     """
     path = Path(path)
+    check_json_files(path, ("config.json", *TOKENIZER_FILES))  # AutoTokenizer reads config.json too
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
@@ -79,13 +90,62 @@ def _prepare(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
-def encode(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids of each text, with the start/end specials, left-truncated to ``max_len``."""
-    return tok(texts, truncation=True, max_length=max_len)["input_ids"]
+@dataclass
+class Tokens:
+    """Token ids of ``n`` texts: ``ids[i, :lens[i]]`` is text i, the rest is ``pad_id``."""
+
+    ids: np.ndarray  # [n, width] int32
+    lens: np.ndarray  # [n] int32
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def row(self, i: int) -> list[int]:
+        return self.ids[i, : self.lens[i]].tolist()
+
+    def take(self, idx: np.ndarray) -> "Tokens":
+        """The texts at positions ``idx``."""
+        return Tokens(self.ids[idx], self.lens[idx], self.pad_id)
+
+    def batch(self, idx, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [B, T], mask [B, T]) of the texts at ``idx``, cut to the longest of them."""
+        idx = np.asarray(idx)
+        T = max(1, int(self.lens[idx].max()))
+        ids = torch.from_numpy(self.ids[idx, :T].astype(np.int64))  # [B, T]
+        mask = (torch.arange(T)[None, :] < torch.from_numpy(self.lens[idx].astype(np.int64))[:, None]).long()  # [B, T]
+        return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+    @staticmethod
+    def from_lists(seqs: list[list[int]], pad_id: int) -> "Tokens":
+        lens = np.array([len(s) for s in seqs], np.int32)
+        ids = np.full((len(seqs), max(1, int(lens.max(initial=0)))), pad_id, np.int32)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+        return Tokens(ids, lens, pad_id)
+
+    @staticmethod
+    def concat(parts: list["Tokens"]) -> "Tokens":
+        width = max(p.ids.shape[1] for p in parts)
+        pad = parts[0].pad_id
+        ids = np.concatenate([np.pad(p.ids, ((0, 0), (0, width - p.ids.shape[1])), constant_values=pad) for p in parts])
+        return Tokens(ids, np.concatenate([p.lens for p in parts]), pad)
 
 
-def check_known(tok: PreTrainedTokenizerFast, ids: list[list[int]], what: str) -> None:
+def encode(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int, chunk: int = 4096) -> Tokens:
+    """Token ids of each text, with the start/end specials, left-truncated to ``max_len``;
+    tokenized ``chunk`` texts at a time into one array."""
+    out = Tokens(np.full((len(texts), max_len), tok.pad_token_id, np.int32), np.zeros(len(texts), np.int32), tok.pad_token_id)
+    for lo in range(0, len(texts), chunk):
+        for i, seq in enumerate(tok(texts[lo : lo + chunk], truncation=True, max_length=max_len)["input_ids"], start=lo):
+            out.ids[i, : len(seq)] = seq
+            out.lens[i] = len(seq)
+    return out
+
+
+def check_known(tok: PreTrainedTokenizerFast, ids: Tokens, what: str) -> None:
     """DataError if no text has a single known (non-special, non-[UNK]) token."""
-    special = set(tok.all_special_ids)  # [UNK] included
-    if not any(i not in special for seq in ids for i in seq):
+    special = np.array(sorted(set(tok.all_special_ids)))  # [UNK] included
+    real = np.arange(ids.ids.shape[1])[None, :] < ids.lens[:, None]  # [n, width]
+    if not (real & ~np.isin(ids.ids, special)).any():
         raise DataError(f"{what}: every token is empty or unknown to the tokenizer (vocabulary of {len(tok)} tokens)")
