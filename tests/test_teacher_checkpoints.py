@@ -63,7 +63,7 @@ def test_sentence_transformers_dir_as_teacher(st_model, teacher_ann, tmp_path):
     tok = load_tokenizer(r.work_dir / "teacher")
     base_vocab = len((st_model / "vocab.txt").read_text().split())
     assert len(tok) == base_vocab + 2 == store.teacher("st").config["vocab"]
-    text = next(t for t in history_texts(store.classes, store.segments, store.segments.rows_in("validation1"), 2) if "<a>" in t)
+    text = next(t for t in history_texts(store.classes, store.segments, store.segments.rows_in("validation1"), 2, split="validation1") if "<a>" in t)
     pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
     assert pieces == text.split() and pieces.count("<a>") == 1  # whole class words, <v>/<a> single tokens
     group = store.teacher("st")
@@ -86,7 +86,7 @@ def test_mean_pooling_reads_the_mean_of_real_tokens(st_model, teacher_ann):
     tok = load_tokenizer(st_model)
     cfg = preset("egtea", init_from=str(st_model), pooling="mean", dropout=0.0, max_len=64)
     model = make_model(cfg, tok, st_model, (classes.num_actions, classes.num_verbs, classes.num_nouns), 0).eval()
-    ids = encode(tok, history_texts(classes, seg, seg.rows_in("validation1")[:20], 15), 64)
+    ids = encode(tok, history_texts(classes, seg, seg.rows_in("validation1")[:20], 15, split="validation1"), 64)
     feats = predict(model, ids, batch_size=7)["features"]
     for i in (0, 5, 19):
         x, mask = ids.batch([i])
@@ -181,5 +181,5 @@ def test_installed_minilm_wheel_loads_as_a_teacher(teacher_ann):
     model = make_model(preset("egtea", init_from=str(path)), tok, path,
                        (classes.num_actions, classes.num_verbs, classes.num_nouns), 0)
     assert model.encoder.get_input_embeddings().num_embeddings == len(tok)
-    out = predict(model, encode(tok, history_texts(classes, seg, seg.rows_in("validation1")[:4], 15), 128))
+    out = predict(model, encode(tok, history_texts(classes, seg, seg.rows_in("validation1")[:4], 15, split="validation1"), 128))
     assert out["features"].shape == (4, 384) and np.isfinite(out["action"]).all()
