@@ -42,7 +42,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from kdstore.annotations import action_text, action_words
 from kdstore.errors import ConfigError, DataError
@@ -128,8 +129,11 @@ def run_stage(job: StageJob, on_step=None, on_epoch=None) -> None:
     with num_threads(cfg.threads):
         model = make_model(cfg, tok, job.model_base, job.nums, job.seed)
         finetune(model, job.data, cfg, tok, job.seed, job.sdir, on_step=on_step, on_epoch=on_epoch)
-        outs = [predict(model, ids, tok.pad_token_id) for ids in job.pred_ids]
-    preds = {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in PRED_KEYS}  # mean over lengths
+        preds = predict(model, job.pred_ids[0], tok.pad_token_id)
+        for ids in job.pred_ids[1:]:  # mean over history lengths, summed in place
+            for k, v in predict(model, ids, tok.pad_token_id).items():
+                preds[k] += v
+    preds = {k: preds[k] / len(job.pred_ids) if len(job.pred_ids) > 1 else preds[k] for k in PRED_KEYS}
     if job.export:
         model.save(job.export, tok, {"config": job.cfg})
     tmp = job.sdir / ".predictions.tmp"
@@ -306,18 +310,12 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
             jobs += [job(f"fold{k}", cfg.seed + 101 * (k + 1), train_idx[folds != k], train_idx[folds == k])
                      for k in range(cfg.folds)]
         run_stages(jobs, cfg.workers, task, on_epoch)
-    parts = [load_file(str(j.sdir / "predictions.safetensors")) for j in jobs]
     for j in jobs:
         log += [{"stage": j.stage, **r} for r in json.loads((j.sdir / "state.json").read_text())["log"]]
-    out = {k: np.zeros((len(all_rows), parts[0][k].shape[1]), np.float32) for k in PRED_KEYS}
-    for p in parts:
-        for k in PRED_KEYS:
-            out[k][p["index"]] = p[k]
+    out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(all_rows))
 
     if not cfg.multi_task:  # untrained heads: store the action model's own verb/noun marginals
-        probs = softmax(out["action"])
-        out["verb"] = np.log(marginalise(probs, classes.action_verb, nums[1]) + 1e-12).astype(np.float32)
-        out["noun"] = np.log(marginalise(probs, classes.action_noun, nums[2]) + 1e-12).astype(np.float32)
+        out["verb"], out["noun"] = _marginal_logits(out["action"], classes)
     labels, start = seg.action[all_rows], np.cumsum([0, *(len(r) for r in rows.values())])
     span = {s: slice(start[i], start[i + 1]) for i, s in enumerate(rows)}
     metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in eval_splits}
@@ -332,6 +330,33 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=train_split),
     )
     return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work)
+
+
+def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:
+    """[n, width] float32 arrays of every key in PRED_KEYS, filled from the stages' prediction
+    files one array at a time (each file's ``index`` says which rows it holds)."""
+    out: dict[str, np.ndarray] = {}
+    for path in paths:
+        with safe_open(str(path), "np") as f:
+            index = f.get_tensor("index")
+            for k in PRED_KEYS:
+                part = f.get_tensor(k)  # [m, width]
+                if k not in out:
+                    out[k] = np.zeros((n, part.shape[1]), np.float32)
+                out[k][index] = part
+                del part
+    return out
+
+
+def _marginal_logits(action: np.ndarray, classes, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Log verb and noun marginals of the action scores, [n, V] and [n, N], in row blocks."""
+    verb = np.empty((len(action), classes.num_verbs), np.float32)
+    noun = np.empty((len(action), classes.num_nouns), np.float32)
+    for lo in range(0, len(action), block_rows):
+        probs = softmax(action[lo : lo + block_rows])  # [b, A]
+        verb[lo : lo + len(probs)] = np.log(marginalise(probs, classes.action_verb, classes.num_verbs) + 1e-12)
+        noun[lo : lo + len(probs)] = np.log(marginalise(probs, classes.action_noun, classes.num_nouns) + 1e-12)
+    return verb, noun
 
 
 def _corpus_examples(classes, corpus: list[str], cfg: TeacherConfig, tok) -> dict:

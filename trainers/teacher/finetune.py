@@ -140,14 +140,13 @@ def finetune(
 def predict(model: TeacherModel, ids: list[list[int]], pad_id: int, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Logits of every head and the [CLS] features, float32 arrays with ``len(ids)`` rows."""
     model.eval()
-    parts: dict[str, list[np.ndarray]] = {}
+    out: dict[str, np.ndarray] = {}
     order = np.argsort([len(s) for s in ids], kind="stable")  # similar lengths share a batch
     for lo in range(0, len(ids), batch_size):
         rows = order[lo : lo + batch_size]
         x, mask = pad_batch([ids[i] for i in rows], pad_id)  # [B, T]
         for k, v in model(x, mask).items():
-            parts.setdefault(k, []).append(v.float().numpy())
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return {k: v[inverse] for k, v in out.items()}
+            if k not in out:
+                out[k] = np.empty((len(ids), v.shape[1]), np.float32)
+            out[k][rows] = v.float().numpy()
+    return out
