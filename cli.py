@@ -257,12 +257,13 @@ def build_teacher_cmd(
     from trainers.teacher.evaluate import metrics_table
 
     hist = tuple(int(x) for x in multi_history.split(",")) if multi_history else None
-    cfg = make_preset(preset, **{
-        **parse_overrides(overrides), "pretrain_epochs": pretrain_epochs, "folds": folds, "family": family,
-        "size": size, "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
-        "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted, "lr": lr,
-        "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
-        "history_dropout": history_dropout, "workers": workers})
+    named = {"pretrain_epochs": pretrain_epochs, "folds": folds, "family": family, "size": size,
+             "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
+             "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted,
+             "lr": lr, "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
+             "history_dropout": history_dropout, "workers": workers}
+    # a named option overrides --set only when given: an absent one must not hide a --set value
+    cfg = make_preset(preset, **{**parse_overrides(overrides), **{k: v for k, v in named.items() if v is not None}})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                       pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                       overwrite=overwrite, fresh=fresh)

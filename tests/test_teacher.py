@@ -421,11 +421,13 @@ def test_cli_build_teacher_tiny(tmp_path, syn_dir):
     from cli import app
 
     store = new_store(tmp_path / "s.zarr", syn_dir)
-    res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--folds", "1",
-                                   "--epochs", "1", "--single-task", "--set", "threads=1", "--topk", "5"])
+    # --set reaches fields that also have a named option (folds, epochs); a given named option wins (topk)
+    res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--set", "folds=1",
+                                   "--set", "epochs=1", "--single-task", "--set", "threads=1", "--set", "topk=7", "--topk", "5"])
     assert res.exit_code == 0, res.output
     g = Store.open(store.path).teacher("cli")
     assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
+    assert g.config["folds"] == 1 and g.config["epochs"] == 1
     assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
     # an external corpus: pretraining text plus (history, next action) fine-tuning examples
     classes, seg = load_annotations(syn_dir, fps=24.0)
