@@ -59,7 +59,9 @@ def test_presets_and_config_errors():
     assert preset("egtea").hist_len == 15 and preset("ek55").hist_len == 5
     assert preset("egtea").lr == 1e-5 and preset("egtea").multi_task
     assert preset("egtea-scratch").pretrain_epochs > 0 and preset("egtea-scratch").lr == 1e-3
-    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "demo", "tiny"}
+    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "ek100-cpu", "demo", "tiny"}
+    ek = preset("ek100-cpu")
+    assert (ek.hist_len, ek.topk, ek.folds, ek.colon) == (5, 50, 5, "reverse")  # the paper's EK history, K = 50
     assert preset("tiny", multi_history=[2, 4]).hist_lens == (2, 4)
     with pytest.raises(ConfigError, match="preset 'nope'"):
         preset("nope")

@@ -2,7 +2,7 @@
 
 Modules, in pipeline order:
 
-- ``config``    TeacherConfig and its presets (egtea, ek55, egtea-scratch, demo, tiny)
+- ``config``    TeacherConfig and its presets (egtea, ek55, egtea-scratch, ek100-cpu, demo, tiny)
 - ``corpus``    action-sequence corpora (text, JSONL recipes, a split's histories)
 - ``tokenizer`` WordPiece on the action language, or a checkpoint's tokenizer + <v>, <a>
 - ``models``    transformers encoders of six families with action/verb/noun heads
