@@ -130,6 +130,8 @@ def test_histories_and_history_corpus(syn_dir):
         seg.video[o] == seg.video[r] and seg.start_frame[o] < seg.start_frame[r] for o in rows)]
     assert all(texts[list(rows).index(r)] == "" for r in first)
     assert all(t.count("<a>") <= 2 and (not t or t.count("<v>") == t.count("<a>") + 1) for t in texts)
+    newest = history_texts(classes, seg, rows, 3, split="training1", recent_first=True)
+    assert [" <a> ".join(t.split(" <a> ")[::-1]) for t in newest] == texts and newest != texts
     lines = history_corpus(classes, seg, "training1", window=4)
     assert all(1 <= line.count("<v>") <= 4 for line in lines)
     assert sum(line.count("<v>") for line in lines) >= len(rows)  # overlapping windows cover every action
@@ -196,6 +198,16 @@ def test_history_dropout_thins_histories_reproducibly():
     thin = Thinning(actions, np.array([3, 3]), words, 0.99, 64)
     assert thin.draw(tok, 0, 1) == thin.draw(tok, 0, 1) != thin.draw(tok, 0, 2)
     assert all(len(ids) > 2 for e in range(5) for ids in thin.draw(tok, 0, e))  # never empty
+    newest = Thinning(actions, np.array([3, 3]), words, 0.0, 64, recent_first=True).draw(tok, 0, 0)
+    assert newest == encode(tok, ["a <v> x <a> c <v> z <a> b <v> y", "c <v> z"], 64)
+
+
+def test_truncation_drops_the_oldest_actions():
+    tok = train_tokenizer(["a <v> x <a> b <v> y <a> c <v> z"], 200)
+    short = lambda ids: tok.convert_ids_to_tokens(ids)[1:-1]  # noqa: E731
+    assert short(encode(tok, ["a <v> x <a> b <v> y"], 5)[0]) == ["b", "<v>", "y"]  # oldest first: cut on the left
+    assert short(encode(tok, ["b <v> y <a> a <v> x"], 5, recent_first=True)[0]) == ["b", "<v>", "y"]  # newest first: right
+    assert short(encode(tok, ["a <v> x <a> b <v> y"], 5)[0]) == ["b", "<v>", "y"]  # the tokenizer's own side is left as it was
 
 
 def test_assign_folds_keeps_videos_together():

@@ -218,7 +218,8 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         check_checkpoint(base)
     all_rows = np.concatenate(list(rows.values()))
     n_train = len(rows[train_split])
-    texts = {L: [t for s, r in rows.items() for t in history_texts(classes, seg, r, L, cfg.history, cfg.colon, split=s)]
+    texts = {L: [t for s, r in rows.items() for t in history_texts(classes, seg, r, L, cfg.history, cfg.colon, split=s,
+                                                                      recent_first=cfg.recent_first)]
              for L in cfg.hist_lens}
     if not any(t for L in cfg.hist_lens for t in texts[L][:n_train]):
         raise DataError(f"split {train_split!r}: every history is empty (no segment has an earlier action in its video)")
@@ -240,7 +241,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
     else:
         vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
         tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + corpus + vocab_lines, cfg.vocab_size)
-    ids = {L: encode(tok, texts[L], cfg.max_len) for L in cfg.hist_lens}
+    ids = {L: encode(tok, texts[L], cfg.max_len, cfg.recent_first) for L in cfg.hist_lens}
     check_known(tok, [i for L in cfg.hist_lens for i, t in zip(ids[L][:n_train], texts[L]) if t],
                 f"split {train_split!r} histories")
     if base:
@@ -296,7 +297,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
                                       ((action, a), (verb, classes.action_verb[a]), (noun, classes.action_noun[a])))
                 if hist is not None:
                     hist = np.concatenate([hist, _left_pad(extra["hist"], hist.shape[1])])
-            thin = Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len) if long is not None else None
+            thin = Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len, cfg.recent_first) if long is not None else None
             return Examples(picked, action, verb, noun, thin)
 
         def job(stage: str, seed: int, train_idx: np.ndarray, pred_idx: np.ndarray) -> StageJob:
@@ -370,7 +371,8 @@ def _corpus_examples(classes, corpus: list[str], cfg: TeacherConfig, tok) -> dic
     pick = pairs[np.sort(rng.choice(len(pairs), size=min(cfg.corpus_examples, len(pairs)), replace=False))]
     lens = [int(x) for x in rng.choice(cfg.hist_lens, size=len(pick))]
     hists = [seqs[i][max(0, j - L):j] for (i, j), L in zip(pick, lens)]
-    ids = encode(tok, [action_text(classes, h, cfg.colon) for h in hists], cfg.max_len)
+    ids = encode(tok, [action_text(classes, h[:: -1 if cfg.recent_first else 1], cfg.colon) for h in hists], cfg.max_len,
+                 cfg.recent_first)
     return {"ids": ids, "action": np.array([seqs[i][j] for i, j in pick], np.int64), "lens": lens, "hist": hists}
 
 

@@ -54,6 +54,7 @@ class TeacherConfig:
     history: str = "gappy"  # gappy: history from the segment's own split; complete: all splits
     max_len: int = 128  # tokens, [CLS]/[SEP] included; truncation drops the oldest tokens
     history_dropout: float = 0.0  # train on histories thinned at a rate drawn from [0, this) (see finetune.Thinning)
+    recent_first: bool = False  # history text newest action first, next to [CLS] (truncation then drops the oldest, at the end)
     colon: str = "keep"  # class-name compounds: EGTEA "keep" (eating:utensil), EK55 "reverse" (pan:dust)
     # Loss.
     multi_task: bool = True  # 0.8 CE_action + 0.1 CE_verb + 0.1 CE_noun; else CE_action
@@ -150,8 +151,8 @@ PRESETS: dict[str, dict] = {
         pretrain_epochs=20, pretrain_lr=1e-3, workers=2,
     ),
     "ek100-cpu": dict(
-        size="mini", hist_len=5, max_len=32, colon="reverse", lr=1e-3, epochs=3, batch_size=64, class_weighted=0.5,
-        folds=5, topk=50, workers=2,
+        size="tiny", hist_len=5, max_len=32, colon="reverse", recent_first=True, lr=3e-3, epochs=3, batch_size=16,
+        dropout=0.0, folds=5, topk=50, workers=2,
     ),
     "demo": dict(
         size="mini", max_len=64, lr=1e-3, epochs=6, batch_size=32, pretrain_epochs=10, pretrain_lr=1e-3, workers=2,

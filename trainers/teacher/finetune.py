@@ -41,6 +41,7 @@ class Thinning:
     words: list[str]  # teacher text of each action id
     rate: float
     max_len: int
+    recent_first: bool = False  # texts newest action first (TeacherConfig.recent_first)
 
     def draw(self, tok: PreTrainedTokenizerFast, seed: int, epoch: int) -> list[list[int]]:
         """Token ids of every example's thinned history for ``epoch`` (seeded)."""
@@ -50,8 +51,8 @@ class Thinning:
         texts = []
         for row, k, L in zip(self.actions, keep, self.lens):
             acts = row[k][-L:] if k.any() else row[row >= 0][-L:]  # never empty
-            texts.append(" <a> ".join(self.words[a] for a in acts))
-        return encode(tok, texts, self.max_len)
+            texts.append(" <a> ".join(self.words[a] for a in (acts[::-1] if self.recent_first else acts)))
+        return encode(tok, texts, self.max_len, self.recent_first)
 
 
 @dataclass

@@ -79,9 +79,15 @@ def _prepare(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
-def encode(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids of each text, with the start/end specials, left-truncated to ``max_len``."""
-    return tok(texts, truncation=True, max_length=max_len)["input_ids"]
+def encode(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int, recent_first: bool = False) -> list[list[int]]:
+    """Token ids of each text, with the start/end specials, truncated to ``max_len`` on the side
+    of the oldest actions: the left, or the right for ``recent_first`` texts."""
+    side = tok.truncation_side
+    tok.truncation_side = "right" if recent_first else "left"
+    try:
+        return tok(texts, truncation=True, max_length=max_len)["input_ids"]
+    finally:
+        tok.truncation_side = side
 
 
 def check_known(tok: PreTrainedTokenizerFast, ids: list[list[int]], what: str) -> None:
