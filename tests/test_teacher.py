@@ -271,6 +271,27 @@ def shared_start(work: Path, dest: Path) -> Path:
     return dest
 
 
+def test_prior_correction_reuses_the_stages_and_shifts_every_head(built):
+    """prior_correction subtracts tau * log(add-one class frequency on the training labels) from the
+    stored action, verb and noun logits of every row; a rebuild with it reuses the finished stages."""
+    store, cfg, result = built
+    stamps = {p: p.stat().st_mtime_ns for p in result.work_dir.glob("*/predictions.safetensors")}
+    pc = preset("tiny", **{**BUILD, "prior_correction": 0.5})
+    build_teacher(store, "pc", pc, train_split="training1", eval_splits=("validation1",), work_dir=result.work_dir,
+                  show_progress=False)
+    assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage ran again
+    seg, classes = store.segments, store.classes
+    plain, shifted = store.teacher("t"), store.teacher("pc")
+    assert (plain.uids == shifted.uids).all() and shifted.config["prior_correction"] == 0.5
+    train = seg.rows_in("training1", labelled=True)
+    for key, labels, n in (("logits", seg.action, classes.num_actions), ("verb_logits", seg.verb, classes.num_verbs),
+                           ("noun_logits", seg.noun, classes.num_nouns)):
+        counts = np.bincount(labels[train], minlength=n) + 1.0
+        want = getattr(plain, key).astype(np.float64) - 0.5 * np.log(counts / counts.sum())  # [P, C]
+        np.testing.assert_allclose(getattr(shifted, key), want, atol=0.02, rtol=2e-3)  # both stored as float16
+    store.delete_predictions("pc")  # the shared store keeps only the build's own group
+
+
 def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, syn_dir):
     store, cfg, r = built
     other = new_store(tmp_path / "s.zarr", syn_dir)

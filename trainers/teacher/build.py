@@ -315,6 +315,10 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         log += [{"stage": j.stage, **r} for r in json.loads((j.sdir / "state.json").read_text())["log"]]
     out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(all_rows))
 
+    if cfg.prior_correction:  # applied after the stages: a resume with another value reuses them
+        lab = rows[train_split]
+        for key, labels, n in (("action", seg.action, nums[0]), ("verb", seg.verb, nums[1]), ("noun", seg.noun, nums[2])):
+            out[key] -= cfg.prior_correction * _log_prior(labels[lab], n)  # [n, C] - [C]
     if not cfg.multi_task:  # untrained heads: store the action model's own verb/noun marginals
         out["verb"], out["noun"] = _marginal_logits(out["action"], classes)
     labels, start = seg.action[all_rows], np.cumsum([0, *(len(r) for r in rows.values())])
@@ -347,6 +351,12 @@ def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:
                 out[k][index] = part
                 del part
     return out
+
+
+def _log_prior(labels: np.ndarray, num: int) -> np.ndarray:
+    """[num] log class frequencies of ``labels``, add-one smoothed (a class never seen stays finite)."""
+    counts = np.bincount(labels, minlength=num).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
 
 
 def _marginal_logits(action: np.ndarray, classes, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -387,8 +397,9 @@ def _left_pad(hists: list[np.ndarray], width: int) -> np.ndarray:
 
 
 def _result_config(d: dict) -> dict:
-    """The config fields that change results (not threads or workers)."""
-    return {k: v for k, v in d.items() if k not in ("threads", "workers")}
+    """The config fields that change the stages' results (not threads, workers, or the
+    prior correction, which is applied to their predictions afterwards)."""
+    return {k: v for k, v in d.items() if k not in ("threads", "workers", "prior_correction")}
 
 
 def _check_resume(work: Path, settings: dict) -> None:
