@@ -222,7 +222,7 @@ def pretrain_lm(
 def build_teacher_cmd(
     store: Path,
     name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind teacher)."),
-    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, demo or tiny."),
+    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo or tiny."),
     train_split: str = typer.Option("training1", help="Split the teacher learns from (out-of-fold predictions)."),
     eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
     pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),
@@ -266,13 +266,14 @@ def build_teacher_cmd(
     from trainers.teacher.evaluate import metrics_table
 
     hist = tuple(int(x) for x in multi_history.split(",")) if multi_history else None
-    cfg = make_preset(preset, **{
-        **parse_overrides(overrides), "pretrain_epochs": pretrain_epochs, "folds": folds, "family": family,
-        "size": size, "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
-        "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted, "lr": lr,
-        "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
-        "history_dropout": history_dropout, "workers": workers, "device": device, "pooling": pooling,
-        "freeze_embeddings": freeze_embeddings})
+    named = {"pretrain_epochs": pretrain_epochs, "folds": folds, "family": family, "size": size,
+             "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
+             "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted,
+             "lr": lr, "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
+             "history_dropout": history_dropout, "workers": workers, "device": device, "pooling": pooling,
+             "freeze_embeddings": freeze_embeddings}
+    # a named option overrides --set only when given: an absent one must not hide a --set value
+    cfg = make_preset(preset, **{**parse_overrides(overrides), **{k: v for k, v in named.items() if v is not None}})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                       pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                       overwrite=overwrite, fresh=fresh)

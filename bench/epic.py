@@ -1,6 +1,6 @@
 """Benchmark: the EPIC-KITCHENS-100 pipeline, stage by stage, through the ``kdstore`` CLI.
 
-    python bench/epic.py                           # ../shared/data/ek100, teacher preset tiny
+    python bench/epic.py                           # ../shared/data/ek100, teacher preset ek100-cpu
     python bench/epic.py --preset NAME --set k=v   # any teacher preset and overrides
     python bench/epic.py --tiny                    # synthetic EK100-layout data: seconds
 
@@ -8,15 +8,19 @@ Stages: ``ingest``, ``info``, ``validate``, ``build-teacher`` (training -> valid
 ``evaluate`` of the teacher and of the n-gram baseline (orders 2 and 3), and ``export`` of
 the teacher's validation predictions as leaderboard JSON. Each runs as its own process, so
 its wall time includes starting Python and importing torch, and its peak RSS (from
-``wait4``, the stage's process and the workers it waited for) is its own. Appends one row
-a stage to ``bench/results/epic.csv``; the evaluate rows carry the challenge's class-mean
-top-5 recall (verb/noun/action x overall/unseen/tail).
+``wait4``, the stage's process and the workers it waited for) is its own. Each row also
+carries the stage's CPU seconds (user + system, workers included) and the 1-minute load
+average before and after it: on a shared machine wall time follows the load, CPU time
+much less. Appends one row a stage to ``bench/results/epic.csv``; the evaluate rows carry
+the challenge's class-mean top-5 recall (verb/noun/action x overall/unseen/tail).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,9 +37,7 @@ from kdstore.metrics import EK100_COLUMNS  # noqa: E402
 from kdstore.synthetic import SyntheticConfig, generate_epic100  # noqa: E402
 
 EK100_DIR = ROOT.parent / "shared/data/ek100"
-DEFAULT_PRESET = "tiny"
-#: EK100 names put the head noun first (liquid:washing); the default preset's overrides say so.
-DEFAULT_OVERRIDES = ("colon=reverse",)
+DEFAULT_PRESET = "ek100-cpu"
 TINY_OVERRIDES = ("epochs=1", "folds=1", "threads=1")
 
 
@@ -53,18 +55,24 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_stage(args: list[str], show: bool = False) -> tuple[float, float, str]:
-    """(seconds, peak RSS MiB, stdout) of ``kdstore <args>`` run in its own process."""
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_stage(args: list[str], show: bool = False) -> tuple[float, float, str, float]:
+    """(seconds, peak RSS MiB, stdout, CPU seconds) of ``kdstore <args>`` run in its own process."""
     with tempfile.TemporaryDirectory() as tmp:
         peak, out, err = Path(tmp) / "peak", Path(tmp) / "out", Path(tmp) / "err"
         with open(out, "w") as fo, open(err, "w") as fe:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             p = subprocess.run([sys.executable, "-c", _LAUNCH, str(peak), str(ROOT / "cli.py"), *args], stdout=fo,
                                stderr=None if show else fe)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         if p.returncode != 0:
             raise RuntimeError(f"kdstore {' '.join(args)} failed ({p.returncode}): {err.read_text().strip()[-2000:]}")
-        return seconds, int(peak.read_text()) / 1024.0, out.read_text()
+        return seconds, int(peak.read_text()) / 1024.0, out.read_text(), cpu
 
 
 def run(
@@ -78,7 +86,7 @@ def run(
     show_progress: bool = False,
 ) -> list[dict]:
     """Run every stage (the cheap ones ``repeat`` times) and append a row a stage; returns the rows."""
-    overrides = tuple(overrides if overrides is not None else DEFAULT_OVERRIDES if preset == DEFAULT_PRESET else ())
+    overrides = tuple(overrides or ())
     if tiny:
         overrides += TINY_OVERRIDES
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,11 +114,13 @@ def run(
         config = {"tiny": tiny, "data": str(data), "preset": preset, "overrides": list(overrides), "repeat": repeat}
         rows = []
         for stage, args, n in stages:
+            load_before = os.getloadavg()[0]
             runs = [run_stage(args, show_progress and stage == "build-teacher") for _ in range(n)]
             times = [r[0] for r in runs]
             q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
             result = {"stage": stage, "median_s": statistics.median(times), "p20_s": q[1], "p80_s": q[7],
-                      "peak_rss_mib": max(r[1] for r in runs)}
+                      "peak_rss_mib": max(r[1] for r in runs), "cpu_s": statistics.median(r[3] for r in runs),
+                      "load_before": load_before, "load_after": os.getloadavg()[0]}
             if stage.startswith("evaluate"):
                 m = json.loads(runs[-1][2])
                 result |= {k: m.get(k) for k, _ in EK100_COLUMNS} | {k: m.get(k) for k in ("n", "coverage")}
@@ -124,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="synthetic EK100-layout data and a one-epoch teacher")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"teacher preset (default {DEFAULT_PRESET})")
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help=f"TeacherConfig override (default with the default preset: {' '.join(DEFAULT_OVERRIDES)})")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="TeacherConfig override (repeatable)")
     p.add_argument("--data", default=None, help=f"EK100 annotation folder (default {EK100_DIR})")
     p.add_argument("--repeat", type=int, default=1, help="runs of each stage but build-teacher")
     p.add_argument("--work-dir", default=None, help="keep the store, work dir and JSON here")
@@ -134,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(a.tiny, a.out_dir, a.preset, tuple(a.set) if a.set is not None else None, a.data, a.work_dir, a.repeat,
                show_progress=True)
     for r in rows:
-        print(f"{r['stage']:>18}: {float(r['median_s']):8.1f} s  peak RSS {float(r['peak_rss_mib']):7.0f} MiB"
+        print(f"{r['stage']:>18}: {float(r['median_s']):8.1f} s  CPU {float(r['cpu_s']):8.1f} s  "
+              f"peak RSS {float(r['peak_rss_mib']):7.0f} MiB  load {float(r['load_before']):.1f}-{float(r['load_after']):.1f}"
               + "".join(f"  {h} {float(r[k]):.2f}" for k, h in EK100_COLUMNS if r.get(k) not in (None, "")))
 
 

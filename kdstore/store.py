@@ -45,6 +45,7 @@ FORMAT = "kdstore"
 DEFAULT_LSE_TEMPERATURES = (1.0, 2.0, 4.0, 10.0)
 # Predictions groups keep student predictions too: ``kind`` tells them apart.
 PREDICTION_KINDS = ("teacher", "student", "baseline")
+WRITE_BLOCK_ROWS = 2048  # rows of predictions checked, reduced and converted at a time
 
 
 def _backend_for(path: Path, backend: str | None) -> type[Backend]:
@@ -322,6 +323,7 @@ class Store:
         log: list | None = None,
         overwrite: bool = False,
         provenance: dict | None = None,
+        block_rows: int = WRITE_BLOCK_ROWS,
     ) -> "Predictions":
         """Check and atomically write per-UID predictions as ``teacher/<name>``.
 
@@ -331,6 +333,9 @@ class Store:
         Only UIDs with a prediction are stored; any other segment is absent. The top-K
         logits, their class indices and the full log-sum-exp at each temperature in
         ``lse_temperatures`` are derived here, so top-K distillation reads K numbers a UID.
+        Inputs are checked, reduced and converted ``block_rows`` rows at a time, so the
+        memory this takes beyond its inputs is the top-K and LSE arrays plus a few
+        [block_rows, classes] temporaries.
         """
         if kind not in PREDICTION_KINDS:
             raise DataError(f"predictions {name!r}: kind must be one of {PREDICTION_KINDS}, found {kind!r}")
@@ -342,6 +347,8 @@ class Store:
         if len(np.unique(rows)) != len(rows):
             r, c = np.unique(rows, return_counts=True)
             raise DataError(f"predictions {name!r}: {seg.describe(r[c > 1][0])} given more than once")
+        if block_rows < 1:
+            raise ConfigError(f"predictions {name!r}: block_rows must be >= 1, found {block_rows}")
         A = self.classes.num_actions
         expect = {"logits": (logits, A)}
         if verb_logits is not None:
@@ -354,30 +361,34 @@ class Store:
             if arr.ndim != 2 or arr.shape[0] != len(uids) or (width is not None and arr.shape[1] != width):
                 want = f"[{len(uids)}, {width if width is not None else 'H'}]"
                 raise DataError(f"predictions {name!r}: {key} has shape {list(arr.shape)}, expected {want} (store has {A} actions)")
-            _check_finite(arr, uids, f"predictions {name!r}: {key}")
-            # stored as float16: a larger finite value would be read back as inf
-            _check_fp16_range(arr, uids, f"predictions {name!r}: {key}")
-        order = np.argsort(rows, kind="stable")  # keep groups in segment-table order
-        uids, logits = uids[order], logits[order].astype(np.float32)
+            for lo in range(0, len(arr), block_rows):
+                sl = slice(lo, lo + block_rows)
+                _check_finite(arr[sl], uids[sl], f"predictions {name!r}: {key}")
+                # stored as float16: a larger finite value would be read back as inf
+                _check_fp16_range(arr[sl], uids[sl], f"predictions {name!r}: {key}")
         k = min(int(topk), A)
         if k < 1:
             raise DataError(f"predictions {name!r}: topk must be >= 1, found {topk}")
-        idx = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < A else np.tile(np.arange(A), (len(uids), 1))
-        vals = np.take_along_axis(logits, idx, axis=1)
-        sort = np.argsort(-vals, axis=1, kind="stable")
-        idx, vals = np.take_along_axis(idx, sort, 1), np.take_along_axis(vals, sort, 1)
+        order = np.argsort(rows, kind="stable")  # keep groups in segment-table order
+        uids = uids[order]
         temps = [float(t) for t in lse_temperatures]
-        lse = np.stack([_logsumexp(logits / t) for t in temps], axis=1) if len(uids) else np.zeros((0, len(temps)))
-        arrays = {
-            "uids": uids,
-            "logits": logits.astype(np.float16),
-            "topk_values": vals.astype(np.float32),
-            "topk_indices": idx.astype(np.int32),
-            "lse": lse.astype(np.float32),
-        }
+        vals, idx = np.empty((len(uids), k), np.float32), np.empty((len(uids), k), np.int32)
+        lse = np.empty((len(uids), len(temps)), np.float32)
+        # row blocks: every temporary is [block_rows, A], whatever the number of rows
+        for lo in range(0, len(uids), block_rows):
+            x = logits[order[lo : lo + block_rows]].astype(np.float32)  # [b, A]
+            bi = np.argpartition(-x, k - 1, axis=1)[:, :k] if k < A else np.tile(np.arange(A), (len(x), 1))  # [b, k]
+            bv = np.take_along_axis(x, bi, axis=1)
+            sort = np.argsort(-bv, axis=1, kind="stable")
+            idx[lo : lo + len(x)], vals[lo : lo + len(x)] = np.take_along_axis(bi, sort, 1), np.take_along_axis(bv, sort, 1)
+            for j, t in enumerate(temps):
+                lse[lo : lo + len(x), j] = _logsumexp(x / t)
+        # logits go to float16 through float32, the dtype their top-K and LSE were taken in
+        arrays = {"uids": uids, "logits": _Reordered(logits, order, np.float16, block_rows, via=np.float32),
+                  "topk_values": vals, "topk_indices": idx, "lse": lse}
         for key in ("features", "verb_logits", "noun_logits"):
             if key in expect:
-                arrays[key] = expect[key][0][order].astype(np.float16)
+                arrays[key] = _Reordered(expect[key][0], order, np.float16, block_rows)
         attrs = {
             "kind": kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -502,6 +513,20 @@ def _check_fp16_range(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
     if arr.size and arr.dtype.kind in "fiu" and np.abs(arr).max() > _FP16_MAX:
         row = int(np.flatnonzero((np.abs(arr) > _FP16_MAX).any(axis=1))[0])
         raise DataError(f"{what}: UID {uids[row]} has a value beyond the float16 range (|x| > {_FP16_MAX:g}) it is stored in")
+
+
+class _Reordered:
+    """``array[order]`` cast to ``dtype`` (through ``via`` if given) as an ArraySource,
+    gathered ``block_rows`` rows at a time."""
+
+    def __init__(self, array: np.ndarray, order: np.ndarray, dtype, block_rows: int, via=None):
+        self.array, self.order, self.dtype, self.block_rows, self.via = array, order, np.dtype(dtype), block_rows, via
+        self.shape = (len(order), *array.shape[1:])
+
+    def blocks(self):
+        for lo in range(0, len(self.order), self.block_rows):
+            block = self.array[self.order[lo : lo + self.block_rows]]
+            yield (block.astype(self.via) if self.via else block).astype(self.dtype)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

@@ -514,6 +514,62 @@ class StoreTests:
         assert p.topk == 3 and p.features is None and len(p) == 4
         np.testing.assert_array_equal(Store.open(store.path).teacher("other").logits, before["teacher/other/logits"])
 
+    @pytest.mark.parametrize("block_rows", [1, 7, 64])
+    def test_blockwise_write_is_bit_identical(self, store, block_rows):
+        """Row blocks of any size store the bytes of one whole-matrix pass (ties, float64 input, features)."""
+        seg, A = store.segments, store.classes.num_actions
+        rng = np.random.default_rng(block_rows)
+        pick = rng.permutation(len(seg))[: len(seg) - 5]  # an awkward count, out of table order
+        logits = rng.normal(size=(len(pick), A)) * 4  # float64: converted through float32
+        logits[::3] = np.round(logits[::3])  # many tied values
+        feats = rng.normal(size=(len(pick), 9)).astype(np.float32)
+        verb = rng.normal(size=(len(pick), store.classes.num_verbs))
+        kw = dict(features=feats, verb_logits=verb, topk=13, lse_temperatures=(1.0, 3.0))
+        store.write_predictions("whole", seg.uid[pick], logits, block_rows=len(pick), **kw)
+        store.write_predictions("blocks", seg.uid[pick], logits, block_rows=block_rows, **kw)
+        whole, blocks = store.teacher("whole"), store.teacher("blocks")
+        for key in ("uids", "logits", "topk_values", "topk_indices", "lse", "features", "verb_logits"):
+            a, b = self.raw(store.path, f"teacher/whole/{key}"), self.raw(store.path, f"teacher/blocks/{key}")
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
+        # and the whole-matrix values are the reference ones
+        order = np.argsort(seg.row_of(seg.uid[pick].tolist()), kind="stable")
+        x = logits[order].astype(np.float32)
+        np.testing.assert_array_equal(whole.logits, x.astype(np.float16))
+        np.testing.assert_array_equal(whole.topk_values, topk_ref(x, 13))
+        np.testing.assert_array_equal(np.take_along_axis(x, whole.topk_indices.astype(np.int64), 1), topk_ref(x, 13))
+        np.testing.assert_allclose(whole.lse[:, 1], logsumexp(x.astype(np.float64) / 3.0), rtol=1e-5)
+        assert blocks.topk == 13 and len(blocks) == len(pick)
+        with pytest.raises(ConfigError, match="block_rows must be >= 1"):
+            store.write_predictions("zero", seg.uid[:2], logits[:2], block_rows=0)
+
+    def test_write_predictions_memory_is_bounded_by_block_rows(self, tmp_path):
+        """Temporaries are [block_rows, A]: the peak Python-heap allocation of a write stays well
+        under the size of its input, where a whole-matrix pass needs several times it."""
+        import tracemalloc
+
+        A, n, V = 1500, 2400, 30
+        rng = np.random.default_rng(0)
+        action = rng.integers(0, A, n).astype(np.int32)
+        av = (np.arange(A) % V).astype(np.int32)
+        classes = ClassTable(action_names=[f"a{i}" for i in range(A)], verb_names=[f"v{i}" for i in range(V)],
+                             noun_names=[f"n{i}" for i in range(A // V)], action_verb=av,
+                             action_noun=(np.arange(A) // V).astype(np.int32))
+        seg = SegmentTable(uid=np.arange(n, dtype=np.int64), video=np.zeros(n, np.int32),
+                           start_frame=np.arange(n, dtype=np.int64) * 10, end_frame=np.arange(n, dtype=np.int64) * 10 + 5,
+                           verb=classes.action_verb[action], noun=classes.action_noun[action], action=action,
+                           split=np.zeros(n, np.int8), videos=["v"], splits=["training1"], fps=30.0)
+        store = Store.create(tmp_path / f"wide{self.suffix}", classes, seg)
+        logits = rng.normal(size=(n, A)).astype(np.float32)  # 14.4 MB
+        peaks = {}
+        for rows in (64, n):
+            tracemalloc.start()
+            store.write_predictions(f"b{rows}", seg.uid[::-1], logits, block_rows=rows, overwrite=True)
+            peaks[rows] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peaks[64] < logits.nbytes / 2, peaks  # top-K/LSE outputs (~1 MB) plus 64-row temporaries (~3 MB)
+        assert peaks[n] > logits.nbytes, peaks  # the same write in one block: the test can tell them apart
+        np.testing.assert_array_equal(store.teacher("b64").topk_indices, store.teacher(f"b{n}").topk_indices)
+
     def test_overwrite_video_features(self, store, synthetic_tables):
         fs = store.video("feat")
         old = {v: np.array(fs.frames(v)[0]) for v in fs.videos}

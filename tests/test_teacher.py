@@ -50,7 +50,9 @@ def test_presets_and_config_errors():
     assert preset("egtea").lr == 1e-5 and preset("egtea").multi_task
     assert preset("egtea-scratch").pretrain_epochs > 0 and preset("egtea-scratch").lr == 1e-3
     assert preset("egtea-cpu").hist_len == 15 and preset("egtea-cpu").freeze_embeddings
-    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "egtea-cpu", "demo", "tiny"}
+    assert set(PRESETS) >= {"egtea", "ek55", "egtea-scratch", "egtea-cpu", "ek100-cpu", "demo", "tiny"}
+    ek = preset("ek100-cpu")
+    assert (ek.hist_len, ek.topk, ek.folds, ek.colon) == (5, 50, 5, "reverse")  # the paper's EK history, K = 50
     assert preset("tiny", multi_history=[2, 4]).hist_lens == (2, 4)
     with pytest.raises(ConfigError, match="preset 'nope'"):
         preset("nope")
@@ -120,6 +122,8 @@ def test_histories_and_history_corpus(teacher_ann):
         seg.video[o] == seg.video[r] and seg.start_frame[o] < seg.start_frame[r] for o in rows)]
     assert all(texts[list(rows).index(r)] == "" for r in first)
     assert all(t.count("<a>") <= 2 and (not t or t.count("<v>") == t.count("<a>") + 1) for t in texts)
+    newest = history_texts(classes, seg, rows, 3, split="training1", recent_first=True)
+    assert [" <a> ".join(t.split(" <a> ")[::-1]) for t in newest] == texts and newest != texts
     lines = history_corpus(classes, seg, "training1", window=4)
     assert all(1 <= line.count("<v>") <= 4 for line in lines)
     assert sum(line.count("<v>") for line in lines) >= len(rows)  # overlapping windows cover every action
@@ -182,7 +186,7 @@ def rows(t: Tokens) -> list[list[int]]:
     return [t.row(i) for i in range(len(t))]
 
 
-def thinned_texts(actions, lens, words, rate, seed, epoch) -> list[str]:
+def thinned_texts(actions, lens, words, rate, seed, epoch, recent_first=False) -> list[str]:
     """History dropout's rule written out row by row: the same draws, then each row's kept actions."""
     rng = np.random.default_rng([seed, epoch])
     drop = rng.uniform(0, rate, len(actions))[:, None]
@@ -190,7 +194,7 @@ def thinned_texts(actions, lens, words, rate, seed, epoch) -> list[str]:
     out = []
     for row, k, L in zip(actions, keep, lens):
         acts = row[k][-L:] if k.any() else row[row >= 0][-L:]
-        out.append(" <a> ".join(words[a] for a in acts))
+        out.append(" <a> ".join(words[a] for a in (acts[::-1] if recent_first else acts)))
     return out
 
 
@@ -238,6 +242,30 @@ def test_history_dropout_retokenizes_when_joining_differs():
     thin = Thinning(acts, lens, words, 0.9, 32).prepare(tok, dense)
     assert thin.table is None
     assert rows(thin.draw(tok, 3, 1)) == rows(encode(tok, thinned_texts(acts, lens, words, 0.9, 3, 1), 32))
+
+
+def test_history_dropout_joins_newest_first_like_the_tokenizer():
+    words = ["take <v> cup", "open <v> fridge drawer", "cut <v> tomato", "wash <v> eating utensil"]
+    tok = train_tokenizer([" <a> ".join(words)], 40)
+    acts, lens = random_histories(actions=4, seed=1)
+    dense = encode(tok, thinned_texts(acts, lens, words, 0.0, 0, 0, recent_first=True), 12, recent_first=True)
+    thin = Thinning(acts, lens, words, 0.9, 12, recent_first=True).prepare(tok, dense)
+    assert thin.table is not None
+    for epoch in range(3):
+        want = encode(tok, thinned_texts(acts, lens, words, 0.9, 5, epoch, recent_first=True), 12, recent_first=True)
+        assert rows(thin.draw(tok, 5, epoch, chunk=16)) == rows(want), epoch
+    small = np.array([[-1, 0, 1, 2, 0, 1, 2, 0], [-1, -1, -1, -1, -1, -1, -1, 2]])
+    newest = Thinning(small, np.array([3, 3]), words[:3], 0.0, 64, recent_first=True)
+    assert rows(newest.draw(tok, 0, 0)) == rows(encode(tok, [" <a> ".join(words[a] for a in (0, 2, 1)), words[2]], 64,
+                                                          recent_first=True))
+
+
+def test_truncation_drops_the_oldest_actions():
+    tok = train_tokenizer(["a <v> x <a> b <v> y <a> c <v> z"], 200)
+    short = lambda ids: tok.convert_ids_to_tokens(ids.row(0))[1:-1]  # noqa: E731
+    assert short(encode(tok, ["a <v> x <a> b <v> y"], 5)) == ["b", "<v>", "y"]  # oldest first: cut on the left
+    assert short(encode(tok, ["b <v> y <a> a <v> x"], 5, recent_first=True)) == ["b", "<v>", "y"]  # newest first: right
+    assert short(encode(tok, ["a <v> x <a> b <v> y"], 5)) == ["b", "<v>", "y"]  # the tokenizer's own side is left as it was
 
 
 def test_assign_folds_keeps_videos_together():
@@ -299,6 +327,27 @@ def shared_start(work: Path, dest: Path) -> Path:
         shutil.copytree(work / part, dest / part)
     shutil.copy(work / "build.json", dest / "build.json")
     return dest
+
+
+def test_prior_correction_reuses_the_stages_and_shifts_every_head(built):
+    """prior_correction subtracts tau * log(add-one class frequency on the training labels) from the
+    stored action, verb and noun logits of every row; a rebuild with it reuses the finished stages."""
+    store, cfg, result = built
+    stamps = {p: p.stat().st_mtime_ns for p in result.work_dir.glob("*/predictions.safetensors")}
+    pc = preset("tiny", **{**BUILD, "prior_correction": 0.5})
+    build_teacher(store, "pc", pc, train_split="training1", eval_splits=("validation1",), work_dir=result.work_dir,
+                  show_progress=False)
+    assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage ran again
+    seg, classes = store.segments, store.classes
+    plain, shifted = store.teacher("t"), store.teacher("pc")
+    assert (plain.uids == shifted.uids).all() and shifted.config["prior_correction"] == 0.5
+    train = seg.rows_in("training1", labelled=True)
+    for key, labels, n in (("logits", seg.action, classes.num_actions), ("verb_logits", seg.verb, classes.num_verbs),
+                           ("noun_logits", seg.noun, classes.num_nouns)):
+        counts = np.bincount(labels[train], minlength=n) + 1.0
+        want = getattr(plain, key).astype(np.float64) - 0.5 * np.log(counts / counts.sum())  # [P, C]
+        np.testing.assert_allclose(getattr(shifted, key), want, atol=0.02, rtol=2e-3)  # both stored as float16
+    store.delete_predictions("pc")  # the shared store keeps only the build's own group
 
 
 def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teacher_ann):
@@ -482,11 +531,13 @@ def test_cli_build_teacher_tiny(tmp_path, teacher_ann):
     from cli import app
 
     store = new_store(tmp_path / "s.zarr", teacher_ann)
-    res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--folds", "1",
-                                   "--epochs", "1", "--single-task", "--set", "threads=1", "--topk", "5"])
+    # --set reaches fields that also have a named option (folds, epochs); a given named option wins (topk)
+    res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--set", "folds=1",
+                                   "--set", "epochs=1", "--single-task", "--set", "threads=1", "--set", "topk=7", "--topk", "5"])
     assert res.exit_code == 0, res.output
     g = Store.open(store.path).teacher("cli")
     assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
+    assert g.config["folds"] == 1 and g.config["epochs"] == 1
     assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
     # an external corpus: pretraining text plus (history, next action) fine-tuning examples
     classes, seg = load_annotations(teacher_ann, fps=24.0)

@@ -49,6 +49,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from kdstore.annotations import action_text, action_words
@@ -63,7 +64,7 @@ from .device import stage_devices
 from .finetune import Examples, Thinning, finetune, predict
 from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
 from .ngram import action_histories
-from .optim import num_threads, read_json, read_safetensors
+from .optim import RESUME_HINT, first_line, num_threads, read_json
 from .pretrain import PretrainConfig, pretrain_mlm
 from .progress import progress
 from .tokenizer import Tokens, check_known, encode, load_tokenizer, train_tokenizer
@@ -143,8 +144,11 @@ def run_stage(job: StageJob, device: str = "cpu", on_step=None, on_epoch=None) -
     with num_threads(cfg.threads):
         model = make_model(cfg, tok, job.model_base, job.nums, job.seed).to(device)
         finetune(model, job.data, cfg, tok, job.seed, job.sdir, on_step=on_step, on_epoch=on_epoch)
-        outs = [predict(model, ids) for ids in job.pred_ids]
-    preds = {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in PRED_KEYS}  # mean over lengths
+        preds = predict(model, job.pred_ids[0])
+        for ids in job.pred_ids[1:]:  # mean over history lengths, summed in place
+            for k, v in predict(model, ids).items():
+                preds[k] += v
+    preds = {k: preds[k] / len(job.pred_ids) if len(job.pred_ids) > 1 else preds[k] for k in PRED_KEYS}
     if job.export:
         model.save(job.export, tok, {"config": job.cfg})
     tmp = job.sdir / ".predictions.tmp"
@@ -249,7 +253,8 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
         check_checkpoint(base)
     all_rows = np.concatenate(list(rows.values()))
     n_train = len(rows[train_split])
-    texts = {L: [t for s, r in rows.items() for t in history_texts(classes, seg, r, L, cfg.history, cfg.colon, split=s)]
+    texts = {L: [t for s, r in rows.items() for t in history_texts(classes, seg, r, L, cfg.history, cfg.colon, split=s,
+                                                                      recent_first=cfg.recent_first)]
              for L in cfg.hist_lens}
     if not any(t for L in cfg.hist_lens for t in texts[L][:n_train]):
         raise DataError(f"split {train_split!r}: every history is empty (no segment has an earlier action in its video)")
@@ -271,7 +276,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
     else:
         vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
         tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + corpus + vocab_lines, cfg.vocab_size)
-    ids = {L: encode(tok, texts[L], cfg.max_len) for L in cfg.hist_lens}
+    ids = {L: encode(tok, texts[L], cfg.max_len, cfg.recent_first) for L in cfg.hist_lens}
     check_known(tok, Tokens.concat([ids[L].take(np.flatnonzero([bool(t) for t in texts[L][:n_train]]))
                                     for L in cfg.hist_lens]), f"split {train_split!r} histories")
     if base:
@@ -331,7 +336,7 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
                                       ((action, a), (verb, classes.action_verb[a]), (noun, classes.action_noun[a])))
                 if hist is not None:
                     hist = np.concatenate([hist, _left_pad(extra["hist"], hist.shape[1])])
-            thin = (Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len).prepare(tok, picked)
+            thin = (Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len, cfg.recent_first).prepare(tok, picked)
                     if long is not None else None)
             return Examples(picked, action, verb, noun, thin)
 
@@ -346,18 +351,16 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
             jobs += [job(f"fold{k}", cfg.seed + 101 * (k + 1), train_idx[folds != k], train_idx[folds == k])
                      for k in range(cfg.folds)]
         ran = run_stages(jobs, devices, task, on_epoch)
-    parts = [{k: v.numpy() for k, v in read_safetensors(j.sdir / "predictions.safetensors").items()} for j in jobs]
     for j in jobs:
         log += [{"stage": j.stage, **r} for r in read_json(j.sdir / "state.json", ("log",))["log"]]
-    out = {k: np.zeros((len(all_rows), parts[0][k].shape[1]), np.float32) for k in PRED_KEYS}
-    for p in parts:
-        for k in PRED_KEYS:
-            out[k][p["index"]] = p[k]
+    out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(all_rows))
 
+    if cfg.prior_correction:  # applied after the stages: a resume with another value reuses them
+        lab = rows[train_split]
+        for key, labels, n in (("action", seg.action, nums[0]), ("verb", seg.verb, nums[1]), ("noun", seg.noun, nums[2])):
+            out[key] -= cfg.prior_correction * _log_prior(labels[lab], n)  # [n, C] - [C]
     if not cfg.multi_task:  # untrained heads: store the action model's own verb/noun marginals
-        probs = softmax(out["action"])
-        out["verb"] = np.log(marginalise(probs, classes.action_verb, nums[1]) + 1e-12).astype(np.float32)
-        out["noun"] = np.log(marginalise(probs, classes.action_noun, nums[2]) + 1e-12).astype(np.float32)
+        out["verb"], out["noun"] = _marginal_logits(out["action"], classes)
     labels, start = seg.action[all_rows], np.cumsum([0, *(len(r) for r in rows.values())])
     span = {s: slice(start[i], start[i + 1]) for i, s in enumerate(rows)}
     metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in eval_splits}
@@ -374,6 +377,42 @@ def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_
     return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work, ran)
 
 
+def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:
+    """[n, width] float32 arrays of every key in PRED_KEYS, filled from the stages' prediction
+    files one array at a time (each file's ``index`` says which rows it holds)."""
+    out: dict[str, np.ndarray] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), "np") as f:
+                index = f.get_tensor("index")
+                for k in PRED_KEYS:
+                    part = f.get_tensor(k)  # [m, width]
+                    if k not in out:
+                        out[k] = np.zeros((n, part.shape[1]), np.float32)
+                    out[k][index] = part
+                    del part
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{path}: unreadable checkpoint file ({first_line(e)}); {RESUME_HINT}") from None
+    return out
+
+
+def _log_prior(labels: np.ndarray, num: int) -> np.ndarray:
+    """[num] log class frequencies of ``labels``, add-one smoothed (a class never seen stays finite)."""
+    counts = np.bincount(labels, minlength=num).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def _marginal_logits(action: np.ndarray, classes, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Log verb and noun marginals of the action scores, [n, V] and [n, N], in row blocks."""
+    verb = np.empty((len(action), classes.num_verbs), np.float32)
+    noun = np.empty((len(action), classes.num_nouns), np.float32)
+    for lo in range(0, len(action), block_rows):
+        probs = softmax(action[lo : lo + block_rows])  # [b, A]
+        verb[lo : lo + len(probs)] = np.log(marginalise(probs, classes.action_verb, classes.num_verbs) + 1e-12)
+        noun[lo : lo + len(probs)] = np.log(marginalise(probs, classes.action_noun, classes.num_nouns) + 1e-12)
+    return verb, noun
+
+
 def _corpus_examples(classes, corpus: list[str], cfg: TeacherConfig, tok) -> dict:
     """``cfg.corpus_examples`` (history, next action) pairs drawn (seeded) from the corpus lines,
     each at a history length drawn from ``cfg.hist_lens``."""
@@ -385,7 +424,8 @@ def _corpus_examples(classes, corpus: list[str], cfg: TeacherConfig, tok) -> dic
     pick = pairs[np.sort(rng.choice(len(pairs), size=min(cfg.corpus_examples, len(pairs)), replace=False))]
     lens = [int(x) for x in rng.choice(cfg.hist_lens, size=len(pick))]
     hists = [seqs[i][max(0, j - L):j] for (i, j), L in zip(pick, lens)]
-    ids = encode(tok, [action_text(classes, h, cfg.colon) for h in hists], cfg.max_len)
+    ids = encode(tok, [action_text(classes, h[:: -1 if cfg.recent_first else 1], cfg.colon) for h in hists], cfg.max_len,
+                 cfg.recent_first)
     return {"ids": ids, "action": np.array([seqs[i][j] for i, j in pick], np.int64), "lens": lens, "hist": hists}
 
 
@@ -400,8 +440,9 @@ def _left_pad(hists: list[np.ndarray], width: int) -> np.ndarray:
 
 
 def _result_config(d: dict) -> dict:
-    """The config fields that change results (not threads, workers or device)."""
-    return {k: v for k, v in d.items() if k not in ("threads", "workers", "device")}
+    """The config fields that change the stages' results (not threads, workers, device, or the
+    prior correction, which is applied to their predictions afterwards)."""
+    return {k: v for k, v in d.items() if k not in ("threads", "workers", "device", "prior_correction")}
 
 
 def _check_resume(work: Path, settings: dict) -> None:

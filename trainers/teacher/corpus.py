@@ -89,12 +89,12 @@ def read_corpus(path: str | Path) -> list[str]:
 
 def history_texts(
     classes: ClassTable, segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy", colon: str = "keep",
-    split: str | None = None,
+    split: str | None = None, recent_first: bool = False,
 ) -> list[str]:
-    """The history text of each segment row ("" for a segment with no earlier action);
-    in gappy mode the history comes from ``split``."""
-    hist = histories(segments, rows, hist_len, mode, split)  # [n, hist_len], -1 padded
-    return [action_text(classes, segments.action[h[h >= 0]], colon) for h in hist]
+    """The history text of each segment row ("" for a segment with no earlier action),
+    oldest action first (or newest, ``recent_first``); in gappy mode the history comes from ``split``."""
+    hist = histories(segments, rows, hist_len, mode, split)  # [n, hist_len], -1 padded, oldest first
+    return [action_text(classes, segments.action[h[h >= 0]][:: -1 if recent_first else 1], colon) for h in hist]
 
 
 def history_corpus(

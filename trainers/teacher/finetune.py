@@ -48,13 +48,14 @@ class Thinning:
     words: list[str]  # teacher text of each action id
     rate: float
     max_len: int
+    recent_first: bool = False  # texts newest action first (TeacherConfig.recent_first)
     table: Tokens | None = None  # token ids of each action's words, set by ``prepare`` when joining is exact
 
     def prepare(self, tok: PreTrainedTokenizerFast, full: Tokens) -> "Thinning":
         """Use joined action ids if they reproduce ``full``, the tokenizer's ids of the unthinned histories."""
         table = Tokens.from_lists(tok(self.words, add_special_tokens=False)["input_ids"], tok.pad_token_id)
         ids = _tokens_ids(tok)
-        dense = _join_actions(_last(self.actions, self.actions >= 0, self.lens), table, ids, self.max_len)
+        dense = _join_actions(_last(self.actions, self.actions >= 0, self.lens), table, ids, self.max_len, self.recent_first)
         self.table = table if _same(dense, full) else None
         return self
 
@@ -68,10 +69,11 @@ class Thinning:
         keep[empty] = valid[empty]  # never empty
         acts = _last(self.actions, keep, self.lens)  # [n, W]
         if self.table is None:
-            texts = [" <a> ".join(self.words[a] for a in row[row >= 0]) for row in acts]
-            return encode(tok, texts, self.max_len)
+            order = slice(None, None, -1 if self.recent_first else 1)
+            texts = [" <a> ".join(self.words[a] for a in row[row >= 0][order]) for row in acts]
+            return encode(tok, texts, self.max_len, self.recent_first)
         ids = _tokens_ids(tok)
-        return Tokens.concat([_join_actions(acts[lo : lo + chunk], self.table, ids, self.max_len)
+        return Tokens.concat([_join_actions(acts[lo : lo + chunk], self.table, ids, self.max_len, self.recent_first)
                               for lo in range(0, len(acts), chunk)])
 
 
@@ -87,10 +89,15 @@ def _last(actions: np.ndarray, keep: np.ndarray, lens: np.ndarray) -> np.ndarray
     return np.where(keep & (after <= lens[:, None]), actions, -1)
 
 
-def _join_actions(acts: np.ndarray, table: Tokens, special: tuple[int, int, int], max_len: int) -> Tokens:
-    """``start w(a1) <a> w(a2) ... end`` of each row's actions (-1: none), oldest tokens cut
-    to fit ``max_len`` (what the tokenizer does with ``truncation_side="left"``)."""
+def _join_actions(
+    acts: np.ndarray, table: Tokens, special: tuple[int, int, int], max_len: int, recent_first: bool = False
+) -> Tokens:
+    """``start w(a1) <a> w(a2) ... end`` of each row's actions (-1: none; newest first if
+    ``recent_first``), the oldest tokens cut to fit ``max_len`` (what the tokenizer does with
+    ``truncation_side`` "left", or "right" for newest-first texts)."""
     start, end, sep = special
+    if recent_first:
+        acts = acts[:, ::-1]
     n, W = acts.shape
     A = table.ids.shape[1] + 1  # an action's tokens and its separator
     a = np.maximum(acts, 0)
@@ -102,7 +109,8 @@ def _join_actions(acts: np.ndarray, table: Tokens, special: tuple[int, int, int]
     width[np.arange(n), last] -= real[np.arange(n), last]  # no separator after it
     grid, valid = grid.reshape(n, -1), (np.arange(A)[None, None, :] < width[:, :, None]).reshape(n, -1)  # [n, W*A]
     body = max_len - 2
-    valid &= np.cumsum(valid[:, ::-1], axis=1)[:, ::-1] <= body  # the newest ``body`` tokens
+    kept = np.cumsum(valid, axis=1) if recent_first else np.cumsum(valid[:, ::-1], axis=1)[:, ::-1]
+    valid &= kept <= body  # the newest ``body`` tokens
     k = valid.sum(axis=1)  # [n]
     packed = np.take_along_axis(grid, np.argsort(~valid, axis=1, kind="stable"), axis=1)[:, :body]  # [n, <= body]
     out = np.full((n, max_len), table.pad_id, np.int32)
@@ -212,15 +220,14 @@ def predict(model: TeacherModel, ids: Tokens, batch_size: int = 256) -> dict[str
     computed on the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    parts: dict[str, list[np.ndarray]] = {}
+    out: dict[str, np.ndarray] = {}
     order = np.argsort(ids.lens, kind="stable")  # similar lengths share a batch
     for lo in range(0, len(ids), batch_size):
-        x, mask = ids.batch(order[lo : lo + batch_size], device)  # [B, T]
+        rows = order[lo : lo + batch_size]
+        x, mask = ids.batch(rows, device)  # [B, T]
         with autocast(device):
-            out = model(x, mask)
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v.float().cpu().numpy())
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return {k: v[inverse] for k, v in out.items()}
+            for k, v in model(x, mask).items():
+                if k not in out:
+                    out[k] = np.empty((len(ids), v.shape[1]), np.float32)
+                out[k][rows] = v.float().cpu().numpy()
+    return out

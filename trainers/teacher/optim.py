@@ -107,7 +107,7 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}); {RESUME_HINT}") from None
+        raise ConfigError(f"{path}: unreadable checkpoint file ({first_line(e)}); {RESUME_HINT}") from None
 
 
 def read_json(path: Path, required: tuple[str, ...] = (), hint: str | None = RESUME_HINT) -> dict:
@@ -117,7 +117,7 @@ def read_json(path: Path, required: tuple[str, ...] = (), hint: str | None = RES
     try:
         out = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}){end}") from None
+        raise ConfigError(f"{path}: unreadable checkpoint file ({first_line(e)}){end}") from None
     if not isinstance(out, dict) or not set(required) <= out.keys():
         keys = f" with {', '.join(required)}" if required else ""
         raise ConfigError(f"{path}: unreadable checkpoint file (expected a JSON object{keys}){end}")
@@ -131,7 +131,7 @@ def check_json_files(path: Path, names: tuple[str, ...]) -> None:
             read_json(path / name, hint=None)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 

@@ -132,14 +132,22 @@ class Tokens:
         return Tokens(ids, np.concatenate([p.lens for p in parts]), pad)
 
 
-def encode(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int, chunk: int = 4096) -> Tokens:
-    """Token ids of each text, with the start/end specials, left-truncated to ``max_len``;
-    tokenized ``chunk`` texts at a time into one array."""
+def encode(
+    tok: PreTrainedTokenizerFast, texts: list[str], max_len: int, recent_first: bool = False, chunk: int = 4096
+) -> Tokens:
+    """Token ids of each text, with the start/end specials, truncated to ``max_len`` on the side
+    of the oldest actions (the left, or the right for ``recent_first`` texts); tokenized
+    ``chunk`` texts at a time into one array."""
     out = Tokens(np.full((len(texts), max_len), tok.pad_token_id, np.int32), np.zeros(len(texts), np.int32), tok.pad_token_id)
-    for lo in range(0, len(texts), chunk):
-        for i, seq in enumerate(tok(texts[lo : lo + chunk], truncation=True, max_length=max_len)["input_ids"], start=lo):
-            out.ids[i, : len(seq)] = seq
-            out.lens[i] = len(seq)
+    side = tok.truncation_side
+    tok.truncation_side = "right" if recent_first else "left"
+    try:
+        for lo in range(0, len(texts), chunk):
+            for i, seq in enumerate(tok(texts[lo : lo + chunk], truncation=True, max_length=max_len)["input_ids"], start=lo):
+                out.ids[i, : len(seq)] = seq
+                out.lens[i] = len(seq)
+    finally:
+        tok.truncation_side = side
     return out
 
 
