@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from kdstore.errors import KDStoreError
-from trainers.config import cli_options, parse_set
+from trainers.config import cli_options, make, parse_set
 from trainers.student.config import RULES as STUDENT_RULES
 from trainers.student.config import StudentConfig
 from trainers.teacher.config import PRETRAIN_RULES, TEACHER_RULES, PretrainConfig, TeacherConfig
@@ -193,7 +193,6 @@ def pretrain_lm(
 ) -> None:
     """Masked-LM pretraining of an encoder on an action-sequence corpus (or continued from --init-from).
     Every PretrainConfig field is an option and a --set key."""
-    from trainers.config import make
     from trainers.teacher.corpus import annotations_corpus, read_corpus
     from trainers.teacher.pretrain import pretrain_mlm
     from trainers.teacher.progress import progress
