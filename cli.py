@@ -11,9 +11,10 @@ import typer
 from rich.console import Console
 
 from kdstore.errors import KDStoreError
-from trainers.config import cli_options, parse_set
+from trainers.config import cli_options, make, parse_set
 from trainers.student.config import RULES as STUDENT_RULES
 from trainers.student.config import StudentConfig
+from trainers.teacher.config import PRETRAIN_RULES, TEACHER_RULES, PretrainConfig, TeacherConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, however long
@@ -180,37 +181,26 @@ def export(
 
 
 @app.command("pretrain-lm")
+@cli_options(PretrainConfig, PRETRAIN_RULES, preset=False)
 def pretrain_lm(
     corpus: Optional[Path] = typer.Argument(None, help="Text file ('verb <v> noun <a> ...' a line) or JSONL recipes."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (HF format, safetensors, tokenizer)."),
     from_annotations: Optional[Path] = typer.Option(None, help="Annotation folder: pretrain on one split's action sequences."),
     split: str = typer.Option("training1", help="Split read by --from-annotations."),
-    family: str = typer.Option("bert", help="bert, roberta, distilbert, albert, deberta or electra."),
-    size: str = typer.Option("small", help="tiny, mini, small or base."),
-    init_from: Optional[Path] = typer.Option(None, help="Local HF checkpoint dir to start from (its tokenizer + <v>, <a>)."),
-    epochs: int = typer.Option(10),
-    lr: float = typer.Option(5e-4),
-    batch_size: int = typer.Option(32),
-    max_len: int = typer.Option(64, help="Tokens a chunk, [CLS]/[SEP] included."),
-    vocab_size: int = typer.Option(512, help="WordPiece vocabulary (without --init-from)."),
     window: int = typer.Option(16, help="Actions a line with --from-annotations."),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(2, help="torch CPU threads."),
-    device: str = typer.Option("auto", help="auto (CUDA when visible), cpu or cuda (bf16 autocast)."),
+    overrides: list[str] = typer.Option([], "--set", help="PretrainConfig field key=value (repeatable), e.g. --set mask_prob=0.2."),
+    options: Optional[dict] = None,
 ) -> None:
-    """Masked-LM pretraining of an encoder on an action-sequence corpus (or continued from --init-from)."""
-    import torch
-
+    """Masked-LM pretraining of an encoder on an action-sequence corpus (or continued from --init-from).
+    Every PretrainConfig field is an option and a --set key."""
     from trainers.teacher.corpus import annotations_corpus, read_corpus
-    from trainers.teacher.pretrain import PretrainConfig, pretrain_mlm
+    from trainers.teacher.pretrain import pretrain_mlm
     from trainers.teacher.progress import progress
 
     if (corpus is None) == (from_annotations is None):
         raise typer.BadParameter("give a CORPUS file or --from-annotations DIR (one of them)")
-    torch.set_num_threads(threads)
+    cfg = make(PretrainConfig, parse_set(PretrainConfig, overrides), options)
     texts = read_corpus(corpus) if corpus else annotations_corpus(from_annotations, split, window)
-    cfg = PretrainConfig(family=family, size=size, init_from=str(init_from) if init_from else None, vocab_size=vocab_size,
-                         max_len=max_len, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
     with progress() as task:
         summary = pretrain_mlm(texts, out, cfg, on_step=task("pretrain"))
     last = summary["log"][-1]
@@ -219,6 +209,8 @@ def pretrain_lm(
 
 
 @app.command("build-teacher")
+@cli_options(TeacherConfig, TEACHER_RULES, flags={"multi_task": "--multi-task/--single-task",
+                                                  "freeze_embeddings": "--freeze-embeddings/--train-embeddings"})
 def build_teacher_cmd(
     store: Path,
     name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind teacher)."),
@@ -226,54 +218,24 @@ def build_teacher_cmd(
     train_split: str = typer.Option("training1", help="Split the teacher learns from (out-of-fold predictions)."),
     eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
     pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),
-    pretrain_epochs: Optional[int] = typer.Option(None, help="MLM epochs on the train-split histories before fine-tuning."),
     corpus: Optional[Path] = typer.Option(None, help="Action-sequence corpus (text or JSONL recipes) joining the MLM "
-                                          "pretraining; with --set corpus_examples=N also N fine-tuning examples."),
-    folds: Optional[int] = typer.Option(None, help="Cross-fitting folds by video (1: the full model predicts everything)."),
-    family: Optional[str] = typer.Option(None),
-    size: Optional[str] = typer.Option(None),
-    init_from: Optional[Path] = typer.Option(None, help="Local HF/sentence-transformers checkpoint dir as the encoder "
-                                             "(its tokenizer + <v>, <a>)."),
-    hist_len: Optional[int] = typer.Option(None, help="Actions of history (paper: 15 EGTEA, 5 EK55)."),
-    multi_history: Optional[str] = typer.Option(None, help="History lengths to average over, e.g. 5,10,15."),
-    history: Optional[str] = typer.Option(None, help="gappy or complete."),
-    max_len: Optional[int] = typer.Option(None),
-    multi_task: Optional[bool] = typer.Option(None, "--multi-task/--single-task", help="0.8/0.1/0.1 action/verb/noun loss."),
-    class_weighted: Optional[float] = typer.Option(None, help="CE class weights (n/(C*count))**P: 0 off, 1 balanced, 0.5 sqrt."),
-    lr: Optional[float] = typer.Option(None),
-    epochs: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    topk: Optional[int] = typer.Option(None, help="Top-K logits stored a UID (default 50)."),
-    seed: Optional[int] = typer.Option(None),
-    history_dropout: Optional[float] = typer.Option(None, help="Also train on thinned histories (drop rate up to this)."),
-    threads: Optional[int] = typer.Option(None, help="torch threads per process."),
-    workers: Optional[int] = typer.Option(None, help="Fine-tuning stages in parallel processes (on CUDA: per GPU)."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA when visible), cpu or cuda (folds spread over GPUs)."),
-    pooling: Optional[str] = typer.Option(None, help="Heads read the [CLS] state (cls) or the tokens' mean (mean)."),
-    freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings",
-                                                     help="Keep a checkpoint's word embeddings fixed."),
-    overrides: list[str] = typer.Option([], "--set", help="Any TeacherConfig field, key=value (repeatable)."),
+                                          "pretraining; with --corpus-examples N also N fine-tuning examples."),
+    overrides: list[str] = typer.Option([], "--set", help="TeacherConfig field key=value (repeatable), e.g. --set lr=1e-4."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoints (default <store>.teacher-work/<name>); resumed."),
     overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
     fresh: bool = typer.Option(False, help="Delete the work dir first instead of resuming."),
+    options: Optional[dict] = None,
 ) -> None:
-    """Train a text teacher on the histories and write its per-UID predictions."""
+    """Train a text teacher on the histories and write its per-UID predictions. Every
+    TeacherConfig field is an option (--folds 1, --init-from DIR) and a --set key; the preset
+    gives the rest."""
     from kdstore.store import Store
     from trainers.teacher.build import build_teacher
-    from trainers.teacher.config import parse_overrides
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus
     from trainers.teacher.evaluate import metrics_table
 
-    hist = tuple(int(x) for x in multi_history.split(",")) if multi_history else None
-    named = {"pretrain_epochs": pretrain_epochs, "folds": folds, "family": family, "size": size,
-             "init_from": str(init_from) if init_from else None, "hist_len": hist_len, "multi_history": hist,
-             "history": history, "max_len": max_len, "multi_task": multi_task, "class_weighted": class_weighted,
-             "lr": lr, "epochs": epochs, "batch_size": batch_size, "topk": topk, "seed": seed, "threads": threads,
-             "history_dropout": history_dropout, "workers": workers, "device": device, "pooling": pooling,
-             "freeze_embeddings": freeze_embeddings}
-    # a named option overrides --set only when given: an absent one must not hide a --set value
-    cfg = make_preset(preset, **{**parse_overrides(overrides), **{k: v for k, v in named.items() if v is not None}})
+    cfg = make_preset(preset, **{**parse_set(TeacherConfig, overrides), **options})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                       pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                       overwrite=overwrite, fresh=fresh)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_row, peak_rss_mib  # noqa: E402
 from trainers.demo import FEATURES, DemoConfig  # noqa: E402
-from trainers.student.config import preset  # noqa: E402
+from trainers.config import parse_set  # noqa: E402
+from trainers.student.config import StudentConfig, preset  # noqa: E402
 from trainers.student.distill import distills, without_distillation  # noqa: E402
 from trainers.student.train import train_student  # noqa: E402
-from trainers.teacher.config import parse_overrides  # noqa: E402
 
 NO_KD = "no KD"
 # Overrides of the demo student, whose preset distils as the paper does: full KL at T = 10
@@ -139,4 +139,4 @@ if __name__ == "__main__":
     unknown = sorted(set(a.settings or ()) - set(SETTINGS))
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; see --list")
-    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir, parse_overrides(a.overrides))))
+    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir, parse_set(StudentConfig, a.overrides))))

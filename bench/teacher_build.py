@@ -42,8 +42,9 @@ from kdstore.annotations import action_text, load_annotations  # noqa: E402
 from kdstore.metrics import compute_metrics  # noqa: E402
 from kdstore.store import Store  # noqa: E402
 from kdstore.synthetic import SyntheticConfig, generate_annotations  # noqa: E402
+from trainers.config import parse_set  # noqa: E402
 from trainers.teacher.build import build_teacher  # noqa: E402
-from trainers.teacher.config import parse_overrides, preset  # noqa: E402
+from trainers.teacher.config import TeacherConfig, preset  # noqa: E402
 from trainers.teacher.ngram import ngram_baseline  # noqa: E402
 from trainers.teacher.tokenizer import train_tokenizer  # noqa: E402
 
@@ -118,7 +119,8 @@ def run(
         elif init_from == "standin":
             init_from = str(standin_checkpoint(base / "standin", classes, TINY_SHAPE if tiny else MINILM_SHAPE))
             checkpoint = "standin-minilm-l6 (random weights)"
-        cfg = preset(name, **{**overrides, "device": device, "init_from": init_from})
+        named = {"device": device, "init_from": init_from}  # given ones win over overrides
+        cfg = preset(name, **{**overrides, **{k: v for k, v in named.items() if v is not None}})
         store = Store.create(base / f"store-{split}.zarr", classes, segments, overwrite=True)
         t0 = time.perf_counter()
         result = build_teacher(store, "teacher", cfg, train_split=train_split, eval_splits=(eval_split,),
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
     [row] = run(a.tiny, a.out_dir, a.split, a.preset, a.data_dir, a.work_dir, show_progress=True, device=a.device,
-                init_from=a.init_from, fps=a.fps, **parse_overrides(a.set))
+                init_from=a.init_from, fps=a.fps, **parse_set(TeacherConfig, a.set))
     for k, v in row.items():
         if k not in ("machine", "config"):
             print(f"{k:>28}: {v}")

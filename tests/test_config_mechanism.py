@@ -1,6 +1,9 @@
 """trainers.config: one validation, one --set parser and generated CLI options for every config."""
 
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import typer
@@ -120,3 +123,56 @@ def test_generated_options_are_listed_with_their_comments_and_skip_works():
     assert "--clip" not in out
     bad = CliRunner().invoke(_app(), ["run", "s", "--hist", "1,x"])
     assert bad.exit_code != 0 and "hist: expected a list of int, got '1,x'" in str(bad.exception)
+
+
+BOUNDS = Rules(positive=("hist",), probability=("p",), minimum={"n": 8})
+
+
+@dataclass
+class Bounded:
+    hist: tuple[int, ...] = (1,)
+    p: float = 0.5
+    n: int = 8
+
+    def __post_init__(self):
+        check(self, BOUNDS)
+
+
+def test_probability_minimum_and_every_item_of_a_tuple():
+    with pytest.raises(ConfigProblems) as e:
+        make(Bounded, {"hist": [3, 0], "p": 1.0, "n": 7})
+    assert e.value.problems == ["hist: expected > 0 each, got (3, 0)", "p: expected in (0, 1), got 1.0",
+                                "n: expected >= 8, got 7"]
+    with pytest.raises(ConfigProblems, match=r"p: expected in \(0, 1\), got 0"):
+        Bounded(p=0)
+    cfg = make(Bounded, {"hist": [], "p": 0.01, "n": 8})
+    assert (cfg.hist, cfg.p, cfg.n) == ((), 0.01, 8)
+
+
+def test_generated_options_take_named_flags_and_show_field_defaults_without_a_preset():
+    app = typer.Typer()
+
+    @app.command()
+    @cli_options(Toy, RULES, flags={"flag": "--flag/--plain"}, preset=False)
+    def run(options: dict = None):
+        print(make(Toy, options))
+
+    @app.command()
+    def other() -> None:
+        """A second command so that typer keeps command names."""
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    for part in ("--plain", "learning rate; default 0.001", "a or b; one of a, b; default a", "history lengths; default ()",
+                 "checkpoint dir; default none", "a switch; default false"):
+        assert part in out, (part, out)
+    assert "--no-flag" not in out and "(default: the preset's)" not in out
+    assert "flag=False" in runner.invoke(app, ["run", "--plain"]).output
+    assert "flag=True" in runner.invoke(app, ["run", "--flag"]).output
+    assert "Toy(lr=0.001, epochs=3, drop=0.1, mode='a', hist=(), init=None, flag=False, clip=None)" in runner.invoke(app, ["run"]).output
+
+
+def test_the_cli_reads_every_config_without_importing_torch():
+    """The generated options need the configs at import; ``kdstore --help`` must stay fast."""
+    code = "import sys, cli; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)

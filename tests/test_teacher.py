@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from kdstore.annotations import SegmentTable, load_annotations
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError
 from kdstore.store import Store
+from trainers.config import ConfigProblems, field_help, field_names, make, parse_set
 from trainers.teacher.build import assign_folds, build_teacher, make_model
 from trainers.teacher.config import PRESETS, TeacherConfig, preset
 from trainers.teacher.corpus import STOP_VERBS, history_corpus, history_texts, read_corpus
@@ -56,12 +57,54 @@ def test_presets_and_config_errors():
     assert preset("tiny", multi_history=[2, 4]).hist_lens == (2, 4)
     with pytest.raises(ConfigError, match="preset 'nope'"):
         preset("nope")
-    with pytest.raises(ConfigError, match="unknown option"):
+    with pytest.raises(ConfigError, match="TeacherConfig: learning_rate: unknown option"):
         preset("egtea", learning_rate=1.0)
-    with pytest.raises(ConfigError, match="family"):
+    with pytest.raises(ConfigError, match="TeacherConfig: family: expected one of bert, .*, got 'gpt'"):
         TeacherConfig(family="gpt")
-    with pytest.raises(ConfigError, match="lr"):
+    with pytest.raises(ConfigError, match="TeacherConfig: lr: expected > 0, got 0"):
         TeacherConfig(lr=0)
+    saved = preset("ek100-cpu", multi_history=[3, 5]).to_dict()
+    assert TeacherConfig.from_dict(json.loads(json.dumps(saved))) == preset("ek100-cpu", multi_history=(3, 5))
+    with pytest.raises(ConfigError, match="TeacherConfig: lrr: unknown option"):
+        TeacherConfig.from_dict({**saved, "lrr": 1.0})
+
+
+def test_teacher_and_pretrain_configs_name_every_problem_at_once():
+    with pytest.raises(ConfigProblems) as e:
+        preset("tiny", learning_rate=1.0, hist_len=0, multi_history=[5, 0], max_len=4, history_dropout=1.0, mask_prob=0.0,
+               prior_correction=-0.5, colon="sideways", history="full", family="gpt", size="huge", pooling="max",
+               device="tpu", recent_first="yes")
+    assert "\n" not in str(e.value) and str(e.value).startswith("TeacherConfig: learning_rate: unknown option (known: ")
+    assert e.value.problems[1:] == [
+        "recent_first: expected bool, got 'yes'",
+        "family: expected one of bert, roberta, distilbert, albert, deberta, electra, got 'gpt'",
+        "size: expected one of tiny, mini, small, base, got 'huge'",
+        "pooling: expected one of cls, mean, got 'max'",
+        "history: expected one of gappy, complete, got 'full'",
+        "colon: expected one of keep, reverse, got 'sideways'",
+        "device: expected one of auto, cpu, cuda, got 'tpu'",
+        "hist_len: expected > 0, got 0",
+        "multi_history: expected > 0 each, got (5, 0)",
+        "prior_correction: expected >= 0, got -0.5",
+        "history_dropout: expected in [0, 1), got 1.0",
+        "mask_prob: expected in (0, 1), got 0.0",
+        "max_len: expected >= 8, got 4",
+    ]
+    with pytest.raises(ConfigProblems) as e:
+        make(PretrainConfig, {"mask_prob": 1.0, "device": "tpu", "max_len": 4, "epochs": 0, "window": 3, "warmup": 1})
+    assert e.value.problems[0].startswith("window: unknown option (known: batch_size, device, dropout, epochs, family, ")
+    assert e.value.problems[1:] == ["device: expected one of auto, cpu, cuda, got 'tpu'", "epochs: expected > 0, got 0",
+                                    "warmup: expected in [0, 1), got 1", "mask_prob: expected in (0, 1), got 1.0",
+                                    "max_len: expected >= 8, got 4"]
+    with pytest.raises(ConfigProblems, match=r"PretrainConfig: size: expected one of tiny, mini, small, base, got 'xl'"):
+        PretrainConfig(size="xl")
+    # the one --set parser, typed by the teacher's fields
+    assert parse_set(TeacherConfig, ["multi_history=5,10", "recent_first=true", "init_from=none", "lr=2e-4"]) == \
+        {"multi_history": (5, 10), "recent_first": True, "init_from": None, "lr": 2e-4}
+    with pytest.raises(ConfigProblems) as e:
+        parse_set(TeacherConfig, ["lr=abc", "nope=1", "folds=2.5"])
+    assert [p.split(" (")[0] for p in e.value.problems] == ["lr: expected float, got 'abc'", "nope: unknown option",
+                                                            "folds: expected int, got '2.5'"]
 
 
 def test_tokenizer_keeps_action_tokens_and_recent_history(tmp_path):
@@ -556,6 +599,78 @@ def test_cli_build_teacher_tiny(tmp_path, teacher_ann):
     res = CliRunner().invoke(app, [*args, "--name", "f", "--corpus", str(foreign), "--set", "corpus_examples=20"])
     assert isinstance(res.exception, DataError) and "no line of two or more actions that are all store classes" in str(res.exception)
     assert "f" not in Store.open(store.path).predictions()
+
+
+FLAGS = {"multi_task": ("--multi-task", "--single-task"), "freeze_embeddings": ("--freeze-embeddings", "--train-embeddings")}
+
+
+def _options(values: dict) -> list[str]:
+    """``values`` as the generated command-line options of their fields."""
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(FLAGS.get(key, (flag, "--no-" + flag[2:]))[0 if value else 1])
+        else:
+            out += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return out
+
+
+def test_cli_config_options_are_generated_for_every_field(tmp_path, teacher_ann):
+    """Every PretrainConfig and TeacherConfig field is an option of pretrain-lm / build-teacher
+    (listed with its help) that reaches the config, each option at a value neither the field's
+    default nor the preset's."""
+    from cli import app
+
+    runner = CliRunner()
+    for command, cls in (("pretrain-lm", PretrainConfig), ("build-teacher", TeacherConfig)):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output
+        helps = field_help(cls)
+        for name in field_names(cls):
+            assert "--" + name.replace("_", "-") in text or name in FLAGS, (command, name)
+            assert helps.get(name, "") in text, (command, name)
+        assert all(flag in text for name in FLAGS for flag in FLAGS[name]) == (cls is TeacherConfig)
+    base = tmp_path / "lm0"
+    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(teacher_ann), "--out", str(base), "--size", "tiny",
+                              "--epochs", "1", "--max-len", "32"])
+    assert res.exit_code == 0, res.output
+    mlm = dict(family="roberta", size="mini", init_from=str(base), vocab_size=300, max_len=24, epochs=1, lr=1e-3,
+               batch_size=8, weight_decay=0.02, warmup=0.2, mask_prob=0.2, dropout=0.05, seed=3, threads=2, device="cpu")
+    assert sorted(mlm) == sorted(field_names(PretrainConfig))
+    assert all(v != getattr(PretrainConfig(), k) for k, v in mlm.items())
+    res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(teacher_ann), "--out", str(tmp_path / "lm1"),
+                              "--window", "6", *_options(mlm)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "lm1" / "pretrain.json").read_text())["config"] == mlm
+
+    teacher = dict(family="roberta", size="mini", init_from=str(tmp_path / "lm1"), vocab_size=300, dropout=0.05,
+                   pooling="mean", freeze_embeddings=True, hist_len=3, multi_history=(2, 3), history="complete", max_len=24,
+                   history_dropout=0.2, recent_first=True, colon="reverse", multi_task=False, class_weighted=0.5,
+                   label_smoothing=0.1, prior_correction=0.3, lr=2e-3, weight_decay=0.02, warmup=0.2, epochs=1, batch_size=8,
+                   grad_clip=0.5, folds=1, topk=5, pretrain_epochs=1, pretrain_lr=1e-3, pretrain_batch_size=8,
+                   pretrain_window=6, mask_prob=0.2, corpus_examples=5, seed=3, threads=2, workers=2, device="cpu")
+    assert sorted(teacher) == sorted(field_names(TeacherConfig))
+    assert all(v not in (getattr(TeacherConfig(), k), PRESETS["tiny"].get(k)) for k, v in teacher.items())
+    classes, seg = load_annotations(teacher_ann, fps=24.0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(history_corpus(classes, seg, "training1")) + "\n")
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
+    res = runner.invoke(app, ["build-teacher", str(store.path), "--name", "all", "--preset", "tiny", "--corpus", str(corpus),
+                              *_options(teacher)])
+    assert res.exit_code == 0, res.output
+    config = Store.open(store.path).teacher("all").config
+    assert {k: config[k] for k in teacher} == {**teacher, "multi_history": [2, 3]}
+    # bad options and --set pairs: one line naming each, before any work
+    res = runner.invoke(app, ["build-teacher", str(tmp_path / "none.zarr"), "--name", "x", "--preset", "tiny",
+                              "--hist-len", "0", "--set", "colon=sideways", "--set", "bogus=1"])
+    assert isinstance(res.exception, ConfigError) and "bogus: unknown option" in str(res.exception)
+    res = runner.invoke(app, ["build-teacher", str(tmp_path / "none.zarr"), "--name", "x", "--preset", "tiny",
+                              "--hist-len", "0", "--set", "colon=sideways"])
+    assert isinstance(res.exception, ConfigProblems)
+    assert res.exception.problems == ["colon: expected one of keep, reverse, got 'sideways'", "hist_len: expected > 0, got 0"]
+    res = runner.invoke(app, ["pretrain-lm", str(corpus), "--out", str(tmp_path / "x"), "--set", "mask_prob=1", "--lr", "-1"])
+    assert isinstance(res.exception, ConfigProblems) and not (tmp_path / "x").exists()
+    assert res.exception.problems == ["lr: expected > 0, got -1.0", "mask_prob: expected in (0, 1), got 1.0"]
 
 
 # -- real EGTEA (skipped when the data is absent) ------------------------------------------------

@@ -45,7 +45,7 @@ def test_stage_devices():
         stage_devices("cuda", 1, cuda_count=0)
     with pytest.raises(ConfigError, match="device 'tpu': expected one of auto, cpu, cuda"):
         stage_devices("tpu")
-    with pytest.raises(ConfigError, match="TeacherConfig.device"):
+    with pytest.raises(ConfigError, match="TeacherConfig: device: expected one of auto, cpu, cuda, got 'gpu'"):
         preset("tiny", device="gpu")
 
 

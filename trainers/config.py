@@ -33,12 +33,15 @@ class ConfigProblems(ConfigError):
 
 @dataclass(frozen=True)
 class Rules:
-    """Constraints on a config's fields beyond their types (None values pass the bounds)."""
+    """Constraints on a config's fields beyond their types. None values pass the bounds; a
+    tuple value meets a bound when each of its items does."""
 
     choices: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)  # a callable: looked up when checked
     positive: tuple[str, ...] = ()  # > 0
     non_negative: tuple[str, ...] = ()  # >= 0
     fraction: tuple[str, ...] = ()  # in [0, 1)
+    probability: tuple[str, ...] = ()  # in (0, 1)
+    minimum: dict[str, float] = field(default_factory=dict)  # >= the given value
 
 
 def _is_union(hint: Any) -> bool:
@@ -83,12 +86,15 @@ def problems(cfg: Any, rules: Rules) -> list[str]:
         if name not in mistyped and getattr(cfg, name) not in options:
             out.append(f"{name}: expected one of {', '.join(map(str, options))}, got {getattr(cfg, name)!r}")
     bounds = [(rules.positive, lambda v: v > 0, "> 0"), (rules.non_negative, lambda v: v >= 0, ">= 0"),
-              (rules.fraction, lambda v: 0 <= v < 1, "in [0, 1)")]
+              (rules.fraction, lambda v: 0 <= v < 1, "in [0, 1)"), (rules.probability, lambda v: 0 < v < 1, "in (0, 1)"),
+              *(((name,), lambda v, low=low: v >= low, f">= {low:g}") for name, low in rules.minimum.items())]
     for names, ok, text in bounds:
         for name in names:
             value = getattr(cfg, name)
-            if name not in mistyped and value is not None and not ok(value):
-                out.append(f"{name}: expected {text}, got {value!r}")
+            if name in mistyped or value is None:
+                continue
+            if not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
+                out.append(f"{name}: expected {text}" + (" each" if isinstance(value, tuple) else "") + f", got {value!r}")
     return out
 
 
@@ -192,6 +198,13 @@ def field_help(cls: type) -> dict[str, str]:
     return {name: text.strip() for name, text in found}
 
 
+def _render(value: Any) -> str:
+    """``value`` as ``--set`` and the generated options read it."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "()"
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
 def _cli_type(hint: Any) -> type:
     options = [h for h in (typing.get_args(hint) if _is_union(hint) else (hint,)) if h is not type(None)]
     if len(options) == 1 and options[0] in (int, float, bool, str):
@@ -199,12 +212,17 @@ def _cli_type(hint: Any) -> type:
     return str  # tuples and mixed unions arrive as text and go through _parse_value
 
 
-def cli_options(cls: type, rules: Rules | None = None, skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+def cli_options(cls: type, rules: Rules | None = None, skip: Iterable[str] = (), flags: dict[str, str] | None = None,
+                preset: bool = True) -> Callable[[Callable], Callable]:
     """Decorator for a typer command: one ``--field-name`` option per field of ``cls`` (except
-    ``skip`` and the command's own parameters), defaulting to the preset's value, its help the
-    field's comment and the fixed choices of ``rules``; the options given reach the command as
-    one ``options: dict`` of typed values."""
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    ``skip`` and the command's own parameters), its help the field's comment and the fixed
+    choices of ``rules``; the options given reach the command as one ``options: dict`` of typed
+    values, an option not given is absent (it hides no ``--set`` value). ``flags`` names a
+    field's option otherwise (``{"multi_task": "--multi-task/--single-task"}``). An option not
+    given means the preset's value, or with ``preset=False`` the field's default, shown in the help."""
+    hints, helps, flags = typing.get_type_hints(cls), field_help(cls), flags or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    panel = f"{cls.__name__} (default: the preset's)" if preset else f"{cls.__name__}"
 
     def decorate(command: Callable) -> Callable:
         sig = inspect.signature(command, eval_str=True)  # annotations resolved in the command's module
@@ -216,12 +234,12 @@ def cli_options(cls: type, rules: Rules | None = None, skip: Iterable[str] = ())
                 continue
             kind = _cli_type(hints[name])
             flag = "--" + name.replace("_", "-")
-            decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
+            decls = [flags.get(name) or (f"{flag}/--no-{name.replace('_', '-')}" if kind is bool else flag)]
             options = (rules.choices if rules else {}).get(name)
             choices = f"one of {', '.join(map(str, options))}" if isinstance(options, tuple) else ""
-            text = "; ".join(filter(None, (helps.get(name), choices))) or f"{cls.__name__}.{name}"
-            info = typer.Option(None, *decls, help=text,
-                                rich_help_panel=f"{cls.__name__} (default: the preset's)")
+            default = "" if preset or defaults[name] is dataclasses.MISSING else f"default {_render(defaults[name])}"
+            text = "; ".join(filter(None, (helps.get(name), choices, default))) or f"{cls.__name__}.{name}"
+            info = typer.Option(None, *decls, help=text, rich_help_panel=panel)
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                            annotation=Optional[kind]))
 

@@ -2,7 +2,7 @@
 
 Modules, in pipeline order:
 
-- ``config``    TeacherConfig and its presets (egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo, tiny)
+- ``config``    TeacherConfig and its presets (egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo, tiny), PretrainConfig
 - ``device``    where stages run: CPU or CUDA (bf16 autocast), one process per device slot
 - ``corpus``    action-sequence corpora (text, JSONL recipes, a split's histories)
 - ``tokenizer`` WordPiece on the action language, or a checkpoint's tokenizer + <v>, <a>; token arrays

@@ -58,14 +58,14 @@ from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics, marginalise, softmax
 from kdstore.store import Store, _check_name, provenance_entry
 
-from .config import TeacherConfig, config_from_dict
+from .config import PretrainConfig, TeacherConfig
 from .corpus import corpus_sequences, history_corpus, history_texts
 from .device import stage_devices
 from .finetune import Examples, Thinning, finetune, predict
 from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
 from .ngram import action_histories
 from .optim import RESUME_HINT, first_line, num_threads, read_json
-from .pretrain import PretrainConfig, pretrain_mlm
+from .pretrain import pretrain_mlm
 from .progress import progress
 from .tokenizer import Tokens, check_known, encode, load_tokenizer, train_tokenizer
 
@@ -139,7 +139,7 @@ def make_model(cfg: TeacherConfig, tok, model_base: Path | None, nums: tuple[int
 def run_stage(job: StageJob, device: str = "cpu", on_step=None, on_epoch=None) -> dict:
     """Fine-tune on ``device`` (resuming from ``job.sdir``), predict, write ``predictions.safetensors``;
     returns where it ran (stage, device, process id)."""
-    cfg = config_from_dict(job.cfg)
+    cfg = TeacherConfig.from_dict(job.cfg)
     tok = load_tokenizer(job.tok_dir)
     with num_threads(cfg.threads):
         model = make_model(cfg, tok, job.model_base, job.nums, job.seed).to(device)
@@ -451,7 +451,7 @@ def _check_resume(work: Path, settings: dict) -> None:
     if not path.exists():
         return
     old = read_json(path)
-    old_cfg = config_from_dict(old.get("config", {})).to_dict() if "config" in old else {}
+    old_cfg = TeacherConfig.from_dict(old.get("config", {})).to_dict() if "config" in old else {}
     old = {**old, "config": _result_config(old_cfg)}
     diff = sorted(k for k in settings if old.get(k) != settings[k])
     if "config" in diff:

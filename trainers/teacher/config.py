@@ -36,16 +36,36 @@ K = 50. Its figures against the n-gram, and the probes behind it, are in docs/re
 from __future__ import annotations
 
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass
+from typing import Any
 
 from kdstore.errors import ConfigError
 
-from .device import DEVICES
+from ..config import Rules, check, make
 
 FAMILIES = ("bert", "roberta", "distilbert", "albert", "deberta", "electra")
 SIZES = ("tiny", "mini", "small", "base")
+DEVICES = ("auto", "cpu", "cuda")
+
+TEACHER_RULES = Rules(
+    choices={"family": FAMILIES, "size": SIZES, "pooling": ("cls", "mean"), "history": ("gappy", "complete"),
+             "colon": ("keep", "reverse"), "device": DEVICES},
+    positive=("hist_len", "multi_history", "lr", "epochs", "batch_size", "folds", "topk", "vocab_size",
+              "pretrain_lr", "pretrain_batch_size", "pretrain_window", "threads", "workers"),
+    non_negative=("weight_decay", "pretrain_epochs", "corpus_examples", "grad_clip", "class_weighted", "prior_correction"),
+    fraction=("dropout", "warmup", "label_smoothing", "history_dropout"),
+    probability=("mask_prob",),
+    minimum={"max_len": 8},  # [CLS], [SEP] and a few actions' tokens
+)
+
+PRETRAIN_RULES = Rules(
+    choices={"family": FAMILIES, "size": SIZES, "device": DEVICES},
+    positive=("vocab_size", "epochs", "lr", "batch_size", "threads"),
+    non_negative=("weight_decay",),
+    fraction=("warmup", "dropout"),
+    probability=("mask_prob",),
+    minimum={"max_len": 8},
+)
 
 
 @dataclass
@@ -53,16 +73,16 @@ class TeacherConfig:
     """Hyper-parameters of one teacher build; defaults are the ``egtea`` preset."""
 
     # Model: a transformers family at a size preset, or a local HF checkpoint.
-    family: str = "bert"
-    size: str = "base"
+    family: str = "bert"  # the encoder's transformers family (without init_from)
+    size: str = "base"  # tiny (hidden 64 x 2 layers), mini (128 x 2), small (256 x 4) or base (768 x 12)
     init_from: str | None = None  # local HF checkpoint dir (its tokenizer gains <v>, <a>)
     vocab_size: int = 512  # WordPiece vocabulary trained on the histories (no init_from)
     dropout: float = 0.1
     pooling: str = "cls"  # the heads read the [CLS] state ("cls", the paper's) or the tokens' mean ("mean")
     freeze_embeddings: bool = False  # keep a checkpoint's word embeddings fixed while fine-tuning
     # Input: the text of the actions before a segment.
-    hist_len: int = 15
-    multi_history: tuple[int, ...] = ()  # e.g. (5, 10, 15): train on each, average predictions
+    hist_len: int = 15  # actions of history (paper: 15 EGTEA, 5 EK55)
+    multi_history: tuple[int, ...] = ()  # history lengths, e.g. 5,10,15: train on each, average predictions
     history: str = "gappy"  # gappy: history from the segment's own split; complete: all splits
     max_len: int = 128  # tokens, [CLS]/[SEP] included; truncation drops the oldest tokens
     history_dropout: float = 0.0  # train on histories thinned at a rate drawn from [0, this) (see finetune.Thinning)
@@ -74,7 +94,7 @@ class TeacherConfig:
     label_smoothing: float = 0.0
     # Post-hoc logit adjustment of every stored prediction: scores - this * log(class prior on the
     # training labels), per head. Trades top-1 accuracy for class-mean recall; 0: off.
-    prior_correction: float = 0.0
+    prior_correction: float = 0.0  # stored scores - this * log(class prior) (0: off)
     # Optimisation (AdamW, no decay on bias/LayerNorm, linear warmup then linear decay).
     lr: float = 1e-5
     weight_decay: float = 0.01
@@ -83,85 +103,63 @@ class TeacherConfig:
     batch_size: int = 32
     grad_clip: float = 1.0
     # Out-of-fold predictions for the training split: K-fold cross-fitting by video.
-    folds: int = 5
-    topk: int = 50
-    # Masked-LM pretraining on the training histories before fine-tuning (0: none).
-    pretrain_epochs: int = 0
+    folds: int = 5  # 1: the full model predicts every split
+    topk: int = 50  # logits stored a UID
+    # Masked-LM pretraining on the training histories before fine-tuning.
+    pretrain_epochs: int = 0  # MLM epochs before fine-tuning (0: none)
     pretrain_lr: float = 5e-4
     pretrain_batch_size: int = 32
     pretrain_window: int = 16  # actions per pretraining line (a video's train sequence, cut)
     mask_prob: float = 0.15
     # With an external corpus (build_teacher's ``corpus``): (history, next action) fine-tuning
-    # examples drawn from its lines, added to every stage's training examples (0: none).
-    corpus_examples: int = 0
+    # examples drawn from its lines, added to every stage's training examples.
+    corpus_examples: int = 0  # fine-tuning examples drawn from the external corpus (0: none)
     seed: int = 0
     threads: int = 1  # torch threads per process (1 is fastest for these small models on a busy CPU)
     workers: int = 1  # fine-tuning stages (full model, folds) in parallel processes: on CPU in all, on CUDA per GPU
     device: str = "auto"  # auto (CUDA when visible), cpu or cuda (every visible GPU, bf16 autocast)
 
     def __post_init__(self) -> None:
-        self.multi_history = tuple(self.multi_history)
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        if self.family not in FAMILIES:
-            raise ConfigError(f"TeacherConfig.family: expected one of {FAMILIES}, got {self.family!r}")
-        if self.size not in SIZES:
-            raise ConfigError(f"TeacherConfig.size: expected one of {SIZES}, got {self.size!r}")
-        if self.colon not in ("keep", "reverse"):
-            raise ConfigError(f"TeacherConfig.colon: expected 'keep' or 'reverse', got {self.colon!r}")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"TeacherConfig.pooling: expected 'cls' or 'mean', got {self.pooling!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"TeacherConfig.device: expected one of {DEVICES}, got {self.device!r}")
-        if self.history not in ("gappy", "complete"):
-            raise ConfigError(f"TeacherConfig.history: expected 'gappy' or 'complete', got {self.history!r}")
-        for name in ("hist_len", "max_len", "lr", "epochs", "batch_size", "folds", "topk", "vocab_size",
-                     "pretrain_lr", "pretrain_batch_size", "pretrain_window", "threads", "workers"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TeacherConfig.{name}: expected > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "pretrain_epochs", "corpus_examples", "grad_clip", "label_smoothing", "class_weighted",
-                     "prior_correction"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TeacherConfig.{name}: expected >= 0, got {getattr(self, name)!r}")
-        for name in ("dropout", "warmup", "label_smoothing", "history_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"TeacherConfig.{name}: expected in [0, 1), got {getattr(self, name)!r}")
-        if not 0 < self.mask_prob < 1:
-            raise ConfigError(f"TeacherConfig.mask_prob: expected in (0, 1), got {self.mask_prob!r}")
-        if any(h <= 0 for h in self.multi_history):
-            raise ConfigError(f"TeacherConfig.multi_history: lengths must be > 0, got {self.multi_history}")
-        if self.max_len < 8:
-            raise ConfigError(f"TeacherConfig.max_len: expected >= 8 tokens, got {self.max_len}")
+        check(self, TEACHER_RULES)
 
     @property
     def hist_lens(self) -> tuple[int, ...]:
         """The history lengths a segment is read at (one unless ``multi_history``)."""
         return self.multi_history or (self.hist_len,)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-able dict."""
         return {**dataclasses.asdict(self), "multi_history": list(self.multi_history)}
 
-
-def _check_type(name: str, value, hint) -> None:
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        options = typing.get_args(hint)
-        if any(_matches(value, t) for t in options):
-            return
-    elif _matches(value, hint):
-        return
-    raise ConfigError(f"TeacherConfig.{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeacherConfig":
+        """Inverse of ``to_dict`` (the config saved with a build); unknown keys and invalid
+        values raise one ConfigError."""
+        return make(cls, d)
 
 
-def _matches(value, t) -> bool:
-    if t is type(None):
-        return value is None
-    if t is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typing.get_origin(t) is tuple:
-        return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return isinstance(value, t) and not (t is int and isinstance(value, bool))
+@dataclass
+class PretrainConfig:
+    """Knobs of one masked-LM run (``kdstore pretrain-lm``, or a build's ``pretrain_epochs``)."""
+
+    family: str = "bert"
+    size: str = "small"
+    init_from: str | None = None  # local HF checkpoint dir to continue from (its tokenizer gains <v>, <a>)
+    vocab_size: int = 512  # WordPiece vocabulary trained on the corpus (no init_from)
+    max_len: int = 64  # tokens a chunk, [CLS]/[SEP] included
+    epochs: int = 10
+    lr: float = 5e-4
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of the steps
+    mask_prob: float = 0.15  # of the non-special tokens, predicted
+    dropout: float = 0.1
+    seed: int = 0
+    threads: int = 1  # torch CPU threads
+    device: str = "auto"  # auto (CUDA when visible), cpu or cuda (the first visible GPU, bf16 autocast)
+
+    def __post_init__(self) -> None:
+        check(self, PRETRAIN_RULES)
 
 
 PRESETS: dict[str, dict] = {
@@ -188,32 +186,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> TeacherConfig:
-    """The named preset with ``overrides`` applied (None values are ignored)."""
+def preset(name: str, **overrides: Any) -> TeacherConfig:
+    """A fresh copy of preset ``name`` with ``overrides`` applied."""
     if name not in PRESETS:
         raise ConfigError(f"teacher preset {name!r}: expected one of {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(f"teacher config: unknown option(s) {', '.join(unknown)}")
-    return TeacherConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
-
-
-def config_from_dict(d: dict) -> TeacherConfig:
-    """The config saved with a build (``to_dict``), checked again."""
-    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    return TeacherConfig(**{k: (tuple(v) if k == "multi_history" else v) for k, v in d.items() if k in fields})
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs with JSON values (``lr=5e-4``, ``multi_history=[5,10,15]``)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {pair!r}: expected key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    return make(TeacherConfig, PRESETS[name], overrides)

@@ -15,7 +15,7 @@ import torch
 
 from kdstore.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda")
+from .config import DEVICES
 
 
 def stage_devices(device: str, workers: int = 1, cuda_count: int | None = None) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,31 +28,11 @@ from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 from kdstore.errors import DataError
 from kdstore.faults import crash_point
 
+from .config import PretrainConfig
 from .device import autocast, stage_devices
 from .models import check_checkpoint, check_positions, encoder_config, load_mlm
 from .optim import lr_at, make_optimizer, num_threads, seed_epoch, set_lr, steps_per_epoch
 from .tokenizer import Tokens, check_known, load_tokenizer, train_tokenizer
-
-
-@dataclass
-class PretrainConfig:
-    """Knobs of one masked-LM run."""
-
-    family: str = "bert"
-    size: str = "small"
-    init_from: str | None = None
-    vocab_size: int = 512
-    max_len: int = 64
-    epochs: int = 10
-    lr: float = 5e-4
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    warmup: float = 0.1
-    mask_prob: float = 0.15
-    dropout: float = 0.1
-    seed: int = 0
-    threads: int = 1
-    device: str = "auto"  # auto, cpu or cuda (the first visible GPU)
 
 
 def chunk(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int, lines: int = 4096) -> Tokens:
