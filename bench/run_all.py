@@ -1,10 +1,15 @@
-"""Run every benchmark side by side and write ``bench/results.json`` and ``bench/results.md``.
+"""Run every benchmark side by side and write ``bench/results.json``, ``bench/results.md`` and
+the "All benchmarks in one run" section of ``docs/results.md``.
 
-    python bench/run_all.py [--tiny] [--device cpu|cuda] [--skip NAME ...]
+    python bench/run_all.py [--tiny] [--device cpu|cuda] [--skip NAME ...] [--docs PATH | --no-docs]
+    python bench/run_all.py --from-json bench/results.json [--docs PATH]   # rewrite the section only
 
 Each benchmark module exposes ``run(tiny, device, out_dir) -> list[dict]`` and appends its
 rows to ``bench/results/<name>.csv`` too; this script gathers the rows of one run, so the
-ratios it reports were all measured in the same session on the same machine.
+ratios it reports were all measured in the same session on the same machine. In the docs
+file only the lines between ``<!-- run_all:begin -->`` and ``<!-- run_all:end -->`` are
+rewritten. A full-size run writes ``docs/results.md`` unless ``--no-docs``; a ``--tiny`` run
+writes docs only where ``--docs`` names a file.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
 
+DOCS = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features", "teacher_build", "epic", "epic_scale"]
 # the columns worth a glance in the markdown table, when a row has them
 KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", "peak_rss_mib", "gbps",
@@ -32,10 +40,13 @@ KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", 
               "unseen_action_mean_top5_recall", "tail_action_mean_top5_recall", "seconds", "error"]
 
 
-def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...] = (), out_dir: Path | None = None) -> dict:
-    """Run the benchmarks and return ``{"machine": ..., "benches": {name: rows}}``."""
+def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...] = (), out_dir: Path | None = None,
+            docs: Path | None = None) -> dict:
+    """Run the benchmarks and return ``{"machine": ..., "benches": {name: rows}}``; with
+    ``docs``, also rewrite that file's marked section (``write_docs``)."""
     out_dir = Path(out_dir or ROOT / "bench")
-    results: dict = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "tiny": tiny, "benches": {}}
+    results: dict = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "tiny": tiny,
+                     "device": device, "skip": list(skip), "load_start": os.getloadavg()[0], "benches": {}}
     for name in BENCHES:
         if name in skip:
             continue
@@ -50,8 +61,11 @@ def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...]
         except Exception as e:  # one broken benchmark must not hide the others' numbers
             rows = [{"error": f"{type(e).__name__}: {e}"}]
         results["benches"][name] = {"seconds": time.perf_counter() - t0, "rows": rows}
+    results["load_end"] = os.getloadavg()[0]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out_dir / "results.md").write_text(markdown(results))
+    if docs is not None:
+        write_docs(Path(docs), results)
     return results
 
 
@@ -73,10 +87,46 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def docs_section(results: dict) -> str:
+    """What ``write_docs`` puts between the markers: the command, its duration and load, and
+    ``markdown(results)``."""
+    cmd = "python bench/run_all.py" + (" --tiny" if results.get("tiny") else "")
+    cmd += f" --device {results['device']}" if results.get("device") else ""
+    cmd += " --skip " + " ".join(results["skip"]) if results.get("skip") else ""
+    minutes = sum(b["seconds"] for b in results["benches"].values()) / 60
+    load = (f"; load average {results['load_start']:.1f} at the start, {results['load_end']:.1f} at the end"
+            if "load_start" in results and "load_end" in results else "")
+    return (f"`{cmd}` ({minutes:.0f} min in all{load}) wrote `bench/results.json`, `bench/results.md` and "
+            f"this section.\n\n{markdown(results)}")
+
+
+def write_docs(path: Path, results: dict) -> None:
+    """Replace what lies between the ``BEGIN`` and ``END`` marker lines of ``path`` with
+    ``docs_section(results)``; every byte outside them stays as it is."""
+    text = path.read_text()
+    nb, ne = text.count(BEGIN), text.count(END)
+    if nb != 1 or ne != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{path}: expected one {BEGIN!r} before one {END!r}, found {nb} begin and {ne} end markers"
+                         + (" in the wrong order" if nb == ne == 1 else ""))
+    head, tail = text[: text.index(BEGIN) + len(BEGIN)], text[text.index(END):]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{head}\n{docs_section(results).rstrip()}\n{tail}")
+    os.replace(tmp, path)  # a crash leaves the old file or the new one
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default=None)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--docs", type=Path, default=None, help=f"file whose marked section to rewrite (default {DOCS.relative_to(ROOT)}, not with --tiny)")
+    ap.add_argument("--no-docs", action="store_true", help="write no docs file")
+    ap.add_argument("--from-json", type=Path, default=None, help="rewrite the docs section from this results.json, run nothing")
     a = ap.parse_args()
-    print(markdown(run_all(a.tiny, a.device, tuple(a.skip))))
+    if a.from_json and a.no_docs:
+        ap.error("--from-json only writes docs: drop --no-docs")
+    docs = None if a.no_docs else a.docs or (None if a.tiny else DOCS)
+    if a.from_json:
+        write_docs(a.docs or DOCS, json.loads(a.from_json.read_text()))
+    else:
+        print(markdown(run_all(a.tiny, a.device, tuple(a.skip), docs=docs)))

@@ -16,9 +16,9 @@ does) on the same batches, reached three ways:
 A variant ``<path>+compiled`` runs the step compiled (``--compile``, default ``reduce-overhead``:
 CUDA graphs on CUDA). Variants alternate in blocks of steps so that a change of machine load
 affects all; each host block starts a fresh loader (cold prefetch queue), the conservative
-choice. Per row: ``ratio`` = samples/s over the ``memory`` variant of the same step (the
-issue's goal for the store: >= 0.97), ``gain`` = samples/s over ``host`` eager (today's
-trainer) when that ran, and ``max_loss_diff`` between the variants of the same step (0: the
+choice. Per row: ``ratio`` = samples/s over the ``memory`` variant of the same step (goal
+for the store: >= 0.97), ``gain`` = samples/s over ``host`` eager (the uncompiled trainer on
+a split that does not fit on the device) when that ran, and ``max_loss_diff`` between the variants of the same step (0: the
 same batches reached the model). ``--batch-sizes`` sweeps the batch size.
 
 Run from the repository root::

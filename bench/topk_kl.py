@@ -10,7 +10,7 @@ compiled afresh for each shape) and, on CUDA, ``kernel`` (its rows a program by
 ``rows_per_program``) and, where that rule packs rows, ``kernel_rows1`` (one row a program).
 On CUDA every row also holds the device time of forward + backward replayed from a CUDA graph
 (``graph_*``: no Python or launch overhead), its forward time alone, and both times against the
-issue's ideal, reading the logits and writing their gradient once at the measured device copy
+ideal of reading the logits and writing their gradient once at the measured device copy
 bandwidth (``wall_over_ideal``, ``graph_over_ideal``). On CPU only the reference paths run: the
 Triton interpreter is not a performance path. Peak memory is ``torch.cuda.max_memory_allocated``
 per row on CUDA, and the process's peak RSS so far on CPU.
@@ -115,7 +115,7 @@ def _graph_time(fn, s, repeat, backward=True, prefix="graph"):
 
 def _roofline(fn, s, repeat, copy_bw, result):
     """Forward alone, and forward + backward against reading the logits and writing their
-    gradient once at the measured copy bandwidth (the issue's ideal)."""
+    gradient once at the measured copy bandwidth (the ideal)."""
     B, C = s.shape
     nbytes = 2 * B * C * s.element_size()
     ideal_s = nbytes / copy_bw

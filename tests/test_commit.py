@@ -64,7 +64,7 @@ def group_key(snap: dict) -> dict:
 
 @pytest.mark.parametrize("suffix,mode", [(".zarr", "exchange"), (".zarr", "fallback"), (".h5", "link moves")])
 def test_overwrite_killed_at_every_step(tmp_path, synthetic_tables, suffix, mode, monkeypatch):
-    """Item 1: a crash at any step of an overwrite never leaves the group missing while the
+    """A crash at any step of an overwrite never leaves the group missing while the
     store validates; the next writer finishes the commit or drops the staged group. Zarr
     swaps the group in one step, or by two renames where it cannot (fallback)."""
     monkeypatch.setattr(backends, "EXCHANGE", mode == "exchange")
@@ -142,7 +142,7 @@ def _import(store: Store, name: str, dim: int, frames: int, value: float) -> Non
 
 
 def test_hdf5_reimports_do_not_grow_the_file(tmp_path, synthetic_tables):
-    """Item 4: re-importing a group keeps the file within about one extra copy, and a
+    """Re-importing a group keeps the file within about one extra copy, and a
     reader's memory map of a replaced group keeps its values."""
     store = build_store(tmp_path / "s.h5", *synthetic_tables, features=(), teachers=())
     path = Path(store.path)
@@ -186,7 +186,7 @@ s.write_predictions(f"g{i}", seg.uid[: 5 + i], np.full((5 + i, s.classes.num_act
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_concurrent_writers_keep_every_group_and_provenance(tmp_path, synthetic_tables, suffix):
-    """Item 6: 30 processes writing groups at once: 30 groups, 30 provenance entries."""
+    """30 processes writing groups at once: 30 groups, 30 provenance entries."""
     store = build_store(tmp_path / f"s{suffix}", *synthetic_tables, features=(), teachers=())
     gate = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -205,7 +205,7 @@ def test_concurrent_writers_keep_every_group_and_provenance(tmp_path, synthetic_
 
 
 def test_a_second_writer_waits_or_refuses_naming_the_holder(store, tmp_path):
-    """Item 6: while a writer holds the store, another one refuses at once (timeout 0) with
+    """While a writer holds the store, another one refuses at once (timeout 0) with
     the holder's pid and command, or waits and goes on when the lock is released."""
     feats = tmp_path / "npy"
     feats.mkdir()
@@ -250,7 +250,7 @@ def test_hdf5_readers_do_not_wait_for_an_open_writer(tmp_path, synthetic_tables)
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_killed_ingest_blocks_nothing(tmp_path, synthetic_dir, suffix, monkeypatch):
-    """Item 7: a killed ingest leaves nothing that stops ``ingest`` or ``ingest --overwrite``
+    """A killed ingest leaves nothing that stops ``ingest`` or ``ingest --overwrite``
     (every crash point of ingest is in test_crash_consistency)."""
     path = tmp_path / f"s{suffix}"
     assert cli("ingest", synthetic_dir, path, "--fps", 24, crash="create.built:1").returncode == CRASHED
@@ -268,7 +268,7 @@ def test_killed_ingest_blocks_nothing(tmp_path, synthetic_dir, suffix, monkeypat
 
 
 def test_read_side_group_names_are_checked(tmp_path, synthetic_tables):
-    """Item 8: a group name cannot reach outside the store, on either backend."""
+    """A group name cannot reach outside the store, on either backend."""
     other = build_store(tmp_path / "other.zarr", *synthetic_tables, features=(), teachers=("s1",))
     for suffix in SUFFIXES:
         s = build_store(tmp_path / "d" / f"s{suffix}", *synthetic_tables, features=(), teachers=("t",))

@@ -1,4 +1,4 @@
-"""Bad input and bad states end in one-line errors (issue 15, item 10), nothing stored is
+"""Bad input and bad states end in one-line errors, nothing stored is
 lost, and a finished student run can be extended on resume."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A non-editable install works outside the clone (issue 15, item 9): the wheel ships the
+"""A non-editable install works outside the clone: the wheel ships the
 schemas inside the package and the command line under the package's namespace."""
 
 from __future__ import annotations
