@@ -48,7 +48,7 @@ REDUCTIONS = ("none", "rows", "elements")
 # (C = 2513) fits one block. TILE caps the [BLOCK_X, BLOCK_K] membership tile of the (rare)
 # exact tail pass: its registers limit the occupancy of every row. Values from
 # `python bench/topk_kl.py --sweep` on an H200 (TILE 8192 -> 2048 took fp32 topk_lse
-# forward + backward from 114 to 66 us; README, "Measured figures").
+# forward + backward from 114 to 66 us; docs/results.md).
 MAX_BLOCK_K = 1024
 MAX_BLOCK_C = 4096
 TILE = 2048
