@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_row, peak_rss_mib  # noqa: E402
+from kdstore.errors import ConfigError  # noqa: E402
 from trainers.demo import FEATURES, DemoConfig  # noqa: E402
 from trainers.config import parse_set  # noqa: E402
 from trainers.student.config import StudentConfig, preset  # noqa: E402
@@ -139,4 +140,8 @@ if __name__ == "__main__":
     unknown = sorted(set(a.settings or ()) - set(SETTINGS))
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; see --list")
-    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir, parse_set(StudentConfig, a.overrides))))
+    try:
+        overrides = parse_set(StudentConfig, a.overrides)
+    except ConfigError as e:
+        ap.error(str(e))
+    print(table(run(a.demo_dir, a.seeds, a.settings, a.split, a.tiny, a.out_dir, overrides)))

@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import append_row, peak_rss_mib  # noqa: E402
 from kdstore.annotations import action_text, load_annotations  # noqa: E402
+from kdstore.errors import ConfigError  # noqa: E402
 from kdstore.metrics import compute_metrics  # noqa: E402
 from kdstore.store import Store  # noqa: E402
 from kdstore.synthetic import SyntheticConfig, generate_annotations  # noqa: E402
@@ -164,8 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default=None, help="keep the store and checkpoints here")
     p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
+    try:
+        overrides = parse_set(TeacherConfig, a.set)
+    except ConfigError as e:
+        p.error(str(e))
     [row] = run(a.tiny, a.out_dir, a.split, a.preset, a.data_dir, a.work_dir, show_progress=True, device=a.device,
-                init_from=a.init_from, fps=a.fps, **parse_set(TeacherConfig, a.set))
+                init_from=a.init_from, fps=a.fps, **overrides)
     for k, v in row.items():
         if k not in ("machine", "config"):
             print(f"{k:>28}: {v}")

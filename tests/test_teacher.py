@@ -692,6 +692,15 @@ def test_real_egtea_histories_corpus_and_ngram():
     assert m["top1"] > 20 and m["mean_top1_recall"] > 15
 
 
+def test_bench_teacher_build_refuses_bad_overrides_in_one_line(capsys):
+    from bench.teacher_build import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--tiny", "--set", "nope=1", "--set", "epochs=abc"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "nope: unknown option" in err and "epochs: expected int, got 'abc'" in err
+
+
 def test_bench_teacher_build_tiny(tmp_path):
     from bench.teacher_build import run
 
