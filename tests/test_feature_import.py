@@ -298,8 +298,9 @@ def test_student_refuses_a_set_whose_selection_misses_its_windows(subsets, name,
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"video/{name} in {subsets.path}: ") and why in msg
     assert f"asks for windows of 10 frames at {window['fps']:g} fps ending tau_a {window['tau_a']:g} s" in msg
-    holds = {"tau1": "windows of up to 10 frames at 1 fps ending tau_a 1 s", "fps1": "frames nearest a 1 fps grid",
-             "range": "windows of up to 10 frames at 2 fps ending tau_a 0.5-2 s"}[name]
+    holds = {"tau1": "only the frames of windows of up to 10 frames at 1 fps ending tau_a 1 s",
+             "fps1": "the frames nearest a 1 fps grid",
+             "range": "only the frames of windows of up to 10 frames at 2 fps ending tau_a 0.5-2 s"}[name]
     assert f"the set holds {holds}" in msg
 
 

@@ -116,15 +116,14 @@ class StudentData(torch.utils.data.Dataset):
 def check_selection(fs: FeatureSet, cfg: StudentConfig) -> None:
     """Raise ConfigError when ``fs`` keeps only frames (``--fps``/``--windows`` import) that
     cannot give ``cfg``'s windows, naming the set, its store, the windows asked for and those it covers."""
-    recorded = fs.attrs.get("selection")
-    selection = Selection.from_json(recorded)
+    selection = Selection.from_json(fs.attrs.get("selection"))
     why = selection.refusal(cfg.tau_a, cfg.num_frames, cfg.fps)
     if why is not None:
         raise ConfigError(
             f"video/{fs.name} in {fs.store.path}: the student asks for windows of {cfg.num_frames} frames at {cfg.fps:g} fps"
-            f" ending tau_a {cfg.tau_a:g} s before each segment, but the set holds {selection.describe()}"
-            f" (import selection {recorded}): {why}; import the features again with a selection that covers"
-            " these windows (import-features --fps/--windows --tau-a/--num-frames/--window-fps), or use a full set"
+            f" ending tau_a {cfg.tau_a:g} s before each segment, but the set holds {selection.describe()}: {why};"
+            " import the features again with a selection that covers these windows"
+            " (import-features --fps/--windows --tau-a/--num-frames/--window-fps), or use a full set"
         )
 
 

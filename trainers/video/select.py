@@ -121,9 +121,10 @@ class Selection:
 
     def describe(self) -> str:
         """What the kept frames cover, in words."""
-        parts = ([f"frames nearest a {self.fps:g} fps grid"] if self.fps is not None else []) + (
-            [self.windows.describe()] if self.windows is not None else [])
-        return ", only those of ".join(parts) or "every source frame"
+        grid = f"the frames nearest a {self.fps:g} fps grid" if self.fps is not None else None
+        if self.windows is None:
+            return grid or "every source frame"
+        return f"{grid}, only those of {self.windows.describe()}" if grid else f"only the frames of {self.windows.describe()}"
 
     def refusal(self, tau_a: float, num_frames: int, fps: float) -> str | None:
         """Why the kept frames cannot give a student's windows (``num_frames`` at ``fps``,
