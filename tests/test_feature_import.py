@@ -256,7 +256,8 @@ def test_a_grid_serves_windows_at_its_rate_or_below():
     assert Selection(4.0).refusal(1.0, 10, 4.0) is None and Selection(4.0).refusal(1.0, 10, 1.5) is None
     assert "denser than the 1 fps grid" in Selection(1.0).refusal(1.0, 10, 4.0)
     assert Selection(1.0).refusal(1.0, 1, 4.0) is None  # one frame: no rate to miss
-    assert Selection.from_json(Selection(2.0, WindowSpec(0.5, 2.0, 10, 2.0)).to_json()) == Selection(2.0, WindowSpec(0.5, 2.0, 10, 2.0))
+    both = Selection(2.0, WindowSpec(0.5, 2.0, 10, 2.0))
+    assert Selection.from_json(both.to_json()) == both
     assert Selection.from_json(None) == Selection()
 
 
