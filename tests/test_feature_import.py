@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from trainers.student.config import preset
 from trainers.student.data import StudentData
 from trainers.video.imports import import_arrays, import_lmdb
 from trainers.video.rulstm_lmdb import RulstmLmdb, write_rulstm_lmdb
-from trainers.video.select import WindowSpec, grid_mask, window_mask
+from trainers.video.select import Selection, WindowSpec, grid_mask, window_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 RULSTM_FPS = 30.0  # RULSTM numbers the frames of every dataset at 30 fps
@@ -53,15 +54,16 @@ def make_lmdb(path: Path, frames: dict[str, np.ndarray], dim: int = 8) -> dict[s
     return feats
 
 
-def make_store(path: Path, starts: dict[str, list[int]], fps: float = RULSTM_FPS) -> Store:
-    """One action; segments starting at the given annotation frames (at ``fps``) per video,
-    alternately in the splits train and val."""
-    classes = ClassTable(["cut_x"], ["cut"], ["x"], np.zeros(1, np.int32), np.zeros(1, np.int32))
+def make_store(path: Path, starts: dict[str, list[int]], fps: float = RULSTM_FPS, actions: int = 1) -> Store:
+    """``actions`` actions (segment i labelled i mod ``actions``); segments starting at the given
+    annotation frames (at ``fps``) per video, alternately in the splits train and val."""
+    ids = np.arange(actions, dtype=np.int32)
+    classes = ClassTable([f"cut_x{a}" for a in ids], [f"cut{a}" for a in ids], [f"x{a}" for a in ids], ids, ids)
     videos = list(starts)
     video = np.concatenate([np.full(len(s), i) for i, s in enumerate(starts.values())]).astype(np.int32)
     start = np.concatenate([np.asarray(s, np.int64) for s in starts.values()])
     n = len(start)
-    z = np.zeros(n, np.int32)
+    z = (np.arange(n) % actions).astype(np.int32)
     seg = SegmentTable(
         uid=np.arange(1, n + 1), video=video, start_frame=start, end_frame=start + 30, verb=z, noun=z, action=z,
         split=(np.arange(n) % 2).astype(np.int8), videos=videos, splits=["train", "val"], fps=fps,
@@ -217,9 +219,152 @@ def test_student_reads_the_same_windows_from_a_windows_import(tmp_path, suffix):
             ts_ref, want = student_frames(store, ref, cfg, split)
             np.testing.assert_array_equal(ts, ts_ref)
             np.testing.assert_array_equal(got, want)
-    # outside the windows it was imported for, a subsampled set gives other frames
-    ts, _ = student_frames(store, "point", preset("ek55", tau_a=0.5, fps=2.0, num_frames=10))
-    assert (ts != student_frames(store, "full", preset("ek55", tau_a=0.5, fps=2.0, num_frames=10))[0]).any()
+    # outside the windows it was imported for, a subsampled set is refused
+    with pytest.raises(ConfigError, match="video/point"):
+        student_frames(store, "point", preset("ek55", tau_a=0.5, fps=2.0, num_frames=10))
+
+
+# ---------------------------------------------------------------------------------------
+# a student refuses a subsampled set that cannot give its windows
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 2000), min_size=1, max_size=150, unique=True), st.lists(st.integers(0, 2200), max_size=6),
+    st.floats(0.0, 3.0), st.floats(0.0, 2.0), st.integers(1, 12), st.sampled_from([1.0, 2.0, 4.0]), st.booleans(),
+    st.floats(-0.2, 1.2), st.integers(1, 14), st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0]),
+)
+def test_a_selection_that_accepts_a_config_gives_the_full_set_s_windows(numbers, start_frames, tau_min, width, n, wfps,
+                                                                       grid, u, T, fps):
+    ts = np.sort(np.asarray(numbers)) / RULSTM_FPS
+    starts = np.asarray(start_frames) / RULSTM_FPS
+    sel = Selection(wfps if grid else None, WindowSpec(tau_min, tau_min + width, n, wfps))
+    tau = tau_min + u * width
+    why = sel.refusal(tau, T, fps)
+    in_range = tau_min - 1e-9 <= tau <= tau_min + width + 1e-9  # u outside [0, 1] is out of range unless width is ~0
+    assert (why is None) == (in_range and (T == 1 or (fps <= wfps and (wfps / fps) % 1 == 0
+                                                      and (T - 1) * wfps / fps <= n - 1))), why
+    if why is None:
+        ref = ts[grid_mask(ts, wfps)] if grid else ts  # a grid-and-windows set reads as its grid does
+        kept = ref[window_mask(ref, starts, sel.windows)]
+        times = (starts - tau)[:, None] + ((np.arange(T) - (T - 1)) / fps)[None, :]
+        np.testing.assert_array_equal(kept[last_at_or_before(kept, times)], ref[last_at_or_before(ref, times)])
+
+
+def test_a_grid_serves_windows_at_its_rate_or_below():
+    assert Selection().refusal(3.0, 50, 30.0) is None  # every frame
+    assert Selection(4.0).refusal(1.0, 10, 4.0) is None and Selection(4.0).refusal(1.0, 10, 1.5) is None
+    assert "denser than the 1 fps grid" in Selection(1.0).refusal(1.0, 10, 4.0)
+    assert Selection(1.0).refusal(1.0, 1, 4.0) is None  # one frame: no rate to miss
+    both = Selection(2.0, WindowSpec(0.5, 2.0, 10, 2.0))
+    assert Selection.from_json(both.to_json()) == both
+    assert Selection.from_json(None) == Selection()
+
+
+@pytest.fixture(scope="module")
+def subsets(tmp_path_factory) -> SimpleNamespace:
+    """A Zarr store with one RULSTM LMDB imported whole (``full``) and subsampled: ``tau1``
+    (CLI ``--windows --tau-a 1``, 10 frames at 1 fps), ``fps1`` (``--fps 1``) and ``range``
+    (windows over tau_a 0.5-2 s, 10 frames at 2 fps)."""
+    root = tmp_path_factory.mktemp("subsets")
+    videos = (*EGTEA, *EPIC[:2])
+    make_lmdb(root / "rgb", {v: np.arange(1, 60 * 30) for v in videos}, dim=8)
+    starts = dense_segments(videos, 60)
+    store = make_store(root / "s.zarr", starts, actions=3)
+    imp = dict(native_fps=RULSTM_FPS, dtype="float32", progress=False)
+    import_lmdb(store, root / "rgb", "full", **imp)
+    import_lmdb(store, root / "rgb", "range", windows=WindowSpec(0.5, 2.0, 10, 2.0), **imp)
+    for name, opts in (("tau1", ["--windows", "--tau-a", "1", "--window-fps", "1"]), ("fps1", ["--fps", "1"])):
+        res = CliRunner().invoke(cli.app, ["import-features", str(store.path), str(root / "rgb"), "--name", name,
+                                           "--native-fps", "30", "--dtype", "float32", "--no-progress", *opts])
+        assert res.exit_code == 0, res.output
+    return SimpleNamespace(root=root, path=store.path, starts=starts, videos=videos)
+
+
+def windows_cfg(**kw):
+    base = dict(num_frames=10, n_layer=1, n_head=2, inter_dim=32, batch_size=16, topk=2, epochs=1)
+    return preset("egtea", **{**base, **kw})
+
+
+@pytest.mark.parametrize("name, window, why", [
+    ("tau1", dict(tau_a=2.0, fps=1.0), "tau_a 2 s is outside the imported range"),
+    ("fps1", dict(tau_a=1.0, fps=4.0), "its 4 fps windows are denser than the 1 fps grid"),
+    ("range", dict(tau_a=1.0, fps=4.0), "its 4 fps frames are not on the imported 2 fps window offsets"),
+    ("range", dict(tau_a=1.0, fps=1.0), "10 frames at 1 fps reach further back than the imported windows"),
+])
+def test_student_refuses_a_set_whose_selection_misses_its_windows(subsets, name, window, why):
+    store = Store.open(subsets.path)
+    with pytest.raises(ConfigError) as e:
+        StudentData(store, name, "train", windows_cfg(**window))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"video/{name} in {subsets.path}: ") and why in msg
+    assert f"asks for windows of 10 frames at {window['fps']:g} fps ending tau_a {window['tau_a']:g} s" in msg
+    holds = {"tau1": "only the frames of windows of up to 10 frames at 1 fps ending tau_a 1 s",
+             "fps1": "the frames nearest a 1 fps grid",
+             "range": "only the frames of windows of up to 10 frames at 2 fps ending tau_a 0.5-2 s"}[name]
+    assert f"the set holds {holds}" in msg
+
+
+@pytest.mark.parametrize("name, window", [
+    ("tau1", dict(tau_a=1.0, fps=1.0)),
+    ("tau1", dict(tau_a=1.0, fps=1.0, num_frames=3)),
+    ("range", dict(tau_a=1.3, fps=2.0)),
+    ("range", dict(tau_a=2.0, fps=1.0, num_frames=5)),  # every other 2 fps offset
+])
+def test_a_covering_selection_reads_the_full_set_s_windows(subsets, name, window):
+    store = Store.open(subsets.path)
+    cfg = windows_cfg(**window)
+    for split in ("train", "val"):
+        ts, got = student_frames(store, name, cfg, split)
+        ts_ref, want = student_frames(store, "full", cfg, split)
+        np.testing.assert_array_equal(ts, ts_ref)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_grid_set_serves_windows_at_its_rate_or_below(subsets):
+    store = Store.open(subsets.path)
+    for fps in (1.0, 0.5):
+        cfg = windows_cfg(tau_a=1.0, fps=fps)
+        data = StudentData(store, "fps1", "train", cfg)
+        ts = data.features.timestamps[data.frame_idx]  # [N, T]
+        asked = (store.segments.start_frame[data.rows] / RULSTM_FPS - 1.0)[:, None] + ((np.arange(10) - 9) / fps)[None, :]
+        inside = asked >= 1 / RULSTM_FPS  # at or after each video's first frame
+        # a grid frame at or before each asked time, less than a grid step and a source frame before it
+        assert ((ts <= asked + 1e-9) & (ts > asked - 1.0 - 1 / RULSTM_FPS))[inside].all()
+        assert all(len(set(row[m])) == m.sum() for row, m in zip(ts, inside))  # each its own frame
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_and_predict_on_a_covering_set_match_the_full_set_and_refuse_one_that_is_not(subsets, tmp_path):
+    from processes import cli as run_cli
+    from trainers.student.train import predict_into_store, train_student
+
+    args = ["--preset", "egtea", "--no-distill", "--train-split", "train", "--eval-split", "val", "--device", "cpu",
+            "--set", "num_frames=4", "--set", "n_layer=1", "--set", "n_head=2", "--set", "inter_dim=32",
+            "--set", "batch_size=16", "--set", "topk=2", "--set", "epochs=1", "--set", "fps=2"]
+    r = run_cli("train-student", subsets.path, "-f", "tau1", "--run", tmp_path / "refused", *args, "--set", "tau_a=2")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: video/tau1 in {subsets.path}: ") and "tau_a 2 s is outside" in lines[0]
+    assert not (tmp_path / "refused" / "last.safetensors").exists()
+
+    cfg = windows_cfg(num_frames=4, fps=2.0, tau_a=1.3)
+    logits = {}
+    for name in ("range", "full"):
+        train_student(subsets.path, name, tmp_path / name, cfg, train_split="train", eval_split="val", device="cpu",
+                      progress=False)
+        predict_into_store(subsets.path, tmp_path / name, f"student-{name}")
+        logits[name] = np.asarray(Store.open(subsets.path).teacher(f"student-{name}").logits)
+    np.testing.assert_array_equal(logits["range"], logits["full"])
+
+    # the run's windows against a store whose `range` covers only tau_a 1 s: predict refuses
+    other = make_store(tmp_path / "other.zarr", subsets.starts, actions=3)
+    import_lmdb(other, subsets.root / "rgb", "range", native_fps=RULSTM_FPS, dtype="float32", progress=False,
+                windows=WindowSpec(1.0, 1.0, 10, 2.0))
+    res = CliRunner().invoke(cli.app, ["predict", str(other.path), "--run", str(tmp_path / "range"), "--name", "p"])
+    assert isinstance(res.exception, ConfigError), res.output
+    assert str(res.exception).startswith(f"video/range in {other.path}: ") and "tau_a 1.3 s is outside" in str(res.exception)
+    assert "p" not in Store.open(other.path).predictions()
 
 
 def test_each_segment_s_frames_are_one_run_in_time_order(tmp_path):

@@ -2,7 +2,9 @@
 
 For each labelled segment the window is ``num_frames`` frames at ``fps`` ending ``tau_a``
 seconds before the segment starts (AVT's "last clip"); a window that starts before the
-video repeats the video's first frame. Frame indices of every window are computed once; a
+video repeats the video's first frame. A feature set imported with ``--fps``/``--windows``
+holds only some frames; one whose recorded selection cannot give these windows is refused
+(ConfigError) rather than read at other frames. Frame indices of every window are computed once; a
 batch is then one vectorised gather from the memory-mapped features plus one gather of the
 teacher targets (kdstore.targets), with no per-sample Python.
 
@@ -20,10 +22,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from kdstore.errors import MissingError
-from kdstore.store import Store
+from kdstore.errors import ConfigError, MissingError
+from kdstore.store import FeatureSet, Store
 from kdstore.targets import TeacherTargets
 from trainers.queues import put_until
+from trainers.video.select import Selection
 
 from .batch import TEACHER_FIELDS, Batch
 from .config import StudentConfig
@@ -51,6 +54,7 @@ class StudentData(torch.utils.data.Dataset):
         if len(self.rows) == 0:
             raise MissingError(f"{store.path}: split {split!r} has no segments")
         self.features = store.video(features)
+        check_selection(self.features, cfg)
         vidx = self.features.video_index(seg.videos)[seg.video[self.rows]]  # [N]
         if (vidx < 0).any():
             r = self.rows[np.flatnonzero(vidx < 0)[0]]
@@ -107,6 +111,20 @@ class StudentData(torch.utils.data.Dataset):
         for field, x in g.items():
             setattr(b, TEACHER_FIELDS[field], torch.from_numpy(x))
         return b
+
+
+def check_selection(fs: FeatureSet, cfg: StudentConfig) -> None:
+    """Raise ConfigError when ``fs`` keeps only frames (``--fps``/``--windows`` import) that
+    cannot give ``cfg``'s windows, naming the set, its store, the windows asked for and those it covers."""
+    selection = Selection.from_json(fs.attrs.get("selection"))
+    why = selection.refusal(cfg.tau_a, cfg.num_frames, cfg.fps)
+    if why is not None:
+        raise ConfigError(
+            f"video/{fs.name} in {fs.store.path}: the student asks for windows of {cfg.num_frames} frames at {cfg.fps:g} fps"
+            f" ending tau_a {cfg.tau_a:g} s before each segment, but the set holds {selection.describe()}: {why};"
+            " import the features again with a selection that covers these windows"
+            " (import-features --fps/--windows --tau-a/--num-frames/--window-fps), or use a full set"
+        )
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

@@ -13,6 +13,10 @@ frames, so an import decides per video, before reading the features, which value
   segment start). A student whose window falls in that range reads the same frames from the
   selected set as from the full one; each segment's reachable frames form one run of rows
   (for ``tau_max - tau_min >= 1 / fps``, one interval of time).
+
+A feature set records its selection (``attrs["selection"]``, :meth:`Selection.to_json`);
+:meth:`Selection.refusal` says when it cannot serve a student's windows, so a student
+refuses such a set instead of reading other frames than the full set would give.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from kdstore.errors import ConfigError
 # with shifted float keys whose rounding can move a time that is within a few ulps of a
 # frame's timestamp across it, so frames that close to a window edge are kept too.
 EDGE_S = 1e-6
+# Tolerance of the coverage check on tau_a (seconds) and on rate ratios: config values
+# that equal the import's up to float noise are the same window.
+COVER_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,25 @@ class WindowSpec:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """The windows in words, e.g. ``windows of up to 10 frames at 1 fps ending tau_a 0.5-2 s before each segment``."""
+        tau = f"{self.tau_min:g}" if self.tau_min == self.tau_max else f"{self.tau_min:g}-{self.tau_max:g}"
+        return f"windows of up to {self.num_frames} frames at {self.fps:g} fps ending tau_a {tau} s before each segment"
+
+    def refusal(self, tau_a: float, num_frames: int, fps: float) -> str | None:
+        """Why these windows cannot serve ``num_frames`` at ``fps`` ending ``tau_a`` before
+        each segment, or None when they do: ``tau_a`` in range, and every offset ``j / fps``
+        (j < num_frames) one of the spec's ``i / self.fps`` (i < self.num_frames)."""
+        if not self.tau_min - COVER_TOL <= tau_a <= self.tau_max + COVER_TOL:
+            return f"tau_a {tau_a:g} s is outside the imported range"
+        if num_frames > 1:
+            step = self.fps / fps  # spec frames per student frame: a whole number for shared offsets
+            if abs(step - round(step)) > COVER_TOL * max(step, 1.0) or round(step) < 1:
+                return f"its {fps:g} fps frames are not on the imported {self.fps:g} fps window offsets"
+            if (num_frames - 1) * round(step) > self.num_frames - 1:
+                return f"{num_frames} frames at {fps:g} fps reach further back than the imported windows"
+        return None
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -86,6 +112,31 @@ class Selection:
 
     def to_json(self) -> dict:
         return {"fps": self.fps, "windows": self.windows.to_json() if self.windows else None}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Selection":
+        """The selection a feature set records (None or absent: every frame)."""
+        d = d or {}
+        return cls(d.get("fps"), WindowSpec(**d["windows"]) if d.get("windows") else None)
+
+    def describe(self) -> str:
+        """What the kept frames cover, in words."""
+        grid = f"the frames nearest a {self.fps:g} fps grid" if self.fps is not None else None
+        if self.windows is None:
+            return grid or "every source frame"
+        return f"{grid}, only those of {self.windows.describe()}" if grid else f"only the frames of {self.windows.describe()}"
+
+    def refusal(self, tau_a: float, num_frames: int, fps: float) -> str | None:
+        """Why the kept frames cannot give a student's windows (``num_frames`` at ``fps``,
+        ending ``tau_a`` s before each segment start) as the full set would, or None.
+
+        A grid serves windows at its rate or below (each window frame its own grid frame) and
+        windows of one frame; windows serve the tau_a range, lengths and rates of
+        :meth:`WindowSpec.refusal`.
+        """
+        if self.fps is not None and num_frames > 1 and fps > self.fps * (1 + COVER_TOL):
+            return f"its {fps:g} fps windows are denser than the {self.fps:g} fps grid"
+        return self.windows.refusal(tau_a, num_frames, fps) if self.windows is not None else None
 
 
 def grid_mask(ts: np.ndarray, fps: float) -> np.ndarray:
