@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from kdstore.annotations import action_text, action_words
@@ -64,7 +64,7 @@ from .device import stage_devices
 from .finetune import Examples, Thinning, finetune, predict
 from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
 from .ngram import action_histories
-from .optim import RESUME_HINT, first_line, num_threads, read_json
+from .optim import checked_read, num_threads, read_json
 from .pretrain import pretrain_mlm
 from .progress import progress
 from .tokenizer import Tokens, check_known, encode, load_tokenizer, train_tokenizer
@@ -148,7 +148,8 @@ def run_stage(job: StageJob, device: str = "cpu", on_step=None, on_epoch=None) -
         for ids in job.pred_ids[1:]:  # mean over history lengths, summed in place
             for k, v in predict(model, ids).items():
                 preds[k] += v
-    preds = {k: preds[k] / len(job.pred_ids) if len(job.pred_ids) > 1 else preds[k] for k in PRED_KEYS}
+    for k in PRED_KEYS:
+        preds[k] /= len(job.pred_ids)
     if job.export:
         model.save(job.export, tok, {"config": job.cfg})
     tmp = job.sdir / ".predictions.tmp"
@@ -382,17 +383,14 @@ def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:
     files one array at a time (each file's ``index`` says which rows it holds)."""
     out: dict[str, np.ndarray] = {}
     for path in paths:
-        try:
-            with safe_open(str(path), "np") as f:
-                index = f.get_tensor("index")
-                for k in PRED_KEYS:
-                    part = f.get_tensor(k)  # [m, width]
-                    if k not in out:
-                        out[k] = np.zeros((n, part.shape[1]), np.float32)
-                    out[k][index] = part
-                    del part
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"{path}: unreadable checkpoint file ({first_line(e)}); {RESUME_HINT}") from None
+        with checked_read(path), safe_open(str(path), "np") as f:
+            index = f.get_tensor("index")
+            for k in PRED_KEYS:
+                part = f.get_tensor(k)  # [m, width]
+                if k not in out:
+                    out[k] = np.zeros((n, part.shape[1]), np.float32)
+                out[k][index] = part
+                del part
     return out
 
 

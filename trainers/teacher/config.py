@@ -92,9 +92,7 @@ class TeacherConfig:
     multi_task: bool = True  # 0.8 CE_action + 0.1 CE_verb + 0.1 CE_noun; else CE_action
     class_weighted: float = 0.0  # CE weights (n / (C * count)) ** this: 0 off, 1 balanced, 0.5 square root
     label_smoothing: float = 0.0
-    # Post-hoc logit adjustment of every stored prediction: scores - this * log(class prior on the
-    # training labels), per head. Trades top-1 accuracy for class-mean recall; 0: off.
-    prior_correction: float = 0.0  # stored scores - this * log(class prior) (0: off)
+    prior_correction: float = 0.0  # stored scores - this * log(training class prior), every head: class-mean recall over top-1 (0: off)
     # Optimisation (AdamW, no decay on bias/LayerNorm, linear warmup then linear decay).
     lr: float = 1e-5
     weight_decay: float = 0.01

@@ -101,13 +101,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
 RESUME_HINT = "delete its stage directory or pass fresh (--fresh)"
 
 
+@contextmanager
+def checked_read(path: str | Path) -> Iterator[None]:
+    """Turn a safetensors read of ``path`` that fails (missing, cut short, not safetensors, a
+    tensor missing) into a one-line ConfigError naming the file."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}); {RESUME_HINT}") from None
+
+
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; ConfigError naming the file if it is missing, cut
     short or not safetensors."""
-    try:
+    with checked_read(path):
         return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint file ({first_line(e)}); {RESUME_HINT}") from None
 
 
 def read_json(path: Path, required: tuple[str, ...] = (), hint: str | None = RESUME_HINT) -> dict:
@@ -117,7 +125,7 @@ def read_json(path: Path, required: tuple[str, ...] = (), hint: str | None = RES
     try:
         out = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint file ({first_line(e)}){end}") from None
+        raise ConfigError(f"{path}: unreadable checkpoint file ({_first_line(e)}){end}") from None
     if not isinstance(out, dict) or not set(required) <= out.keys():
         keys = f" with {', '.join(required)}" if required else ""
         raise ConfigError(f"{path}: unreadable checkpoint file (expected a JSON object{keys}){end}")
@@ -131,7 +139,7 @@ def check_json_files(path: Path, names: tuple[str, ...]) -> None:
             read_json(path / name, hint=None)
 
 
-def first_line(e: Exception) -> str:
+def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
