@@ -16,7 +16,10 @@ written under a staging name and committed together with its provenance record:
 - HDF5: the staged group, the link moves and the manifest update reach the file in one
   flush. A replaced or deleted group moves to ``_trash`` and is never freed in place, so a
   reader's memory map of it stays valid; the file is rewritten without dead groups
-  (``compact``) when they outweigh the live data, or by ``kdstore gc``.
+  (``compact``) when they outweigh the live data, or by ``kdstore gc``. HDF5 rewrites its
+  own metadata in place, so a process that changes it holds an exclusive ``flock`` on the
+  file and a reader a shared one while it looks up keys (``_h5_file_lock``); array data is
+  copied outside that window, straight into space the staged datasets reserved.
 
 What a crashed writer leaves (staging, trash, interrupted commits, partial feature builds)
 is listed by ``leftovers``; the next writer removes the routine ones, ``gc`` all of them.
@@ -24,6 +27,7 @@ is listed by ``leftovers``; the next writer removes the routine ones, ``gc`` all
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -123,6 +127,7 @@ class Backend:
     def children(self, group: str) -> list[str]: ...
     def array_info(self, key: str) -> tuple[tuple[int, ...], np.dtype]: ...
     def memmap(self, key: str) -> np.ndarray: ...
+    def data_range(self, key: str) -> tuple[Path, int, int]: ...  # (file, offset, bytes) of an array's data now
     def delete_group(self, group: str) -> None: ...
     def staging_dir(self) -> Path: ...
     def check_writable(self) -> None: ...
@@ -308,6 +313,10 @@ class ZarrBackend(Backend):
             raise StoreFormatError(f"{chunk}: expected {n} bytes for {key} {shape} {dtype}, found {found}")
         return np.memmap(chunk, dtype=dtype, mode="r", shape=shape)
 
+    def data_range(self, key: str) -> tuple[Path, int, int]:
+        shape, dtype = self.array_info(key)
+        return self._dir(key) / "c" / "/".join("0" for _ in shape), 0, int(np.prod(shape)) * dtype.itemsize
+
     def staging_dir(self) -> Path:
         return self.path / ".staging"
 
@@ -449,35 +458,70 @@ class ZarrBackend(Backend):
 # HDF5
 
 
-READ_RETRY_S = 5.0  # how long a reader retries an HDF5 file that a writer is flushing
+METADATA_WAIT_S = 60.0  # how long an HDF5 reader or writer waits for another's metadata window
+
+
+@contextmanager
+def _h5_file_lock(path: Path, exclusive: bool) -> Iterator[None]:
+    """Hold a ``flock`` on the HDF5 file at ``path``: shared to read its metadata, exclusive
+    to change it. HDF5 updates metadata in place, so without it a reader can see a writer's
+    half-flushed B-trees (a key reported missing that is there). The lock is taken on the
+    inode found at ``path`` and the caller opens the same path at once; a compaction only
+    renames a new file over it (``HDF5Backend._open`` then locks that one). Where the file
+    system has no ``flock`` nothing is locked. Waits up to ``METADATA_WAIT_S`` seconds;
+    yields the locked file's descriptor."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise MissingError(f"{path}: no such store") from None
+    try:
+        deadline = time.monotonic() + METADATA_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    break  # no flock here (some network file systems)
+                if time.monotonic() > deadline:
+                    raise AccessError(f"{path}: another process has held the HDF5 file's metadata for "
+                                      f"{METADATA_WAIT_S:.0f} s (a writer, or a program that opened it for writing)") from None
+                time.sleep(0.005)
+        yield fd
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _h5py_file(path: Path, mode: str):
+    """``h5py.File`` with page-aligned datasets and HDF5's own file lock off (``_h5_file_lock``
+    takes the same ``flock``); failures to open as one-line store errors."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode, alignment_threshold=PAGE, alignment_interval=PAGE, locking=False)
+    except OSError as e:
+        first = str(e).splitlines()[0]
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in first:
+            raise AccessError(f"{path}: cannot be written ({first})") from None
+        raise StoreFormatError(f"{path}: cannot open as HDF5 ({first})") from None
 
 
 def _damage_is_format_error(method):
     """Report what h5py raises on a damaged file (bad metadata, undecodable attributes) as
-    StoreFormatError. While another process holds the store's writer lock the read is
-    retried for a few seconds first: a reader that opens the file during the writer's
-    metadata flush can see it half-written, and once more when the lock is free: the writer
-    may have finished between the failed read and the look at its lock."""
+    StoreFormatError naming the file and the call."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        deadline, was_free = None, False
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except StoreFormatError as e:
-                err = e
-            except KDStoreError:
-                raise
-            except (OSError, RuntimeError, KeyError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
-                what = str(e).splitlines()[0] if str(e) else type(e).__name__
-                err = StoreFormatError(f"{self.path}: damaged HDF5 store, {method.__name__}({', '.join(map(repr, args))}) failed ({what})")
-            deadline = deadline or time.monotonic() + READ_RETRY_S
-            free = not held_elsewhere(self.lock_file)
-            if time.monotonic() > deadline or (free and was_free):
-                raise err from None
-            was_free = free
-            time.sleep(0.01)
+        try:
+            return method(self, *args, **kwargs)
+        except KDStoreError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreFormatError(f"{self.path}: damaged HDF5 store, {method.__name__}({', '.join(map(repr, args))}) "
+                                   f"failed ({what})") from None
 
     return wrapper
 
@@ -497,21 +541,19 @@ class HDF5Backend(Backend):
         except (IsADirectoryError, FileNotFoundError):
             return False
 
+    @contextmanager
     def _open(self, mode: str = "r", path: Path | None = None):
-        """The file, read-only without HDF5's own file lock (readers never wait for a writer,
-        who holds the store lock and never overwrites what a reader may map), or for writing."""
-        import h5py
-
-        try:
-            return h5py.File(path or self.path, mode, alignment_threshold=PAGE, alignment_interval=PAGE,
-                             locking=False if mode == "r" else True)
-        except OSError as e:
-            first = str(e).splitlines()[0]
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in first:
-                raise AccessError(f"{path or self.path}: cannot be written ({first})") from None
-            if "unable to lock file" in first:
-                raise AccessError(f"{path or self.path}: another program has the HDF5 file open for writing ({first})") from None
-            raise StoreFormatError(f"{path or self.path}: cannot open as HDF5 ({first})") from None
+        """The file, read-only under a shared metadata lock, or for writing under an exclusive
+        one (``_h5_file_lock``; a new file, mode "w", is not visible to readers yet)."""
+        path = Path(path or self.path)
+        while True:
+            with contextlib.ExitStack() as stack:
+                fd = None if mode == "w" else stack.enter_context(_h5_file_lock(path, exclusive=mode != "r"))
+                f = stack.enter_context(_h5py_file(path, mode))
+                if fd is not None and os.fstat(fd).st_ino != os.fstat(f.id.get_vfd_handle()).st_ino:
+                    continue  # a compaction renamed a new file over the locked one: lock that one
+                yield f
+                return
 
     @classmethod
     def create(cls, path: Path, attrs: dict, lock_file: Path | None = None) -> "HDF5Backend":
@@ -567,13 +609,23 @@ class HDF5Backend(Backend):
             if ds.chunks is not None or ds.compression is not None:
                 raise StoreFormatError(f"{self.path}: {key} is chunked or compressed, expected a contiguous dataset")
             offset = ds.id.get_offset()
-        if offset is None:
-            raise StoreFormatError(f"{self.path}: {key} has no data written")
-        n = int(np.prod(shape)) * dtype.itemsize
-        size = self.path.stat().st_size
-        if offset + n > size:
-            raise StoreFormatError(f"{self.path}: {key} needs bytes {offset}..{offset + n}, file has {size} (truncated)")
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            if offset is None:
+                raise StoreFormatError(f"{self.path}: {key} has no data written")
+            n = int(np.prod(shape)) * dtype.itemsize
+            fd = f.id.get_vfd_handle()  # map the file the offset was read from, even if since replaced
+            size = os.fstat(fd).st_size
+            if offset + n > size:
+                raise StoreFormatError(f"{self.path}: {key} needs bytes {offset}..{offset + n}, file has {size} (truncated)")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+    @_damage_is_format_error
+    def data_range(self, key: str) -> tuple[Path, int, int]:
+        with self._open() as f:
+            if key not in f:
+                raise MissingError(f"{self.path}: no {key!r} in the store")
+            ds = f[key]
+            return self.path, ds.id.get_offset() or 0, ds.size * ds.dtype.itemsize
 
     def staging_dir(self) -> Path:
         return self.path.with_name(self.path.name + ".staging")
@@ -588,23 +640,27 @@ class HDF5Backend(Backend):
         cid = uuid.uuid4().hex
         tmp = f"{self.STAGING}/{cid}"
         with self.writing():
-            with self._open("r+") as f:
+            sources = {name: as_source(src) for name, src in arrays.items()}
+            with self._open("r+") as f:  # metadata only: the staged datasets reserve their space
                 if group in f and not overwrite:
                     raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
                 g = f.create_group(tmp)
-                try:
-                    _h5_set_attrs(g, attrs)
-                    for name, src in arrays.items():
-                        src = as_source(src)
-                        ds = g.create_dataset(name, shape=src.shape, dtype=src.dtype)  # contiguous, uncompressed
-                        if ds.size:
-                            rows = lambda i, block, ds=ds: ds.__setitem__(slice(i, i + len(block)), block)  # noqa: E731
-                            _copy_blocks(src, rows, f"{self.path}:{group}/{name}")
-                except BaseException:
-                    del f[tmp]  # a failed write leaves no staging group behind
-                    raise
-                f.flush()
-                crash_point("hdf5.staged")
+                _h5_set_attrs(g, attrs)
+                offsets = {name: _reserve(g, name, src) for name, src in sources.items()}
+            try:  # the rows go straight into the reserved space, outside the metadata lock
+                for name, src in sources.items():
+                    if int(np.prod(src.shape)):
+                        out = np.memmap(self.path, dtype=src.dtype, mode="r+", offset=offsets[name], shape=src.shape)
+                        _copy_blocks(src, lambda i, block, out=out: out.__setitem__(slice(i, i + len(block)), block),
+                                     f"{self.path}:{group}/{name}")
+                        out.flush()
+                        del out
+            except BaseException:
+                self._drop_staged(cid)  # a failed write leaves no staging group behind
+                raise
+            _fsync(self.path)
+            crash_point("hdf5.staged")
+            with self._open("r+") as f:
                 # the commit: nothing below reaches the file before the last flush
                 if provenance is not None:
                     m = json.loads(f[self.ATTRS][()])
@@ -691,6 +747,18 @@ class HDF5Backend(Backend):
             if not len(f[self.STAGING]):
                 del f[self.STAGING]
 
+
+
+def _reserve(g, name: str, src: ArraySource) -> int | None:
+    """Create ``g/name`` as a contiguous dataset whose page-aligned space is allocated now
+    and never filled (the rows are written into it directly); its file offset."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    ds = g.create_dataset(name, shape=src.shape, dtype=src.dtype, dcpl=dcpl)
+    return ds.id.get_offset()
 
 
 def _h5_set_attrs(g, attrs: dict, trash: str | None = None) -> None:

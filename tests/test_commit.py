@@ -10,6 +10,7 @@ are real processes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 import kdstore.backends as backends
 from conftest import SUFFIXES, build_store
-from kdstore.errors import DataError
+from kdstore.errors import AccessError, DataError
 from kdstore.lock import locked, store_lock_path
 from kdstore.store import Store
 from kdstore.validate import leftovers, validate_store
@@ -236,16 +237,54 @@ with h5py.File(sys.argv[1], "r+") as f:  # a writer's open file, HDF5 file lock 
 """
 
 
-def test_hdf5_readers_do_not_wait_for_an_open_writer(tmp_path, synthetic_tables):
+def test_hdf5_reader_waits_for_a_program_writing_the_file_then_names_it(tmp_path, synthetic_tables, monkeypatch):
+    """Another program with the HDF5 file open for writing may change its metadata at any
+    time: a reader waits for it, and after ``METADATA_WAIT_S`` stops naming the file."""
+
     store = build_store(tmp_path / "s.h5", *synthetic_tables)
+    monkeypatch.setattr(backends, "METADATA_WAIT_S", 0.5)
     p = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(store.path)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "open"
-        s = Store.open(store.path)
-        assert s.teacher("teacher").logits.shape[0] > 0 and len(s.video("feat")) > 0
+        with pytest.raises(AccessError, match=rf"{re.escape(str(store.path))}: another process has held .* metadata"):
+            Store.open(store.path)
     finally:
         p.communicate("", timeout=30)
+    s = Store.open(store.path)
+    assert s.teacher("teacher").logits.shape[0] > 0 and len(s.video("feat")) > 0
+
+
+WRITE_MANY = """
+import sys, numpy as np
+from kdstore.store import Store
+s = Store.open(sys.argv[1])
+seg = s.segments
+print("ready", flush=True)
+for i in range(int(sys.argv[2])):
+    s.write_predictions(f"w{i}", seg.uid[:7], np.full((7, s.classes.num_actions), i, np.float32), topk=3)
+"""
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, synthetic_tables, suffix):
+    """Readers opening the store in a loop while another process commits 80 groups never
+    see a key go missing or a group half there (HDF5 rewrites metadata in place)."""
+    store = build_store(tmp_path / f"s{suffix}", *synthetic_tables, features=(), teachers=())
+    uid = Store.open(store.path).segments.uid
+    w = subprocess.Popen([sys.executable, "-c", WRITE_MANY, str(store.path), "80"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert w.stdout.readline().strip() == "ready"
+    reads = 0
+    while w.poll() is None or reads == 0:
+        s = Store.open(store.path)
+        np.testing.assert_array_equal(s.segments.uid, uid)
+        for name in s.predictions():
+            t = s.teacher(name)
+            assert len(t) == 7 and (t.logits == int(name[1:])).all(), name
+        reads += 1
+    assert w.returncode == 0, w.stderr.read()
+    assert Store.open(store.path).predictions() == sorted(f"w{i}" for i in range(80)) and reads > 1
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
