@@ -14,7 +14,10 @@ in its own process so that its peak RSS is its own:
 - ``epoch``: one shuffled epoch of the training split through ``StudentData`` and
   ``BatchLoader`` (AVT window: 10 frames at 1 fps, tau_a 1 s, batch 64) from each store,
   with the store's files evicted from the page cache first (cold) and again at once (warm);
-  the windows stores are checked to give the full store's frames, bit for bit;
+  cold again after ``posix_fadvise(WILLNEED)`` on the feature file (cold-willneed), and cold
+  with ``FeatureSet.preread`` first, inside the timed epoch (cold-preread: what
+  ``train-student`` does under ``preread``); the windows stores are checked to give the
+  full store's frames, bit for bit;
 - ``lmdb-reader``: on the same samples, cold and warm, two per-sample LMDB readers: one
   ``txn.get`` per frame the student keeps (10 a sample) and AVT's ``EpicRULSTMFeatsReader``
   with ``read_type: normal`` (every 30 fps frame of the 10 s observed window, each in its
@@ -254,6 +257,8 @@ def child_epoch(a: dict) -> dict:
             fd = os.open(features_file(Path(a["store"]), a["name"]), os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             os.close(fd)
+        if a.get("preread"):  # what train-student's preread does: one sequential read, timed with the epoch
+            data.features.preread()
         for b in BatchLoader(data, order, cfg.batch_size):
             samples += len(b.uids)
             nbytes += b.frames.shape[1] * b.frames.shape[0] * data.dim * data.features.features.dtype.itemsize
@@ -463,6 +468,12 @@ def run(tiny: bool = False, out_dir: str | Path | None = None, tmp_dir: str | Pa
                  "samples_per_s": r["cold"]["samples"] / r["cold"]["seconds"], "peak_rss_mib": r["peak_rss_mib"],
                  "file_bytes": file_bytes, "file_gb_per_s": file_bytes / 1e9 / r["cold"]["seconds"]})
             evict(store)
+            r = in_child("epoch", {"store": str(store), "name": name, "preread": True, "passes": ["cold"]})
+            row("epoch", {"variant": name, "cache": "cold-preread"},
+                {"seconds": r["cold"]["seconds"], "setup_s": r["setup_s"], "samples": r["cold"]["samples"],
+                 "samples_per_s": r["cold"]["samples"] / r["cold"]["seconds"], "peak_rss_mib": r["peak_rss_mib"],
+                 "file_bytes": file_bytes, "file_gb_per_s": file_bytes / 1e9 / r["cold"]["seconds"]})
+            evict(store)
             r = in_child("epoch", {"store": str(store), "name": name, "batches": cfg["reader_batches"]})
             for state in ("cold", "warm"):
                 t = r[state]
@@ -545,13 +556,14 @@ def markdown(rows: list[dict]) -> str:
             for c, r in rs if c["stage"] == "ceiling"]
     rate = {(c["reader"], c["cache"], c["batches"]): float(r["samples_per_s"]) for c, r in rs if c["stage"] == "reader"}
     rate.update({(f"store-{c['variant']}", c["cache"], None): float(r["samples_per_s"]) for c, r in rs
-                 if c["stage"] == "epoch" and c["cache"] in ("cold", "warm")})
-    out += ["", "| reader | batches | page cache | samples/s | full store / it | windows store / it | reads the store's frames |",
-            "|---|---|---|---|---|---|---|"]
+                 if c["stage"] == "epoch"})
+    out += ["", "| reader | batches | page cache | samples/s | full store / it | windows store / it "
+            "| windows store, preread / it | reads the store's frames |", "|---|---|---|---|---|---|---|---|"]
     for c, r in rs:
         if c["stage"] == "reader" and not c["reader"].startswith("store-"):
             b = c["batches"]
             mine = [rate.get((f"store-{v}", c["cache"], b)) for v in ("full", "windows")]
+            mine.append(rate.get(("store-windows", "cold-preread", b)) if c["cache"] == "cold" else None)
             ratios = " | ".join("" if m is None else f"{m / float(r['samples_per_s']):.1f}x" for m in mine)
             out.append(f"| {c['reader']} | {b or 'epoch'} | {c['cache']} | {f(r['samples_per_s'], '.0f')} | {ratios} "
                        f"| {float(r['same_frames_as_store']):.0%} |")

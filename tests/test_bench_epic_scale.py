@@ -36,7 +36,7 @@ def test_tiny_run(tmp_path):
         assert float(r["staging_peak_rss_mib"]) > 0 and int(r["store_bytes"]) > 0 and float(r["mb_written_per_s"]) > 0
     # epochs from every store, cold and warm, against the sequential ceiling of the same file
     for v in ("full", "windows", "windows-range", "fps1"):
-        for cache in ("cold", "warm", "cold-willneed"):
+        for cache in ("cold", "warm", "cold-willneed", "cold-preread"):
             r = by[("epoch", v, cache, None)]
             assert r["samples"] == by[("epoch", "full", "cold", None)]["samples"]
             assert float(r["samples_per_s"]) > 0

@@ -77,6 +77,25 @@ def test_resident_policy():
     assert resident_on(data, "cpu", "always")
 
 
+def test_preread_policy(st, monkeypatch):
+    """auto reads the file first when the windows reach enough of it and it fits in half the
+    available memory; always and never decide alone."""
+    import trainers.student.data as d
+
+    data = StudentData(st.store, "feat", "training1", small_cfg())
+    reach = len(np.unique(data.frame_idx)) / len(data.features)
+    assert d.available_memory() > 0
+    assert d.preread_on(data, "always") and not d.preread_on(data, "never")
+    monkeypatch.setattr(d, "available_memory", lambda: 10 * data.features.nbytes)
+    monkeypatch.setattr(d, "PREREAD_REACH", reach * 1.01)
+    assert not d.preread_on(data, "auto")
+    monkeypatch.setattr(d, "PREREAD_REACH", reach * 0.99)
+    assert d.preread_on(data, "auto")
+    for avail in (lambda: data.features.nbytes, lambda: None):  # needs twice its size; unknown memory
+        monkeypatch.setattr(d, "available_memory", avail)
+        assert not d.preread_on(data, "auto") and d.preread_on(data, "always")
+
+
 def _nan_copy(st, tmp_path, data) -> tuple:
     """A copy of the store with one NaN in a frame that a window of ``data`` reads; (path, its readers)."""
     dst = tmp_path / "copy.zarr"
@@ -115,11 +134,13 @@ def test_resident_nan_teacher_names_the_uid(st, tmp_path):
 
 def test_trainer_resident_equals_host_and_resumes_across_them(st, tmp_path):
     """The trainer on resident data takes the steps it takes on host batches, bit for bit; a run
-    may resume with the other data path (an execution field, not part of its identity)."""
+    may resume with the other data path (an execution field, not part of its identity), and
+    reading the feature file first (preread) changes nothing either."""
     from trainers.student.train import CKPT, read_log, train_student
 
     def cfg(on_device):
-        return small_cfg(distill_mode="topk_lse", temperature=10.0, data_on_device=on_device)
+        return small_cfg(distill_mode="topk_lse", temperature=10.0, data_on_device=on_device,
+                         preread="always" if on_device == "always" else "never")
 
     train_student(st.path, "feat", tmp_path / "a", cfg("always"), teacher="some", progress=False)
     train_student(st.path, "feat", tmp_path / "b", cfg("never"), teacher="some", progress=False, stop_after_epochs=1)

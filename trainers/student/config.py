@@ -40,6 +40,7 @@ RULES = Rules(choices={
     "scheduler": ("cosine",),
     "data_on_device": ("auto", "always", "never"),
     "compile": ("off", "default", "reduce-overhead"),
+    "preread": ("auto", "always", "never"),
 }, positive=("num_frames", "fps", "tau_a", "n_layer", "n_head", "inter_dim", "temperature", "topk", "lr", "epochs",
              "batch_size", "grad_clip"),
    non_negative=("past_cls", "feat", "verb_noun_weight", "distill", "distill_feat", "distill_feat_mse",
@@ -95,6 +96,10 @@ class StudentConfig:
     # compile: torch.compile the forward and losses (their backward with them); "reduce-overhead"
     # replays them as CUDA graphs on CUDA (trainers.student.step).
     compile: str = "off"
+    # preread: read the feature file once, sequentially, into the page cache before training
+    # (auto: when the training windows reach much of it and it fits in available memory;
+    # trainers.student.data.preread_on): a cold first epoch then gathers from memory.
+    preread: str = "auto"
 
     def __post_init__(self) -> None:
         check(self, RULES, _relations)
@@ -119,7 +124,7 @@ def _relations(c: StudentConfig) -> list[str]:
 
 
 # Fields that choose how a run executes, not what it computes: a resume may change them.
-EXECUTION_FIELDS = ("data_on_device", "compile")
+EXECUTION_FIELDS = ("data_on_device", "compile", "preread")
 
 
 # The presets' values (checked whenever a preset is made).

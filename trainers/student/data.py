@@ -33,6 +33,35 @@ from .config import StudentConfig
 from .distill import reads
 
 
+# preread="auto" reads the feature file first when the training windows reach at least this
+# share of its frames (below it, a sequential read of the whole file costs more than the random
+# reads it saves) and the file takes at most this share of the memory the OS reports available.
+PREREAD_REACH = 0.25
+PREREAD_MEMORY = 0.5
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports available (``MemAvailable``: free plus reclaimable cache), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def preread_on(data: StudentData, policy: str) -> bool:
+    """Whether to read ``data``'s feature file into the page cache before training
+    (StudentConfig.preread: always, never, or auto as described at PREREAD_REACH)."""
+    if policy != "auto":
+        return policy == "always"
+    reach = len(np.unique(data.frame_idx)) / max(len(data.features), 1)
+    avail = available_memory()
+    return reach >= PREREAD_REACH and avail is not None and data.features.nbytes <= PREREAD_MEMORY * avail
+
+
 class StudentData(torch.utils.data.Dataset):
     """Windows and targets of one split, ready for batched reads by index.
 

@@ -27,7 +27,7 @@ from kdstore.store import Store
 
 from .avt import AVTHead
 from .config import EXECUTION_FIELDS, StudentConfig
-from .data import BatchLoader, StudentData, WindowBatchSampler
+from .data import BatchLoader, StudentData, WindowBatchSampler, preread_on
 from .distill import distills, without_distillation
 from .losses import check_batch
 from .resident import ResidentData, resident_on
@@ -165,7 +165,7 @@ def train_student(
     torchrun, each rank trains on its slice of every global batch of ``world * batch_size``
     samples and gradients are averaged (DDP). A resume may raise ``cfg.epochs`` to extend a
     run; its remaining steps follow the cosine schedule of the new length, and it may change
-    the execution fields (``data_on_device``, ``compile``), which do not change what a run computes.
+    the execution fields (``data_on_device``, ``compile``, ``preread``), which do not change what a run computes.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, device = _dist(device)
@@ -219,6 +219,8 @@ def train_student(
     steps_per_epoch = len(sampler)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg), last_epoch=step - 1)
     step_fn = TrainStep(net, opt, sched, cfg, loss_cfg, device)
+    if preread_on(train, cfg.preread):
+        train.features.preread()
     resident = ResidentData(train, device) if resident_on(train, device, cfg.data_on_device) else None
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
