@@ -66,6 +66,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def read_ahead_kb(path: Path) -> int | None:
+    """The read-ahead of the block device holding ``path`` (None where sysfs does not say):
+    it sets how much a page fault of a memory map reads, so cold gathers depend on it."""
+    dev = os.stat(path).st_dev
+    block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    for q in (block / "queue", block / ".." / "queue"):  # a whole disk, or a partition's disk
+        try:
+            return int((q / "read_ahead_kb").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def append_row(bench: str, config: dict, result: dict, out_dir: Path | None = None) -> dict:
     """Append one result row to ``<out_dir>/<bench>.csv`` and return it."""
     out_dir = Path(out_dir or RESULTS_DIR)

@@ -54,7 +54,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.common import append_row  # noqa: E402
+from bench.common import append_row, read_ahead_kb  # noqa: E402
 
 BENCH = "epic_scale"
 EK100 = ROOT.parent / "shared/data/ek100"
@@ -259,10 +259,11 @@ def child_epoch(a: dict) -> dict:
             os.close(fd)
         if a.get("preread"):  # what train-student's preread does: one sequential read, timed with the epoch
             data.features.preread()
+        t1 = time.perf_counter()
         for b in BatchLoader(data, order, cfg.batch_size):
             samples += len(b.uids)
             nbytes += b.frames.shape[1] * b.frames.shape[0] * data.dim * data.features.features.dtype.itemsize
-        out[state] = {"seconds": time.perf_counter() - t0, "samples": samples, "bytes_delivered": nbytes}
+        out[state] = {"seconds": time.perf_counter() - t0, "preread_s": t1 - t0, "samples": samples, "bytes_delivered": nbytes}
     if a.get("reference"):  # the same windows as the full store's, bit for bit
         ref, _ = _student_data(a["store"], a["reference"])
         same_ts = np.array_equal(data.features.timestamps[data.frame_idx], ref.features.timestamps[ref.frame_idx])
@@ -406,6 +407,7 @@ def run(tiny: bool = False, out_dir: str | Path | None = None, tmp_dir: str | Pa
     rows: list[dict] = []
     base = {"source": source, "videos": len(names), "segments": sum(len(s) for s in segs.values()), "dim": cfg["dim"],
             "step": cfg["step"], "lmdb_frames": frames, "tiny": tiny, "load": os.getloadavg()[0]}
+    base["read_ahead_kb"] = read_ahead_kb(Path(tmp_dir or tempfile.gettempdir()))
 
     def row(stage: str, config: dict, result: dict) -> None:
         rows.append(append_row(BENCH, {**base, "stage": stage, **config}, result, out_dir=out_dir))
@@ -470,7 +472,7 @@ def run(tiny: bool = False, out_dir: str | Path | None = None, tmp_dir: str | Pa
             evict(store)
             r = in_child("epoch", {"store": str(store), "name": name, "preread": True, "passes": ["cold"]})
             row("epoch", {"variant": name, "cache": "cold-preread"},
-                {"seconds": r["cold"]["seconds"], "setup_s": r["setup_s"], "samples": r["cold"]["samples"],
+                {"seconds": r["cold"]["seconds"], "preread_s": r["cold"]["preread_s"], "setup_s": r["setup_s"], "samples": r["cold"]["samples"],
                  "samples_per_s": r["cold"]["samples"] / r["cold"]["seconds"], "peak_rss_mib": r["peak_rss_mib"],
                  "file_bytes": file_bytes, "file_gb_per_s": file_bytes / 1e9 / r["cold"]["seconds"]})
             evict(store)
@@ -530,7 +532,7 @@ def markdown(rows: list[dict]) -> str:
     c0 = rs[0][0]
     kept = "every 30 fps frame" if c0["step"] == 1 else f"one 30 fps frame in {c0['step']}"
     out = [f"{c0['source']}: {c0['videos']} videos, {c0['segments']} segments, {c0['lmdb_frames']} LMDB frames ({kept}),"
-           f" D = {c0['dim']}; load average at the start {c0['load']:.1f}", ""]
+           f" D = {c0['dim']}; load average at the start {c0['load']:.1f}; read-ahead {c0.get('read_ahead_kb')} KiB", ""]
     out += ["| LMDB | frames | GB on disk | write s |", "|---|---|---|---|"]
     out += [f"| {c['size']} | {r['entries']} | {f(int(r['bytes']) / 1e9)} | {f(r['seconds'], '.0f')} |" for c, r in rs if c["stage"] == "lmdb"]
     out += ["", "| import | LMDB | backend | kept | store GB | s | MB/s read | MB/s written | peak RSS MiB: staging / commit |",

@@ -30,14 +30,15 @@ from bench.common import machine  # noqa: E402
 
 DOCS = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
-BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features", "teacher_build", "epic", "epic_scale"]
+BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features", "teacher_build", "epic", "epic_scale",
+           "preread"]
 # the columns worth a glance in the markdown table, when a row has them
 KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", "peak_rss_mib", "gbps",
               "samples_per_s", "frames_per_s", "sampled_frames_per_s", "mb_written_per_s", "vs_ceiling",
               "vs_per_sample", "ratio", "gain", "graph_median_s", "eager_over_impl", "graph_eager_over_impl",
               "graph_over_ideal", "teacher_top1", "teacher_mean_top1_recall", "ngram3_top1",
               "ngram3_mean_top1_recall", "ngram2_top1", "ngram2_mean_top1_recall", "mean_top5_recall",
-              "unseen_action_mean_top5_recall", "tail_action_mean_top5_recall", "seconds", "error"]
+              "unseen_action_mean_top5_recall", "tail_action_mean_top5_recall", "seconds", "preread_s", "error"]
 
 
 def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...] = (), out_dir: Path | None = None,

@@ -648,13 +648,12 @@ class HDF5Backend(Backend):
                 _h5_set_attrs(g, attrs)
                 offsets = {name: _reserve(g, name, src) for name, src in sources.items()}
             try:  # the rows go straight into the reserved space, outside the metadata lock
-                for name, src in sources.items():
-                    if int(np.prod(src.shape)):
-                        out = np.memmap(self.path, dtype=src.dtype, mode="r+", offset=offsets[name], shape=src.shape)
-                        _copy_blocks(src, lambda i, block, out=out: out.__setitem__(slice(i, i + len(block)), block),
-                                     f"{self.path}:{group}/{name}")
-                        out.flush()
-                        del out
+                with open(self.path, "r+b") as out:  # plain writes, not a memmap (see ZarrBackend._write_array)
+                    for name, src in sources.items():
+                        if int(np.prod(src.shape)):
+                            out.seek(offsets[name])
+                            _copy_blocks(src, lambda i, block, dt=src.dtype: out.write(np.ascontiguousarray(block, dtype=dt).data),
+                                         f"{self.path}:{group}/{name}")
             except BaseException:
                 self._drop_staged(cid)  # a failed write leaves no staging group behind
                 raise

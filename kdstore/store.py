@@ -684,24 +684,35 @@ class FeatureSet:
         """Bytes of the features array."""
         return self.features.size * self.features.dtype.itemsize
 
-    def preread(self, block: int = 16 << 20) -> int:
-        """Read the features' bytes once, sequentially, into the operating system's page cache
-        (nothing is kept in this process): on a cold disk, an epoch that then gathers from the
-        cache beats one whose random gathers each wait for the disk, when the windows reach
-        much of the set. Returns the bytes read."""
+    def preread(self, block: int = 8 << 20, streams: int = 4) -> int:
+        """Read the features' bytes once into the operating system's page cache (nothing is
+        kept in this process): on a cold disk, an epoch that then gathers from the cache beats
+        one whose random gathers each wait for the disk, when the windows reach much of the
+        set. ``streams`` threads read contiguous parts of the file at once (a virtual disk
+        serves several sequential streams faster than one). Returns the bytes read."""
+        from concurrent.futures import ThreadPoolExecutor
+
         path, offset, n = self.store.backend.data_range(f"{self.key}/features")
-        buf = bytearray(block)
-        done = 0
-        with open(path, "rb", buffering=0) as f:
-            if hasattr(os, "posix_fadvise"):  # larger read-ahead
-                os.posix_fadvise(f.fileno(), offset, n, os.POSIX_FADV_SEQUENTIAL)
-            f.seek(offset)
-            while done < n:
-                got = f.readinto(memoryview(buf)[: min(block, n - done)])
+        bounds = np.linspace(0, n, streams + 1).astype(np.int64)  # [streams + 1] part boundaries
+
+        def part(fd: int, lo: int, hi: int) -> int:
+            buf = memoryview(bytearray(block))
+            done = lo
+            while done < hi:
+                got = os.preadv(fd, [buf[: min(block, hi - done)]], offset + done)
                 if not got:
-                    raise StoreFormatError(f"{path}: video/{self.name} features end at byte {offset + done}, expected {offset + n}")
+                    raise StoreFormatError(f"{path}: video/{self.name} features end at byte {offset + done}, "
+                                           f"expected {offset + n}")
                 done += got
-        return done
+            return done - lo
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead
+            with ThreadPoolExecutor(streams) as pool:
+                return sum(pool.map(lambda k: part(fd, int(bounds[k]), int(bounds[k + 1])), range(streams)))
+        finally:
+            os.close(fd)
 
     def video_index(self, names: Iterable[str]) -> np.ndarray:
         """Index of each video name in this feature set (-1 where it has no features)."""

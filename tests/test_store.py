@@ -590,7 +590,7 @@ class StoreTests:
         with open(path, "rb") as f:
             f.seek(offset)
             assert f.read(n) == np.ascontiguousarray(fs.features).tobytes()
-        assert fs.preread(block=1000) == n == fs.nbytes > 1000  # a block that does not divide the size
+        assert fs.preread(block=1000, streams=3) == n == fs.nbytes > 3000  # blocks and parts that do not divide it
 
     # bad input ---------------------------------------------------------------------
 
