@@ -645,8 +645,12 @@ class HDF5Backend(Backend):
                 if group in f and not overwrite:
                     raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
                 g = f.create_group(tmp)
-                _h5_set_attrs(g, attrs)
-                offsets = {name: _reserve(g, name, src) for name, src in sources.items()}
+                try:
+                    _h5_set_attrs(g, attrs)
+                    offsets = {name: _reserve(g, name, src) for name, src in sources.items()}
+                except BaseException:
+                    self._unstage(f, cid)  # a failed write leaves no staging group behind
+                    raise
             try:  # the rows go straight into the reserved space, outside the metadata lock
                 with open(self.path, "r+b") as out:  # plain writes, not a memmap (see ZarrBackend._write_array)
                     for name, src in sources.items():
@@ -742,9 +746,13 @@ class HDF5Backend(Backend):
 
     def _drop_staged(self, name: str) -> None:
         with self._open("r+") as f:
-            del f[f"{self.STAGING}/{name}"]
-            if not len(f[self.STAGING]):
-                del f[self.STAGING]
+            self._unstage(f, name)
+
+    def _unstage(self, f, name: str) -> None:
+        """Delete ``_staging/<name>`` from the open file ``f``, and ``_staging`` once empty."""
+        del f[f"{self.STAGING}/{name}"]
+        if not len(f[self.STAGING]):
+            del f[self.STAGING]
 
 
 

@@ -679,17 +679,12 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.features)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the features array."""
-        return self.features.size * self.features.dtype.itemsize
-
     def preread(self, block: int = 8 << 20, streams: int = 4) -> int:
         """Read the features' bytes once into the operating system's page cache (nothing is
         kept in this process): on a cold disk, an epoch that then gathers from the cache beats
         one whose random gathers each wait for the disk, when the windows reach much of the
-        set. ``streams`` threads read contiguous parts of the file at once (a virtual disk
-        serves several sequential streams faster than one). Returns the bytes read."""
+        set. ``streams`` threads each read one contiguous part of the file. Returns the bytes
+        read."""
         from concurrent.futures import ThreadPoolExecutor
 
         path, offset, n = self.store.backend.data_range(f"{self.key}/features")

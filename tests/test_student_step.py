@@ -86,12 +86,12 @@ def test_preread_policy(st, monkeypatch):
     reach = len(np.unique(data.frame_idx)) / len(data.features)
     assert d.available_memory() > 0
     assert d.preread_on(data, "always") and not d.preread_on(data, "never")
-    monkeypatch.setattr(d, "available_memory", lambda: 10 * data.features.nbytes)
+    monkeypatch.setattr(d, "available_memory", lambda: 10 * data.features.features.nbytes)
     monkeypatch.setattr(d, "PREREAD_REACH", reach * 1.01)
     assert not d.preread_on(data, "auto")
     monkeypatch.setattr(d, "PREREAD_REACH", reach * 0.99)
     assert d.preread_on(data, "auto")
-    for avail in (lambda: data.features.nbytes, lambda: None):  # needs twice its size; unknown memory
+    for avail in (lambda: data.features.features.nbytes, lambda: None):  # needs twice its size; unknown memory
         monkeypatch.setattr(d, "available_memory", avail)
         assert not d.preread_on(data, "auto") and d.preread_on(data, "always")
 

@@ -59,7 +59,7 @@ def preread_on(data: StudentData, policy: str) -> bool:
         return policy == "always"
     reach = len(np.unique(data.frame_idx)) / max(len(data.features), 1)
     avail = available_memory()
-    return reach >= PREREAD_REACH and avail is not None and data.features.nbytes <= PREREAD_MEMORY * avail
+    return reach >= PREREAD_REACH and avail is not None and data.features.features.nbytes <= PREREAD_MEMORY * avail
 
 
 class StudentData(torch.utils.data.Dataset):
