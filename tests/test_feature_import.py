@@ -186,6 +186,23 @@ def test_window_mask_keeps_every_frame_a_window_can_reach(numbers, start_frames,
             np.testing.assert_array_equal(kept[last_at_or_before(ts[kept], times)], full)
 
 
+def test_windows_keep_one_frame_per_window_time_on_a_grid_the_times_hit():
+    ts = np.arange(3000) / RULSTM_FPS  # 100 s at 30 fps
+    starts = np.array([600, 1200]) / RULSTM_FPS  # segments 20 s apart: their windows do not overlap
+    keep = window_mask(ts, starts, WindowSpec(1.0, 1.0, 10, 1.0))
+    want = {0, 2999} | {round((s - 1.0 - j) * RULSTM_FPS) for s in starts for j in range(10)}
+    assert set(np.flatnonzero(keep)) == want  # 2 x 10 window frames and both ends, no neighbours
+
+
+def test_a_student_time_may_not_round_below_the_imported_windows():
+    spec = WindowSpec(1.0, 1.0, 10, 1.0)
+    assert "outside the imported range" in spec.refusal(float(np.nextafter(1.0, 2.0)), 10, 1.0)
+    assert spec.refusal(float(np.nextafter(1.0, 0.0)), 10, 1.0) is None  # later times: kept by EDGE_S
+    # 3 frames at 0.9 fps, i / 0.9, against every frame at 0.3 fps: 1 / 0.3 rounds below 3 / 0.9
+    assert -1 / 0.3 < -3 / 0.9
+    assert "round below" in WindowSpec(1.0, 1.0, 10, 0.9).refusal(1.0, 4, 0.3)
+
+
 def student_frames(store: Store, name: str, cfg, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(timestamps [N, T], features [N, T, D]) of every window the student reads."""
     data = StudentData(store, name, split, cfg)
@@ -241,7 +258,7 @@ def test_a_selection_that_accepts_a_config_gives_the_full_set_s_windows(numbers,
     sel = Selection(wfps if grid else None, WindowSpec(tau_min, tau_min + width, n, wfps))
     tau = tau_min + u * width
     why = sel.refusal(tau, T, fps)
-    in_range = tau_min - 1e-9 <= tau <= tau_min + width + 1e-9  # u outside [0, 1] is out of range unless width is ~0
+    in_range = tau_min - 1e-9 <= tau <= tau_min + width  # u outside [0, 1] is out of range unless width is ~0
     assert (why is None) == (in_range and (T == 1 or (fps <= wfps and (wfps / fps) % 1 == 0
                                                       and (T - 1) * wfps / fps <= n - 1))), why
     if why is None:
@@ -378,9 +395,10 @@ def test_each_segment_s_frames_are_one_run_in_time_order(tmp_path):
     assert ts[0] == 1 / 30 and ts[-1] == (120 * 30 - 1) / 30  # the video's ends stay
     inner = ts[1:-1]
     for s in (30.0, 50.0, 100.0):  # all 30 fps frames of [s - 2 - 9, s - 0.5], nothing between the runs
-        run = inner[(inner >= s - 11.0 - 1e-6 - 1 / 30) & (inner <= s - 0.5 + 1e-6)]
+        run = inner[(inner >= s - 11.0 - 1e-6) & (inner <= s - 0.5 + 1e-6)]
         np.testing.assert_allclose(np.diff(run), 1 / 30, atol=1e-9)
-    assert len(inner) == sum(len(np.arange(np.floor((s - 11) * 30 - 1e-3), np.floor((s - 0.5) * 30 + 1e-3) + 1))
+        assert abs(run[0] - (s - 11.0)) < 1e-9  # from the earliest window time's own frame, not the one before
+    assert len(inner) == sum(len(np.arange(round((s - 11) * 30), np.floor((s - 0.5) * 30 + 1e-3) + 1))
                              for s in (30.0, 50.0, 100.0))
 
 

@@ -122,9 +122,10 @@ class StudentData(torch.utils.data.Dataset):
     def batch(self, ids: np.ndarray) -> Batch:
         """The batch of samples ``ids`` (positions in this split), as CPU tensors."""
         ids = np.asarray(ids)
-        frames = self.features.gather(self.frame_idx[ids]).astype(np.float32, copy=False)  # [B, T, D]
+        # torch casts float16 to float32 several times faster than numpy (a no-op on float32)
+        frames = torch.from_numpy(self.features.gather(self.frame_idx[ids])).float()  # [B, T, D]
         b = Batch(
-            frames=torch.from_numpy(frames),
+            frames=frames,
             action=torch.from_numpy(self.action[ids]),
             verb=torch.from_numpy(self.verb[ids]),
             noun=torch.from_numpy(self.noun[ids]),

@@ -27,9 +27,12 @@ import numpy as np
 
 from kdstore.errors import ConfigError
 
-# Window times are widened by this much (seconds) on both sides: the store looks frames up
-# with shifted float keys whose rounding can move a time that is within a few ulps of a
-# frame's timestamp across it, so frames that close to a window edge are kept too.
+# The latest window times are widened by this much (seconds): the store looks frames up with
+# shifted float keys whose rounding can move a time that lies a few ulps before a frame's
+# timestamp onto it, so a frame that close after a window's end is kept too. The earliest
+# times need no widening: rounding is monotone, so a student time at or after the import's
+# (what refusal checks) never looks up an earlier frame. On a frame grid that window times
+# hit exactly (EPIC, EGTEA), each window time then keeps one frame, not two.
 EDGE_S = 1e-6
 # Tolerance of the coverage check on tau_a (seconds) and on rate ratios: config values
 # that equal the import's up to float noise are the same window.
@@ -78,14 +81,20 @@ class WindowSpec:
         """Why these windows cannot serve ``num_frames`` at ``fps`` ending ``tau_a`` before
         each segment, or None when they do: ``tau_a`` in range, and every offset ``j / fps``
         (j < num_frames) one of the spec's ``i / self.fps`` (i < self.num_frames)."""
-        if not self.tau_min - COVER_TOL <= tau_a <= self.tau_max + COVER_TOL:
-            return f"tau_a {tau_a:g} s is outside the imported range"
+        # exact at tau_max and at the offsets: window_mask keeps no frame before the import's
+        # earliest window times, so a student's time may not round below them (see EDGE_S)
+        if not self.tau_min - COVER_TOL <= tau_a <= self.tau_max:
+            return f"tau_a {tau_a:.17g} s is outside the imported range"
         if num_frames > 1:
             step = self.fps / fps  # spec frames per student frame: a whole number for shared offsets
             if abs(step - round(step)) > COVER_TOL * max(step, 1.0) or round(step) < 1:
                 return f"its {fps:g} fps frames are not on the imported {self.fps:g} fps window offsets"
             if (num_frames - 1) * round(step) > self.num_frames - 1:
                 return f"{num_frames} frames at {fps:g} fps reach further back than the imported windows"
+            k = (num_frames - 1) - np.arange(num_frames)  # [T] frames before the last
+            if (-k / fps < -(round(step) * k) / self.fps).any():  # the student's offsets, the import's
+                return (f"its {fps:g} fps frame offsets round below the imported {self.fps:g} fps ones;"
+                        f" import with --window-fps {fps:g}")
         return None
 
 
@@ -171,7 +180,7 @@ def window_mask(ts: np.ndarray, starts: np.ndarray, spec: WindowSpec) -> np.ndar
     if len(starts):
         # the same arithmetic as the student's windows: end = start - tau_a, then end + offsets
         offsets = (np.arange(spec.num_frames) - (spec.num_frames - 1)) / spec.fps  # [T]
-        lo = (starts - spec.tau_max)[:, None] + offsets[None, :] - EDGE_S  # [m, T]
+        lo = (starts - spec.tau_max)[:, None] + offsets[None, :]  # [m, T]
         hi = (starts - spec.tau_min)[:, None] + offsets[None, :] + EDGE_S
         a = np.maximum(np.searchsorted(ts, lo.ravel(), side="right") - 1, 0)  # last frame at or before
         b = np.maximum(np.searchsorted(ts, hi.ravel(), side="right") - 1, 0)
