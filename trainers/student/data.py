@@ -26,7 +26,7 @@ from kdstore.errors import ConfigError, MissingError
 from kdstore.store import FeatureSet, Store
 from kdstore.targets import TeacherTargets
 from trainers.queues import put_until
-from trainers.video.select import Selection
+from trainers.video.select import Selection, window_offsets
 
 from .batch import TEACHER_FIELDS, Batch
 from .config import StudentConfig
@@ -91,7 +91,7 @@ class StudentData(torch.utils.data.Dataset):
                 f"video/{features}: UID {seg.uid[r]} is in video {seg.videos[seg.video[r]]!r}, which has no features"
             )
         end = seg.start_frame[self.rows] / seg.fps - cfg.tau_a  # [N] seconds
-        offsets = (np.arange(cfg.num_frames) - (cfg.num_frames - 1)) / cfg.fps  # [T], last frame at `end`
+        offsets = window_offsets(cfg.num_frames, cfg.fps)  # [T], last frame at `end`
         self.frame_idx = self.features.frames_at(vidx, end[:, None] + offsets[None, :])  # [N, T]
         self.uid = seg.uid[self.rows]
         self.action = seg.action[self.rows].astype(np.int64)

@@ -39,6 +39,13 @@ EDGE_S = 1e-6
 COVER_TOL = 1e-9
 
 
+def window_offsets(num_frames: int, fps: float) -> np.ndarray:
+    """[T] seconds of a window's frames relative to its last one (AVT: ``num_frames`` at
+    ``fps``). The student's windows and the import's selection both use this arithmetic, so
+    their times agree to the bit."""
+    return (np.arange(num_frames) - (num_frames - 1)) / fps
+
+
 @dataclass(frozen=True)
 class WindowSpec:
     """Student windows an import must serve: ``num_frames`` at ``fps``, ending ``tau_a`` in
@@ -91,8 +98,9 @@ class WindowSpec:
                 return f"its {fps:g} fps frames are not on the imported {self.fps:g} fps window offsets"
             if (num_frames - 1) * round(step) > self.num_frames - 1:
                 return f"{num_frames} frames at {fps:g} fps reach further back than the imported windows"
-            k = (num_frames - 1) - np.arange(num_frames)  # [T] frames before the last
-            if (-k / fps < -(round(step) * k) / self.fps).any():  # the student's offsets, the import's
+            s = round(step)
+            theirs = window_offsets(self.num_frames, self.fps)[self.num_frames - 1 - s * (num_frames - 1) :: s]  # [T]
+            if (window_offsets(num_frames, fps) < theirs).any():
                 return (f"its {fps:g} fps frame offsets round below the imported {self.fps:g} fps ones;"
                         f" import with --window-fps {fps:g}")
         return None
@@ -179,7 +187,7 @@ def window_mask(ts: np.ndarray, starts: np.ndarray, spec: WindowSpec) -> np.ndar
     starts = np.asarray(starts, np.float64)
     if len(starts):
         # the same arithmetic as the student's windows: end = start - tau_a, then end + offsets
-        offsets = (np.arange(spec.num_frames) - (spec.num_frames - 1)) / spec.fps  # [T]
+        offsets = window_offsets(spec.num_frames, spec.fps)  # [T]
         lo = (starts - spec.tau_max)[:, None] + offsets[None, :]  # [m, T]
         hi = (starts - spec.tau_min)[:, None] + offsets[None, :] + EDGE_S
         a = np.maximum(np.searchsorted(ts, lo.ravel(), side="right") - 1, 0)  # last frame at or before
