@@ -255,6 +255,9 @@ def evaluate(
     write: Optional[str] = typer.Option(None, help="Store the baseline's predictions as this group (kind baseline)."),
     overwrite: bool = typer.Option(False, help="Replace an existing group given by --write."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    marginals: str = typer.Option("exact", help="Verb/noun scores of groups without their own heads: 'exact' sums of the"
+                                  " action probabilities, or 'rulstm' (RULSTM's marginalize: a class no action uses gets"
+                                  " action 0's probability), to compare with published EK55 figures."),
 ) -> None:
     """Metrics of a prediction group or the n-gram baseline (EK55: RULSTM's; EK100: overall/unseen/tail)."""
     from kdstore.store import Store
@@ -264,15 +267,17 @@ def evaluate(
         raise typer.BadParameter("give --predictions NAME or --baseline ngram (one of them)")
     if baseline is not None and baseline != "ngram":
         raise typer.BadParameter(f"--baseline {baseline!r}: only 'ngram' is available")
+    if marginals not in ("exact", "rulstm"):
+        raise typer.BadParameter(f"--marginals {marginals!r}: 'exact' or 'rulstm'")
     s = Store.open(store)
     if split is None:
         train, split = s.default_splits()
         train_split = train_split or train
     if predictions:
-        label, m = predictions, evaluate_group(s, predictions, split)
+        label, m = predictions, evaluate_group(s, predictions, split, marginals=marginals)
     else:
         label = write or f"{order}-gram"
-        m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite)
+        m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite, marginals=marginals)
     if as_json:
         print(json.dumps(m, indent=1))
         return

@@ -15,9 +15,11 @@ All values are percentages (0-100) except the counts ``n`` and ``unlabelled``:
   action): class-mean top-5 recall on the EK100 evaluation subsets (unseen participants;
   tail verbs for verbs, tail nouns for nouns, tail actions for actions), when given.
 
-Unlabelled rows (label -1) are left out and counted in ``unlabelled``. Ties between scores
-are broken towards the lower class index, so a constant score vector predicts class 0,
-1, 2, ... (RULSTM's argsort breaks exact ties differently; real scores have none).
+Unlabelled rows (label -1) are left out and counted in ``unlabelled``. Classes are ranked
+by ``kdstore.ranking`` (exact ties towards the lower class index), the rule an EPIC JSON
+export writes its scores in, so the official scorer computes these figures from the file.
+Verb and noun marginals are the exact sums by default; ``marginals="rulstm"`` reproduces
+RULSTM's ``get_marginal_indexes``/``marginalize`` (see :func:`marginalise`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from .annotations import ClassTable, SegmentTable
 from .errors import DataError
+from .ranking import label_ranks, topk_hits  # noqa: F401  (re-exported: the ranking rule lives in ranking.py)
 
 TASKS = ("verb", "noun", "action")
 
@@ -54,32 +57,33 @@ def as_probabilities(scores: np.ndarray, kind: str = "auto") -> np.ndarray:
     raise ValueError(f"kind must be 'auto', 'logits' or 'probs', found {kind!r}")
 
 
-def marginalise(probs: np.ndarray, index: np.ndarray, num: int) -> np.ndarray:
-    """[N, num] sums of action probabilities ``probs [N, A]`` grouped by ``index [A]``
-    (a class no action maps to gets 0)."""
+MARGINALS = ("exact", "rulstm")
+
+
+def marginalise(probs: np.ndarray, index: np.ndarray, num: int, marginals: str = "exact") -> np.ndarray:
+    """[N, num] sums of action probabilities ``probs [N, A]`` grouped by ``index [A]``.
+
+    ``marginals="exact"``: a class no action maps to gets 0 (its probability under the
+    model). ``"rulstm"``: as RULSTM's ``marginalize(probs, get_marginal_indexes(actions,
+    mode))``: a class below the largest one an action maps to that no action uses gets the
+    probability of action 0, and classes above that largest one are not scored at all
+    (-inf here: they rank last and never enter a top-k).
+    """
+    if marginals not in MARGINALS:
+        raise ValueError(f"marginals must be one of {MARGINALS}, found {marginals!r}")
     index = np.asarray(index)
+    p = np.asarray(probs, np.float64)
     order = np.argsort(index, kind="stable")
     present, starts = np.unique(index[order], return_index=True)
-    out = np.zeros((len(probs), num))
-    if len(probs) and len(order):
-        out[:, present] = np.add.reduceat(np.asarray(probs, np.float64)[:, order], starts, axis=1)
+    out = np.zeros((len(p), num))
+    if len(p) and len(order):
+        out[:, present] = np.add.reduceat(p[:, order], starts, axis=1)
+    if marginals == "rulstm" and len(order):
+        top = int(present.max())
+        unused = np.setdiff1d(np.arange(top + 1), present)
+        out[:, unused] = p[:, [0]]  # get_marginal_indexes: np.array([0]) for a class without actions
+        out[:, top + 1 :] = -np.inf  # range(actions[mode].max() + 1): no column for them
     return out
-
-
-def label_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """[N] 0-based rank of each label in its row (ties towards the lower class index)."""
-    scores, labels = np.asarray(scores), np.asarray(labels)
-    own = scores[np.arange(len(scores)), labels][:, None]  # [N, 1]
-    rank = (scores > own).sum(axis=1)  # [N]
-    tied = np.flatnonzero((scores == own).sum(axis=1) > 1)  # rows where another class scores the same
-    for i in tied:
-        rank[i] += int((scores[i, : labels[i]] == own[i, 0]).sum())
-    return rank
-
-
-def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """[N] bool: whether each label is among its row's ``k`` highest scores."""
-    return label_ranks(scores, np.asarray(labels)) < k
 
 
 def class_mean_recall(hits: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> float | None:
@@ -106,13 +110,15 @@ def compute_metrics(
     verb_scores: np.ndarray | None = None,
     noun_scores: np.ndarray | None = None,
     subsets: dict[str, dict[str, np.ndarray]] | None = None,
+    marginals: str = "exact",
 ) -> dict:
     """Accuracy and class-mean recall of action, verb and noun scores (see the module doc).
 
     ``scores [N, A]`` are action logits or probabilities (see ``as_probabilities``);
     ``labels [N]`` action ids, -1 for unlabelled rows (left out). ``verb_scores [N, V]``
     / ``noun_scores [N, N]``: a model's own heads, else marginalised. ``subsets`` maps a
-    subset name (``unseen``, ``tail``) to a per-task [N] mask. Raises DataError on no
+    subset name (``unseen``, ``tail``) to a per-task [N] mask. ``marginals`` ("exact" or
+    "rulstm") picks :func:`marginalise`'s rule for groups without their own heads. Raises DataError on no
     labelled row, a class-count mismatch, NaN or a label outside the class table.
     """
     labels = np.asarray(labels, dtype=np.int64)
@@ -146,7 +152,7 @@ def compute_metrics(
         rank["action"][sl] = label_ranks(probs, y["action"][sl])
         for task, index in (("verb", classes.action_verb), ("noun", classes.action_noun)):
             h = heads[task]
-            s = np.asarray(h[idx], np.float64) if h is not None else marginalise(probs, index, nums[task])  # [b, V|N]
+            s = np.asarray(h[idx], np.float64) if h is not None else marginalise(probs, index, nums[task], marginals)  # [b, V|N]
             rank[task][sl] = label_ranks(s, y[task][sl])
     many = {"action": classes.many_shot_actions, "verb": classes.many_shot_verbs, "noun": classes.many_shot_nouns}
     out: dict = {"n": int(len(keep))}

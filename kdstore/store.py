@@ -37,6 +37,7 @@ from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, 
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
 from .lock import locked, store_lock_path
+from .ranking import label_ranks, rank_order
 
 SCHEMA_VERSION = 2
 #: Versions ``Store.open`` reads; version 1 stores are read as version 2 (``kdstore upgrade`` rewrites them).
@@ -46,6 +47,12 @@ DEFAULT_LSE_TEMPERATURES = (1.0, 2.0, 4.0, 10.0)
 # Predictions groups keep student predictions too: ``kind`` tells them apart.
 PREDICTION_KINDS = ("teacher", "student", "baseline")
 WRITE_BLOCK_ROWS = 2048  # rows of predictions checked, reduced and converted at a time
+# Stored dtypes of a prediction group's arrays. Scores (logits, verb/noun heads) are float32:
+# evaluate and export rank them, and float16 would tie distinct scores (EK100's 3-gram: 82
+# validation labels tied with the 5th-best class). The KD kernel reads float32 top-K values
+# and LSE, taken from these float32 logits. [CLS] features are regression targets, never
+# ranked: float16. Groups written with float16 logits are read as they are.
+PREDICTION_DTYPES = {"logits": np.float32, "verb_logits": np.float32, "noun_logits": np.float32, "features": np.float16}
 
 
 def _backend_for(path: Path, backend: str | None) -> type[Backend]:
@@ -364,8 +371,8 @@ class Store:
             for lo in range(0, len(arr), block_rows):
                 sl = slice(lo, lo + block_rows)
                 _check_finite(arr[sl], uids[sl], f"predictions {name!r}: {key}")
-                # stored as float16: a larger finite value would be read back as inf
-                _check_fp16_range(arr[sl], uids[sl], f"predictions {name!r}: {key}")
+                # a larger finite value would be read back as inf
+                _check_range(arr[sl], uids[sl], f"predictions {name!r}: {key}", PREDICTION_DTYPES[key])
         k = min(int(topk), A)
         if k < 1:
             raise DataError(f"predictions {name!r}: topk must be >= 1, found {topk}")
@@ -376,19 +383,17 @@ class Store:
         lse = np.empty((len(uids), len(temps)), np.float32)
         # row blocks: every temporary is [block_rows, A], whatever the number of rows
         for lo in range(0, len(uids), block_rows):
-            x = logits[order[lo : lo + block_rows]].astype(np.float32)  # [b, A]
-            bi = np.argpartition(-x, k - 1, axis=1)[:, :k] if k < A else np.tile(np.arange(A), (len(x), 1))  # [b, k]
-            bv = np.take_along_axis(x, bi, axis=1)
-            sort = np.argsort(-bv, axis=1, kind="stable")
-            idx[lo : lo + len(x)], vals[lo : lo + len(x)] = np.take_along_axis(bi, sort, 1), np.take_along_axis(bv, sort, 1)
+            x = logits[order[lo : lo + block_rows]].astype(np.float32)  # [b, A], as stored
+            bi = rank_order(x, k)  # [b, k] the ranking rule of evaluate and export
+            idx[lo : lo + len(x)], vals[lo : lo + len(x)] = bi, np.take_along_axis(x, bi, axis=1)
             for j, t in enumerate(temps):
                 lse[lo : lo + len(x), j] = _logsumexp(x / t)
-        # logits go to float16 through float32, the dtype their top-K and LSE were taken in
-        arrays = {"uids": uids, "logits": _Reordered(logits, order, np.float16, block_rows, via=np.float32),
+        # top-K values and LSE are taken from the float32 logits stored, so they agree to the bit
+        arrays = {"uids": uids, "logits": _Reordered(logits, order, PREDICTION_DTYPES["logits"], block_rows),
                   "topk_values": vals, "topk_indices": idx, "lse": lse}
         for key in ("features", "verb_logits", "noun_logits"):
             if key in expect:
-                arrays[key] = _Reordered(expect[key][0], order, np.float16, block_rows)
+                arrays[key] = _Reordered(expect[key][0], order, PREDICTION_DTYPES[key], block_rows)
         attrs = {
             "kind": kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -509,24 +514,23 @@ def _check_finite(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _check_fp16_range(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
-    if arr.size and arr.dtype.kind in "fiu" and np.abs(arr).max() > _FP16_MAX:
-        row = int(np.flatnonzero((np.abs(arr) > _FP16_MAX).any(axis=1))[0])
-        raise DataError(f"{what}: UID {uids[row]} has a value beyond the float16 range (|x| > {_FP16_MAX:g}) it is stored in")
+def _check_range(arr: np.ndarray, uids: np.ndarray, what: str, dtype) -> None:
+    top = float(np.finfo(dtype).max)
+    if arr.size and arr.dtype.kind in "fiu" and np.abs(arr).max() > top:
+        row = int(np.flatnonzero((np.abs(arr) > top).any(axis=1))[0])
+        raise DataError(f"{what}: UID {uids[row]} has a value beyond the {np.dtype(dtype).name} range (|x| > {top:g}) it is stored in")
 
 
 class _Reordered:
-    """``array[order]`` cast to ``dtype`` (through ``via`` if given) as an ArraySource,
-    gathered ``block_rows`` rows at a time."""
+    """``array[order]`` cast to ``dtype`` as an ArraySource, gathered ``block_rows`` rows at a time."""
 
-    def __init__(self, array: np.ndarray, order: np.ndarray, dtype, block_rows: int, via=None):
-        self.array, self.order, self.dtype, self.block_rows, self.via = array, order, np.dtype(dtype), block_rows, via
+    def __init__(self, array: np.ndarray, order: np.ndarray, dtype, block_rows: int):
+        self.array, self.order, self.dtype, self.block_rows = array, order, np.dtype(dtype), block_rows
         self.shape = (len(order), *array.shape[1:])
 
     def blocks(self):
         for lo in range(0, len(self.order), self.block_rows):
-            block = self.array[self.order[lo : lo + self.block_rows]]
-            yield (block.astype(self.via) if self.via else block).astype(self.dtype)
+            yield self.array[self.order[lo : lo + self.block_rows]].astype(self.dtype)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -569,7 +573,7 @@ class Predictions:
     metrics = property(lambda self: self.attrs.get("metrics", {}))
     topk = property(lambda self: self.attrs["topk"])
     lse_temperatures = property(lambda self: self.attrs["lse_temperatures"])
-    logits = property(lambda self: self._array("logits"))  # [P, A] fp16
+    logits = property(lambda self: self._array("logits"))  # [P, A] fp32 (fp16 in groups written before fp32 scores)
     topk_values = property(lambda self: self._array("topk_values"))  # [P, K] fp32
     topk_indices = property(lambda self: self._array("topk_indices"))  # [P, K] int32
     lse = property(lambda self: self._array("lse"))  # [P, nT] fp32
@@ -642,11 +646,11 @@ class Predictions:
         logits = self.logits[prow].astype(np.float64)
         p = np.exp(logits - logits.max())
         p /= p.sum()
-        top = np.argsort(-p, kind="stable")[:k]
+        top = rank_order(p[None], k)[0]
         result["top"] = [{"action": int(a), "name": cls.action_names[a], "prob": float(p[a])} for a in top]
         if true >= 0:
             result["true"]["prob"] = float(p[true])
-            result["true"]["rank"] = int((p > p[true]).sum()) + 1
+            result["true"]["rank"] = int(label_ranks(p[None], [true])[0]) + 1
         feats = self.features
         if feats is not None:
             result["feature_norm"] = float(np.linalg.norm(feats[prow].astype(np.float32)))

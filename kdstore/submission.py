@@ -10,7 +10,11 @@ The format of RULSTM's ``predictions_to_json`` and the challenges' validators::
 
 Every segment of the split has an entry (the validators reject missing and unexpected
 ids). Scores are probabilities: the softmax of the action logits, of the verb/noun heads
-when the group has them, else the action probabilities summed per verb and noun.
+when the group has them, else the action probabilities summed per verb and noun; the
+float64 values ``evaluate`` ranks, written exactly (shortest round-trip repr). Equal scores
+are moved apart by a few ulps in ``kdstore.ranking``'s order (``ranked_scores``), so the
+official scorer's ``np.argsort(scores)[::-1]`` ranks the file as ``evaluate`` does, whatever
+numpy's sort does with ties.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .backends import replacing
 from .errors import DataError, MissingError
 from .faults import crash_point
 from .metrics import marginalise, softmax
+from .ranking import ranked_scores
 from .store import Store
 from .targets import HEADS, TeacherTargets
 
@@ -87,23 +92,25 @@ def epic_entries(
             g = targets.gather(r)
             have = g["present"][:, None]  # absent segments (fill_missing) get zero scores
             act = softmax(g["logits"])  # [b, A]
-            verb = np.where(have, scores(g, act, "verb"), 0.0)  # [b, V]
-            noun = np.where(have, scores(g, act, "noun"), 0.0)  # [b, N]
-            act = np.where(have, act, 0.0)
-            top = np.argsort(-act, axis=1, kind="stable")[:, :k]  # [b, k]
+            verb = _by_class(*ranked_scores(scores(g, act, "verb")), have)  # [b, V]
+            noun = _by_class(*ranked_scores(scores(g, act, "noun")), have)  # [b, N]
+            top, top_p = ranked_scores(act, k)  # [b, k] classes best first, their scores
+            top_p = np.where(have, top_p, 0.0)
             for i, row in enumerate(r):
                 yield str(seg.id_of(row)), {
-                    "verb": {str(j): _short(x) for j, x in enumerate(verb[i].tolist())},
-                    "noun": {str(j): _short(x) for j, x in enumerate(noun[i].tolist())},
-                    "action": {pairs[a]: _short(act[i, a]) for a in top[i].tolist()},
+                    "verb": {str(j): x for j, x in enumerate(verb[i].tolist())},
+                    "noun": {str(j): x for j, x in enumerate(noun[i].tolist())},
+                    "action": {pairs[a]: x for a, x in zip(top[i].tolist(), top_p[i].tolist())},
                 }
 
     return header, entries()
 
 
-def _short(x: float) -> float:
-    """``x`` to 7 significant digits (float32's precision), so the JSON stays small."""
-    return float(f"{x:.7g}")
+def _by_class(classes: np.ndarray, values: np.ndarray, have: np.ndarray) -> np.ndarray:
+    """[b, C] ``values [b, C]`` put back at their ``classes [b, C]``; zeros where not ``have [b, 1]``."""
+    out = np.zeros(values.shape)
+    np.put_along_axis(out, classes, values, axis=1)
+    return np.where(have, out, 0.0)
 
 
 def write_epic_submission(store: Store, name: str, out: str | Path, **options) -> dict:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from kdstore.annotations import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError, StoreFormatError
-from kdstore.store import Store
+from kdstore.store import PREDICTION_DTYPES, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -355,7 +355,7 @@ class StoreTests:
                 order = np.argsort(rows)
                 np.testing.assert_array_equal(p.uids, kw["uids"][order])  # segment-table order
                 logits = kw["logits"][order]
-                np.testing.assert_array_equal(p.logits, logits.astype(np.float16))
+                np.testing.assert_array_equal(p.logits, logits.astype(np.float32))
                 k = min(kw["topk"], classes.num_actions)
                 assert p.topk == k and p.topk_values.shape == (len(logits), k)
                 np.testing.assert_array_equal(p.topk_values, topk_ref(logits, k))
@@ -364,7 +364,7 @@ class StoreTests:
                     np.testing.assert_allclose(p.lse[:, i], logsumexp(logits.astype(np.float64) / t), rtol=1e-5, atol=1e-4)
                 for key in ("features", "verb_logits", "noun_logits"):
                     if key in kw:
-                        np.testing.assert_array_equal(getattr(p, key), kw[key][order].astype(np.float16))
+                        np.testing.assert_array_equal(getattr(p, key), kw[key][order].astype(PREDICTION_DTYPES[key]))
                     else:
                         assert getattr(p, key) is None
                 np.testing.assert_array_equal(p.present, np.isin(segments.uid, kw["uids"]))
@@ -510,7 +510,7 @@ class StoreTests:
         p = store.write_predictions("teacher", seg.uid[[7, 1, 3, 2]], logits, overwrite=True, topk=3)
         p = Store.open(store.path).teacher("teacher")
         np.testing.assert_array_equal(p.uids, seg.uid[[1, 2, 3, 7]])
-        np.testing.assert_array_equal(p.logits, logits[[1, 3, 2, 0]].astype(np.float16))
+        np.testing.assert_array_equal(p.logits, logits[[1, 3, 2, 0]].astype(np.float32))
         assert p.topk == 3 and p.features is None and len(p) == 4
         np.testing.assert_array_equal(Store.open(store.path).teacher("other").logits, before["teacher/other/logits"])
 
@@ -534,7 +534,7 @@ class StoreTests:
         # and the whole-matrix values are the reference ones
         order = np.argsort(seg.row_of(seg.uid[pick].tolist()), kind="stable")
         x = logits[order].astype(np.float32)
-        np.testing.assert_array_equal(whole.logits, x.astype(np.float16))
+        np.testing.assert_array_equal(whole.logits, x)
         np.testing.assert_array_equal(whole.topk_values, topk_ref(x, 13))
         np.testing.assert_array_equal(np.take_along_axis(x, whole.topk_indices.astype(np.int64), 1), topk_ref(x, 13))
         np.testing.assert_allclose(whole.lse[:, 1], logsumexp(x.astype(np.float64) / 3.0), rtol=1e-5)
@@ -602,8 +602,10 @@ class StoreTests:
         nan[2, 1] = np.nan
         inf_feat = np.zeros((4, 3), np.float32)
         inf_feat[1, 0] = -np.inf
-        big = ok.copy()
-        big[3, 0] = 1e6
+        big = ok.astype(np.float64)
+        big[3, 0] = 1e39
+        big_feat = np.zeros((4, 3), np.float32)
+        big_feat[3, 0] = 1e6
         cases = [
             (MissingError, "UID 424242", dict(uids=[*uids[:3], 424242], logits=ok)),
             (DataError, f"UID {uids[1]} given more than once", dict(uids=[uids[0], uids[1], uids[1], uids[2]], logits=ok)),
@@ -612,7 +614,8 @@ class StoreTests:
             (DataError, rf"logits has shape \[4, {A + 1}\], expected \[4, {A}\]", dict(uids=uids, logits=np.zeros((4, A + 1)))),
             (DataError, r"logits has shape \[3, ", dict(uids=uids, logits=ok[:3])),
             (DataError, "verb_logits has shape", dict(uids=uids, logits=ok, verb_logits=np.zeros((4, 99)))),
-            (DataError, f"UID {uids[3]} has a value beyond the float16 range", dict(uids=uids, logits=big)),
+            (DataError, f"logits: UID {uids[3]} has a value beyond the float32 range", dict(uids=uids, logits=big)),
+            (DataError, f"features: UID {uids[3]} has a value beyond the float16 range", dict(uids=uids, logits=ok, features=big_feat)),
             (DataError, "topk must be >= 1", dict(uids=uids, logits=ok, topk=0)),
             (DataError, "kind must be one of", dict(uids=uids, logits=ok, kind="oracle")),
         ]
@@ -778,7 +781,7 @@ class StoreTests:
             i = int(name[1:])
             p = s.teacher(name)
             logits = np.random.default_rng(i).normal(size=(len(seg), A)).astype(np.float32)
-            np.testing.assert_array_equal(p.logits, logits.astype(np.float16))
+            np.testing.assert_array_equal(p.logits, logits)
             assert p.features.shape == (len(seg), H) and (p.features == i).all()
         for key, value in before.items():  # previous groups intact
             if isinstance(value, np.ndarray):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdstore.errors import DataError
+from kdstore.errors import ConfigError, DataError
 from kdstore.metrics import TASKS, compute_metrics, epic_subsets, metric_columns
 from kdstore.store import Store, provenance_entry
 from kdstore.targets import present_scores
@@ -12,13 +12,14 @@ from kdstore.targets import present_scores
 from .ngram import ngram_baseline
 
 
-def evaluate_group(store: Store, name: str, split: str | None = None) -> dict:
+def evaluate_group(store: Store, name: str, split: str | None = None, marginals: str = "exact") -> dict:
     """Metrics of ``teacher/<name>`` on the labelled segments of ``split`` it predicts
     (default: the store's evaluation split), with the EK100 subsets the store holds.
 
     Adds ``coverage`` (% of the split's labelled segments with a prediction) and
     ``unlabelled`` (segments of the split without a label, left out); DataError if no
-    labelled segment has a prediction.
+    labelled segment has a prediction. ``marginals``: the verb/noun marginalisation of
+    groups without their own heads (``kdstore.metrics.marginalise``).
     """
     seg = store.segments
     split = split or store.default_splits()[1]
@@ -29,7 +30,7 @@ def evaluate_group(store: Store, name: str, split: str | None = None) -> dict:
     if len(kept) == 0:
         raise DataError(f"predictions {name!r}: none of the {len(rows)} labelled segments of split {split!r} has a prediction")
     m = compute_metrics(scores["logits"], seg.action[kept], store.classes, verb_scores=scores["verb_logits"],
-                        noun_scores=scores["noun_logits"], subsets=epic_subsets(seg, kept, split))
+                        noun_scores=scores["noun_logits"], subsets=epic_subsets(seg, kept, split), marginals=marginals)
     return {**m, "coverage": float(100.0 * len(kept) / len(rows)), "unlabelled": int(len(all_rows) - len(rows))}
 
 
@@ -41,12 +42,14 @@ def evaluate_ngram(
     mode: str = "gappy",
     write: str | None = None,
     overwrite: bool = False,
+    marginals: str = "exact",
 ) -> dict:
     """Metrics of the n-gram baseline fitted on ``train_split``'s labelled segments, on the
     labelled segments of ``split`` (defaults: the store's training and evaluation splits).
 
     With ``write`` its log-probabilities for those segments are stored as a prediction
-    group of kind "baseline", metrics included.
+    group of kind "baseline", metrics included. ``marginals``: see ``kdstore.metrics.marginalise``;
+    a group is written with the exact ones only (ConfigError with ``write``).
     """
     seg = store.segments
     if train_split is None or split is None:
@@ -55,15 +58,21 @@ def evaluate_ngram(
     rows, all_rows = seg.rows_in(split, labelled=True), seg.rows_in(split)
     if len(rows) == 0:
         raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
+    if write and marginals != "exact":
+        raise ConfigError(f"{store.path}: --marginals {marginals} is for comparing with published figures; write {write!r} without it")
     if write and write in store.predictions() and not overwrite:
         raise DataError(f"{store.path}: predictions {write!r} already exist (pass overwrite to replace them)")
     probs = ngram_baseline(seg, store.classes.num_actions, train_split, rows, order, mode, split=split)  # [n, A]
-    metrics = compute_metrics(probs, seg.action[rows], store.classes, kind="probs", subsets=epic_subsets(seg, rows, split))
+    # the scores a written group stores (float32 log-probabilities), so that these metrics are
+    # those of `evaluate -p` and of an export of the group
+    logits = np.log(probs + 1e-12).astype(np.float32)  # [n, A]
+    metrics = compute_metrics(logits, seg.action[rows], store.classes, kind="logits",
+                              subsets=epic_subsets(seg, rows, split), marginals=marginals)
     metrics["unlabelled"] = int(len(all_rows) - len(rows))
     if write:
         config = {"model": f"interpolated {order}-gram (Witten-Bell, add-1 unigram)", "order": order,
                   "history": mode, "train_split": train_split}
-        store.write_predictions(write, seg.uid[rows], np.log(probs + 1e-12), kind="baseline", config=config,
+        store.write_predictions(write, seg.uid[rows], logits, kind="baseline", config=config,
                                 metrics={split: metrics}, overwrite=overwrite,
                                 provenance=provenance_entry("ngram_baseline", group=f"teacher/{write}"))
     return metrics
