@@ -21,7 +21,7 @@ from .store import Predictions, Store, provenance_entry
 from .targets import TeacherTargets
 
 AVERAGE = "probabilities"
-# log p below this is stored as it: the float16 logits' floor, and e**-60000 is 0 in every float format
+# log p below this is stored as it: e**-60000 is 0 in every float format
 LOG_FLOOR = -60000.0
 
 
@@ -62,7 +62,7 @@ def write_ensemble(store: Store, members: Sequence[str], name: str, weights: Seq
                           f"{list(weights) if weights is not None else None}")
     w = w / w.sum()
     groups = [store.teacher(m) for m in members]  # refuses groups made for other segments
-    readers = [TeacherTargets(g, ("logits",)) for g in groups]  # refuses another class count
+    readers = [TeacherTargets(g, ("logits",), exact=True) for g in groups]  # refuses another class count
     uids = groups[0].uids
     for g in groups[1:]:
         if not np.array_equal(np.sort(g.uids), np.sort(uids)):

@@ -47,11 +47,11 @@ DEFAULT_LSE_TEMPERATURES = (1.0, 2.0, 4.0, 10.0)
 # Predictions groups keep student predictions too: ``kind`` tells them apart.
 PREDICTION_KINDS = ("teacher", "student", "baseline")
 WRITE_BLOCK_ROWS = 2048  # rows of predictions checked, reduced and converted at a time
-# Stored dtypes of a prediction group's arrays. Scores (logits, verb/noun heads) are float32:
-# evaluate and export rank them, and float16 would tie distinct scores (EK100's 3-gram: 82
-# validation labels tied with the 5th-best class). The KD kernel reads float32 top-K values
-# and LSE, taken from these float32 logits. [CLS] features are regression targets, never
-# ranked: float16. Groups written with float16 logits are read as they are.
+# Stored dtypes of a prediction group's arrays. Scores (logits, verb/noun heads) are float32
+# (or float64, ``scores_dtype``): evaluate and export rank them, and float16 would tie distinct
+# scores (EK100's 3-gram: 82 validation labels tied with the 5th-best class). The KD kernel
+# reads float32 top-K values and LSE, taken from the stored logits. [CLS] features are
+# regression targets, never ranked: float16. Groups written with float16 logits are read as they are.
 PREDICTION_DTYPES = {"logits": np.float32, "verb_logits": np.float32, "noun_logits": np.float32, "features": np.float16}
 
 
@@ -331,6 +331,7 @@ class Store:
         overwrite: bool = False,
         provenance: dict | None = None,
         block_rows: int = WRITE_BLOCK_ROWS,
+        scores_dtype: str = "float32",
     ) -> "Predictions":
         """Check and atomically write per-UID predictions as ``teacher/<name>``.
 
@@ -343,7 +344,16 @@ class Store:
         Inputs are checked, reduced and converted ``block_rows`` rows at a time, so the
         memory this takes beyond its inputs is the top-K and LSE arrays plus a few
         [block_rows, classes] temporaries.
+
+        ``scores_dtype`` ("float32" or "float64") is the dtype of the stored logits and
+        verb/noun logits: float32 holds a network's scores exactly; a model that computes
+        in float64 (the n-gram) keeps its ranking only in float64. Top-K values and LSE
+        are float32 either way (what the KD kernel reads), taken from the stored logits.
         """
+        if scores_dtype not in ("float32", "float64"):
+            raise DataError(f"predictions {name!r}: scores_dtype must be 'float32' or 'float64', found {scores_dtype!r}")
+        dtypes = {**PREDICTION_DTYPES, "logits": np.dtype(scores_dtype), "verb_logits": np.dtype(scores_dtype),
+                  "noun_logits": np.dtype(scores_dtype)}
         if kind not in PREDICTION_KINDS:
             raise DataError(f"predictions {name!r}: kind must be one of {PREDICTION_KINDS}, found {kind!r}")
         _check_name(name)
@@ -372,7 +382,7 @@ class Store:
                 sl = slice(lo, lo + block_rows)
                 _check_finite(arr[sl], uids[sl], f"predictions {name!r}: {key}")
                 # a larger finite value would be read back as inf
-                _check_range(arr[sl], uids[sl], f"predictions {name!r}: {key}", PREDICTION_DTYPES[key])
+                _check_range(arr[sl], uids[sl], f"predictions {name!r}: {key}", dtypes[key])
         k = min(int(topk), A)
         if k < 1:
             raise DataError(f"predictions {name!r}: topk must be >= 1, found {topk}")
@@ -383,17 +393,17 @@ class Store:
         lse = np.empty((len(uids), len(temps)), np.float32)
         # row blocks: every temporary is [block_rows, A], whatever the number of rows
         for lo in range(0, len(uids), block_rows):
-            x = logits[order[lo : lo + block_rows]].astype(np.float32)  # [b, A], as stored
+            x = logits[order[lo : lo + block_rows]].astype(dtypes["logits"])  # [b, A], as stored
             bi = rank_order(x, k)  # [b, k] the ranking rule of evaluate and export
-            idx[lo : lo + len(x)], vals[lo : lo + len(x)] = bi, np.take_along_axis(x, bi, axis=1)
+            idx[lo : lo + len(x)], vals[lo : lo + len(x)] = bi, np.take_along_axis(x, bi, axis=1)  # values to float32
             for j, t in enumerate(temps):
                 lse[lo : lo + len(x), j] = _logsumexp(x / t)
-        # top-K values and LSE are taken from the float32 logits stored, so they agree to the bit
-        arrays = {"uids": uids, "logits": _Reordered(logits, order, PREDICTION_DTYPES["logits"], block_rows),
+        # top-K values and LSE are taken from the logits stored (float32: they agree to the bit)
+        arrays = {"uids": uids, "logits": _Reordered(logits, order, dtypes["logits"], block_rows),
                   "topk_values": vals, "topk_indices": idx, "lse": lse}
         for key in ("features", "verb_logits", "noun_logits"):
             if key in expect:
-                arrays[key] = _Reordered(expect[key][0], order, PREDICTION_DTYPES[key], block_rows)
+                arrays[key] = _Reordered(expect[key][0], order, dtypes[key], block_rows)
         attrs = {
             "kind": kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -72,7 +72,7 @@ def epic_entries(
     group = store.teacher(name)
     rows = seg.rows_in(split)
     heads = tuple(h for h in HEADS if getattr(group, h) is not None)
-    targets = TeacherTargets(group, ("logits", *heads))
+    targets = TeacherTargets(group, ("logits", *heads), exact=True)  # the precision evaluate ranks
     missing = np.flatnonzero(targets.row_of_segment[rows] < 0)
     if len(missing) and not fill_missing:
         raise DataError(f"predictions {name!r} cover {len(rows) - len(missing)} of the {len(rows)} segments of split {split!r}"

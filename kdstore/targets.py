@@ -22,6 +22,7 @@ from .store import Predictions
 FIELDS = {"logits": np.float32, "topk_values": np.float32, "topk_indices": np.int32, "lse": np.float32,
           "features": np.float32, "verb_logits": np.float32, "noun_logits": np.float32}
 HEADS = ("verb_logits", "noun_logits")
+_SCORES = {"logits", *HEADS}  # the fields ``exact`` reads at their stored precision
 _TOPK = {"topk_values", "topk_indices"}  # the fields ``k`` cuts
 
 
@@ -34,6 +35,9 @@ class TeacherTargets:
         temperature: the temperature of ``lse`` (required when ``lse`` is asked for; unused otherwise).
         k: how many of the stored top-K columns ``topk_values``/``topk_indices`` return
             (default: all stored; unused without them).
+        exact: return logits and verb/noun logits at their stored precision when it is
+            above float32 (a float64 group's scores, which evaluate and export rank);
+            otherwise every field has the dtype of :data:`FIELDS`.
 
     Raises:
         ConfigError: an unknown field, ``lse`` without a temperature, ``k`` above the stored
@@ -43,7 +47,7 @@ class TeacherTargets:
     """
 
     def __init__(self, group: Predictions, fields: Iterable[str], temperature: float | None = None,
-                 k: int | None = None):
+                 k: int | None = None, exact: bool = False):
         self.group, self.fields = group, tuple(dict.fromkeys(fields))
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown:
@@ -56,6 +60,7 @@ class TeacherTargets:
             raise ConfigError(f"teacher/{group.name}: stores top-{group.topk}, asked for top-{self.k}")
         self.row_of_segment = group.row_of_segment  # [N] segment row -> prediction row, -1: absent
         self._arrays: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
         self._lse_col = None
         for field in self.fields:
             if field == "lse":
@@ -67,6 +72,8 @@ class TeacherTargets:
                 raise MissingError(f"teacher/{group.name}: stores no {field} (it was written without them)")
             # memmaps opened once; an empty group gets one zero row for the masked-out reads
             self._arrays[field] = a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype)
+            exact_here = exact and field in _SCORES
+            self._dtypes[field] = np.promote_types(a.dtype, FIELDS[field]) if exact_here else np.dtype(FIELDS[field])
 
     def width(self, field: str) -> int:
         """Columns of ``field`` as :meth:`gather` returns it (0 for the per-row ``lse``)."""
@@ -88,25 +95,25 @@ class TeacherTargets:
             else:
                 x = a[take]  # [B, A] or [B, H]
             mask = present if x.ndim == 1 else present[:, None]
-            out[field] = np.where(mask, x, 0).astype(FIELDS[field], copy=False)
+            out[field] = np.where(mask, x, 0).astype(self._dtypes[field], copy=False)
         return out
 
 
 def present_scores(group: Predictions, segment_rows: np.ndarray) -> tuple[dict[str, np.ndarray | None], np.ndarray]:
     """({"logits": [n, A], "verb_logits": [n, V] or None, "noun_logits": [n, N] or None},
-    segment rows [n]) of those ``segment_rows`` the group predicts; a head is None where the
-    group stores none."""
+    segment rows [n]) of those ``segment_rows`` the group predicts, at their stored precision
+    (float32, or float64 for a float64 group); a head is None where the group stores none."""
     return _present(group, segment_rows, ("logits", *(h for h in HEADS if getattr(group, h) is not None)))
 
 
 def present_logits(group: Predictions, segment_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [n, A] float32, segment rows [n]) of those ``segment_rows`` the group predicts."""
+    """(logits [n, A] float32 or float64 as stored, segment rows [n]) of those ``segment_rows`` the group predicts."""
     scores, rows = _present(group, segment_rows, ("logits",))
     return scores["logits"], rows
 
 
 def _present(group: Predictions, segment_rows: np.ndarray, fields: tuple[str, ...]) -> tuple[dict, np.ndarray]:
     rows = np.asarray(segment_rows)
-    g = TeacherTargets(group, fields).gather(rows)
+    g = TeacherTargets(group, fields, exact=True).gather(rows)
     keep = g["present"]
     return {f: g[f][keep] if f in g else None for f in ("logits", *HEADS)}, rows[keep]

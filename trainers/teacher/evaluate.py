@@ -63,16 +63,16 @@ def evaluate_ngram(
     if write and write in store.predictions() and not overwrite:
         raise DataError(f"{store.path}: predictions {write!r} already exist (pass overwrite to replace them)")
     probs = ngram_baseline(seg, store.classes.num_actions, train_split, rows, order, mode, split=split)  # [n, A]
-    # the scores a written group stores (float32 log-probabilities), so that these metrics are
-    # those of `evaluate -p` and of an export of the group
-    logits = np.log(probs + 1e-12).astype(np.float32)  # [n, A]
+    # the scores a written group stores (float64 log-probabilities: float32 would reorder
+    # near-equal verb marginals), so that these metrics are those of `evaluate -p` and of an export
+    logits = np.log(probs + 1e-12)  # [n, A]
     metrics = compute_metrics(logits, seg.action[rows], store.classes, kind="logits",
                               subsets=epic_subsets(seg, rows, split), marginals=marginals)
     metrics["unlabelled"] = int(len(all_rows) - len(rows))
     if write:
         config = {"model": f"interpolated {order}-gram (Witten-Bell, add-1 unigram)", "order": order,
                   "history": mode, "train_split": train_split}
-        store.write_predictions(write, seg.uid[rows], logits, kind="baseline", config=config,
+        store.write_predictions(write, seg.uid[rows], logits, kind="baseline", config=config, scores_dtype="float64",
                                 metrics={split: metrics}, overwrite=overwrite,
                                 provenance=provenance_entry("ngram_baseline", group=f"teacher/{write}"))
     return metrics
