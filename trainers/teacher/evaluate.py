@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from kdstore.errors import ConfigError, DataError
@@ -45,16 +47,16 @@ def evaluate_ngram(
     marginals: str = "exact",
 ) -> dict:
     """Metrics of the n-gram baseline fitted on ``train_split``'s labelled segments, on the
-    labelled segments of ``split`` (defaults: the store's training and evaluation splits).
+    labelled segments of ``split`` (defaults: the store's evaluation split, and the training
+    split of the same fold: ``trainingN`` for ``validationN``).
 
     With ``write`` its log-probabilities for those segments are stored as a prediction
     group of kind "baseline", metrics included. ``marginals``: see ``kdstore.metrics.marginalise``;
     a group is written with the exact ones only (ConfigError with ``write``).
     """
     seg = store.segments
-    if train_split is None or split is None:
-        train, evaluate = store.default_splits()
-        train_split, split = train_split or train, split or evaluate
+    split = split or store.default_splits()[1]
+    train_split = train_split or _training_partner(store, split)
     rows, all_rows = seg.rows_in(split, labelled=True), seg.rows_in(split)
     if len(rows) == 0:
         raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
@@ -76,6 +78,15 @@ def evaluate_ngram(
                                 metrics={split: metrics}, overwrite=overwrite,
                                 provenance=provenance_entry("ngram_baseline", group=f"teacher/{write}"))
     return metrics
+
+
+def _training_partner(store: Store, split: str) -> str:
+    """``trainingN`` for ``validationN`` when the store has it (EGTEA's three folds), else the
+    store's default training split."""
+    m = re.fullmatch(r"validation(\d*)", split)
+    if m and f"training{m.group(1)}" in store.segments.splits:
+        return f"training{m.group(1)}"
+    return store.default_splits()[0]
 
 
 def metrics_table(named: dict[str, dict], title: str | None = None, dataset: str | None = None):
