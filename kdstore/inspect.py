@@ -67,7 +67,7 @@ def summary(store: Store) -> dict:
     for name in store.predictions():
         p = store.teacher(name)
         out["predictions"][name] = {
-            "kind": p.kind, "uids": len(p), "topk": p.topk,
+            "kind": p.kind, "uids": len(p), "topk": p.topk, "scores_dtype": p.logits.dtype.name,
             "features": None if p.features is None else p.features.shape[1],
             "metrics": p.metrics, "bytes": _nbytes(store, f"teacher/{name}"),
         }

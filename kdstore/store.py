@@ -583,7 +583,7 @@ class Predictions:
     metrics = property(lambda self: self.attrs.get("metrics", {}))
     topk = property(lambda self: self.attrs["topk"])
     lse_temperatures = property(lambda self: self.attrs["lse_temperatures"])
-    logits = property(lambda self: self._array("logits"))  # [P, A] fp32 (fp16 in groups written before fp32 scores)
+    logits = property(lambda self: self._array("logits"))  # [P, A] fp32 or fp64 (an fp16 group is read as stored)
     topk_values = property(lambda self: self._array("topk_values"))  # [P, K] fp32
     topk_indices = property(lambda self: self._array("topk_indices"))  # [P, K] int32
     lse = property(lambda self: self._array("lse"))  # [P, nT] fp32
