@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .annotations import ClassTable, SegmentTable
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .ranking import label_ranks, topk_hits  # noqa: F401  (re-exported: the ranking rule lives in ranking.py)
 
 TASKS = ("verb", "noun", "action")
@@ -123,6 +123,8 @@ def compute_metrics(
     """
     labels = np.asarray(labels, dtype=np.int64)
     A = classes.num_actions
+    if marginals not in MARGINALS:
+        raise ConfigError(f"metrics: marginals must be one of {MARGINALS}, found {marginals!r}")
     if np.ndim(scores) != 2 or np.shape(scores)[1] != A:
         raise DataError(f"metrics: scores of shape {list(np.shape(scores))}, expected [N, {A}] (the class table has {A} actions)")
     if labels.shape != (len(scores),):

@@ -130,3 +130,12 @@ def test_real_ek55_ngram_rulstm(tmp_path):
     want = reference(s, "ngram3")
     assert max(abs(ours[k] - v) for k, v in want.items()) < 1e-6
     assert evaluate_group(s, "ngram3", "validation")["verb_top5"] > ours["verb_top5"]
+
+
+def test_unknown_marginals_is_a_config_error(ek55):
+    from kdstore.metrics import compute_metrics
+
+    seg = ek55.segments
+    rows = seg.rows_in("validation")
+    with pytest.raises(ConfigError, match="marginals must be one of"):
+        compute_metrics(np.zeros((len(rows), ek55.classes.num_actions)), seg.action[rows], ek55.classes, marginals="avt")
