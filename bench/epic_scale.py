@@ -106,7 +106,7 @@ def synthetic_table(videos: int, seed: int = 0):
 
 
 def create_store(path: Path, names: list[str], segs: dict) -> None:
-    from kdstore.annotations import ClassTable, SegmentTable
+    from kdstore.tables import ClassTable, SegmentTable
     from kdstore.store import Store
 
     rows = [(v, *s) for v in names for s in segs[v]]

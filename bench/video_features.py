@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.common import append_row, peak_rss_mib, timeit
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.store import Store
 from trainers.video.backbones import load_backbone
 from trainers.video.decode import VideoSource, find_videos

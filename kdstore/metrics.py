@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .annotations import ClassTable, SegmentTable
+from .tables import ClassTable, SegmentTable
 from .errors import DataError
 
 TASKS = ("verb", "noun", "action")

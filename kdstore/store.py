@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from .annotations import ClassTable, SegmentTable, default_splits
+from .tables import ClassTable, SegmentTable, default_splits
 from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
                        exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError

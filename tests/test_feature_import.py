@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cli
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError
 from kdstore.store import Store
 from kdstore.validate import validate_store

@@ -25,7 +25,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError, StoreFormatError
 from kdstore.store import Store
 

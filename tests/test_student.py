@@ -396,7 +396,7 @@ def test_teacher_with_another_class_count(kd, tmp_path):
     v, n = next((v, n) for v in range(len(VERBS)) for n in range(len(NOUNS)) if (v, n) not in used)
     with open(ann / "actions.csv", "a") as f:
         f.write(f"{kd.classes.num_actions}, {v}_{n}, {VERBS[v]}_{NOUNS[n]}\n")
-    from kdstore.annotations import load_annotations
+    from kdstore.rulstm import load_annotations
 
     classes, segments = load_annotations(ann, fps=24.0)
     assert classes.num_actions == kd.classes.num_actions + 1

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cli
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError, MissingError
 from kdstore.store import Store
 from trainers.video.backbones import load_backbone

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdstore.annotations import guess_dataset
+from kdstore.rulstm import guess_dataset
 from kdstore.errors import ConfigError, DataError
 from kdstore.store import Store, provenance_entry
 

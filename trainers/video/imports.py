@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kdstore.annotations import SegmentTable
+from kdstore.tables import SegmentTable
 from kdstore.errors import ConfigError, DataError, MissingError
 from kdstore.store import Store, VideoWriter, provenance_entry
 
