@@ -350,8 +350,8 @@ def import_features(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
-    from trainers.video.imports import import_arrays, import_lmdb
-    from trainers.video.select import WindowSpec
+    from kdstore.feature_import import import_arrays, import_lmdb
+    from kdstore.selection import WindowSpec
 
     spec = None
     if windows:

@@ -180,7 +180,7 @@ def run(tiny: bool = False, device: str | None = None, out_dir: Path | None = No
             row("build", cfg, {"seconds": report.seconds, "frames": report.frames, "frames_per_s": fps,
                                "ratio": fps / alone["frames_per_s"], "decoding": report.decoding})
 
-        from trainers.video.imports import import_lmdb
+        from kdstore.feature_import import import_lmdb
 
         store = make_store(tmp / "lmdb.zarr", ["x"])
         nbytes = make_lmdb(tmp / "rgb", lmdb_frames, dim, videos=20)
