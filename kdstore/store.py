@@ -603,21 +603,6 @@ class Predictions:
             " rewrite the group with that temperature in lse_temperatures"
         )
 
-    def gather_topk(self, segment_rows: np.ndarray, temperature: float | None = None) -> dict:
-        """Top-K of a batch of segment rows in one gather; absent rows are masked, not faked.
-
-        Returns ``present [B] bool``, ``values [B, K] f32``, ``indices [B, K] i32`` and,
-        with a temperature, ``lse [B] f32`` (the full log-sum-exp of logits / T).
-        Rows without a prediction hold zeros and must be ignored through ``present``.
-        A view of :class:`kdstore.targets.TeacherTargets`, the reader every consumer uses.
-        """
-        from .targets import TeacherTargets
-
-        fields = ("topk_values", "topk_indices", *(("lse",) if temperature is not None else ()))
-        g = TeacherTargets(self, fields, temperature=temperature).gather(segment_rows)
-        names = {"present": "present", "topk_values": "values", "topk_indices": "indices", "lse": "lse"}
-        return {names[k]: v for k, v in g.items()}
-
     def predict(self, key: int | str, k: int = 5) -> dict:
         """The top-``k`` actions for one segment (its dataset id, e.g. ``"P01_11_0"``, or its
         uid) with names and probabilities, and the true label (None for an unlabelled one)."""
