@@ -40,8 +40,8 @@ from kdstore.tables import ClassTable, SegmentTable
 from kdstore.store import Store
 from trainers.video.backbones import load_backbone
 from trainers.video.decode import VideoSource, find_videos
-from trainers.video.extract import (DeviceBatches, autocast_dtype, build_video_features, decode_options, default_workers,
-                                    resolve_device)
+from trainers.device import autocast_dtype, resolve_device
+from trainers.video.extract import DeviceBatches, build_video_features, decode_options, default_workers
 from trainers.video.workers import DecodePool
 
 BENCH = "video_features"
