@@ -36,6 +36,7 @@ from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, 
                        exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
+from .identity import check_same
 from .lock import locked, store_lock_path
 
 SCHEMA_VERSION = 2
@@ -814,12 +815,8 @@ class VideoWriter:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if meta_file.exists():
-            old = json.loads(meta_file.read_text())
-            if old != meta:
-                raise ConfigError(
-                    f"{self.dir}: a partial build with other settings is staged ({old}); this one is {meta}."
-                    " Rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)"
-                )
+            check_same(json.loads(meta_file.read_text()), meta, f"{self.dir}: a partial build with other settings is staged",
+                       hint="rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)")
         else:
             _write_json(meta_file, meta)
 
