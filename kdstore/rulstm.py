@@ -98,10 +98,40 @@ def read_classes(
     surface word (ties: the word of the lowest action id).
     """
     path = Path(actions_csv)
+    entries = _action_entries(path)
+    _check_entries(path, entries)
+    verb_keys = _class_keys(Path(verb_classes), "verb") if verb_classes else None
+    noun_keys = _class_keys(Path(noun_classes), "noun") if noun_classes else None
+    verb_names = _display_names(path, "verb", [(e[2], e[4]) for e in entries], verb_keys, verb_classes)
+    noun_names = _display_names(path, "noun", [(e[3], e[5]) for e in entries], noun_keys, noun_classes)
+    many_v = many_n = None
+    if many_shot_verbs is not None or many_shot_nouns is not None:
+        if many_shot_verbs is None or many_shot_nouns is None:
+            raise AnnotationError("many-shot lists: give both the verb and the noun list")
+        many_v = _many_shot(Path(many_shot_verbs), len(verb_names))
+        many_n = _many_shot(Path(many_shot_nouns), len(noun_names))
+    return ClassTable(
+        action_names=[e[1] for e in entries],
+        verb_names=verb_names,
+        noun_names=noun_names,
+        action_verb=np.array([e[2] for e in entries], dtype=np.int32),
+        action_noun=np.array([e[3] for e in entries], dtype=np.int32),
+        many_shot_verbs=many_v,
+        many_shot_nouns=many_n,
+        surface_verbs=[e[4] for e in entries],
+        surface_nouns=[e[5] for e in entries],
+    )
+
+
+_Entry = tuple[int, str, int, int, str, str]  # id, action name, verb, noun, verb word, noun word
+
+
+def _action_entries(path: Path) -> list[_Entry]:
+    """The rows of an ``actions.csv`` in any of the three formats, in file order."""
     rows = _open_rows(path)
     if not rows:
         raise AnnotationError(f"{path}: empty class list")
-    entries: list[tuple[int, str, int, int, str, str]] = []  # id, action name, verb, noun, verb word, noun word
+    entries: list[_Entry] = []
     header = [c.lower() for c in rows[0][1][:4]]
     if header in (["id", "action", "verb", "noun"], ["id", "verb", "noun", "action"]):
         ek55 = header[1] == "action"
@@ -125,6 +155,11 @@ def read_classes(
             entries.append((aid, row[2], vid, nid, *_split_name(path, n, aid, row[2], "_", "Cut_tomato")))
     if not entries:
         raise AnnotationError(f"{path}: empty class list (a header and no classes)")
+    return entries
+
+
+def _check_entries(path: Path, entries: list[_Entry]) -> None:
+    """Ids 0..A-1 each once, no negative class id, one action per (verb, noun); sorts ``entries`` by id."""
     ids = [e[0] for e in entries]
     if sorted(ids) != list(range(len(ids))):
         dup = sorted({i for i, c in Counter(ids).items() if c > 1})
@@ -140,27 +175,6 @@ def read_classes(
     if dup is not None:
         twice = [e[0] for e in entries if (e[2], e[3]) == dup]
         raise AnnotationError(f"{path}: actions {twice[0]} and {twice[1]} are both verb {dup[0]} noun {dup[1]}")
-    verb_keys = _class_keys(Path(verb_classes), "verb") if verb_classes else None
-    noun_keys = _class_keys(Path(noun_classes), "noun") if noun_classes else None
-    verb_names = _display_names(path, "verb", [(e[2], e[4]) for e in entries], verb_keys, verb_classes)
-    noun_names = _display_names(path, "noun", [(e[3], e[5]) for e in entries], noun_keys, noun_classes)
-    many_v = many_n = None
-    if many_shot_verbs is not None or many_shot_nouns is not None:
-        if many_shot_verbs is None or many_shot_nouns is None:
-            raise AnnotationError("many-shot lists: give both the verb and the noun list")
-        many_v = _many_shot(Path(many_shot_verbs), len(verb_names))
-        many_n = _many_shot(Path(many_shot_nouns), len(noun_names))
-    return ClassTable(
-        action_names=[e[1] for e in entries],
-        verb_names=verb_names,
-        noun_names=noun_names,
-        action_verb=np.array([e[2] for e in entries], dtype=np.int32),
-        action_noun=np.array([e[3] for e in entries], dtype=np.int32),
-        many_shot_verbs=many_v,
-        many_shot_nouns=many_n,
-        surface_verbs=[e[4] for e in entries],
-        surface_nouns=[e[5] for e in entries],
-    )
 
 
 def _class_keys(path: Path, kind: str) -> dict[int, str]:
@@ -344,25 +358,7 @@ def build_segment_table(
         ints = next(raw for name, raw in splits.items() if int in kinds[name])
         strs = next(raw for name, raw in splits.items() if str in kinds[name])
         raise AnnotationError(f"{ints.path} has integer segment keys, {strs.path} string ones (narration ids): one dataset has one kind")
-    first: dict = {}  # key -> (raw, index in raw)
-    for raw in splits.values():
-        for j, k in enumerate(raw.keys):
-            if k not in first:
-                first[k] = (raw, j)
-                continue
-            old, i = first[k]
-            a = [getattr(old, f)[i] for f in _FIELDS]
-            b = [getattr(raw, f)[j] for f in _FIELDS]
-            if a != b:
-                f = next(f for f, x, y in zip(_FIELDS, a, b) if x != y)
-                x, y = a[_FIELDS.index(f)], b[_FIELDS.index(f)]
-                if f in ("verb", "noun", "action") and -1 in (x, y):
-                    x, y = ("unlabelled" if v == -1 else f"{f} {v}" for v in (x, y))
-                else:
-                    x, y = f"{f} {x}", f"{f} {y}"
-                raise AnnotationError(
-                    f"{old.path}, row {old.lines[i]} and {raw.path}, row {raw.lines[j]}: {_what(k)} differs ({x} vs {y})"
-                )
+    first = _first_rows(splits)  # key -> (raw, index in raw)
     keys = sorted(first, key=natural_key) if strings else sorted(first)
     videos = sorted({raw.video[j] for raw, j in first.values()})
     vindex = {v: i for i, v in enumerate(videos)}
@@ -372,15 +368,7 @@ def build_segment_table(
     for p, raw in enumerate(splits.values()):
         split_mask[[row[k] for k in raw.keys], p] = True
     names = list(subsets or {})
-    subset_mask = np.zeros((len(keys), len(names)), bool)
-    for q, name in enumerate(names):
-        split, path = subsets[name]
-        members = split_mask[:, list(splits).index(split)]
-        for n, k in read_id_list(path):
-            r = row.get(k if strings else _key(k))
-            if r is None or not members[r]:
-                raise AnnotationError(f"{path}, row {n}: {k} is not a segment of split {split!r}")
-            subset_mask[r, q] = True
+    subset_mask = _subset_mask(subsets or {}, list(splits), split_mask, row, strings)
     n = len(keys)
     return SegmentTable(
         uid=np.arange(n, dtype=np.int64) if strings else np.asarray(keys, np.int64).reshape(n),
@@ -399,6 +387,46 @@ def build_segment_table(
         subsets=names,
         subset_splits=[subsets[s][0] for s in names],
     )
+
+
+def _first_rows(splits: dict[str, RawSegments]) -> dict:
+    """Key -> (raw file, index in it) of each key's first row; AnnotationError names both rows
+    of a key whose rows disagree."""
+    first: dict = {}
+    for raw in splits.values():
+        for j, k in enumerate(raw.keys):
+            if k not in first:
+                first[k] = (raw, j)
+                continue
+            old, i = first[k]
+            a = [getattr(old, f)[i] for f in _FIELDS]
+            b = [getattr(raw, f)[j] for f in _FIELDS]
+            if a != b:
+                f = next(f for f, x, y in zip(_FIELDS, a, b) if x != y)
+                x, y = a[_FIELDS.index(f)], b[_FIELDS.index(f)]
+                if f in ("verb", "noun", "action") and -1 in (x, y):
+                    x, y = ("unlabelled" if v == -1 else f"{f} {v}" for v in (x, y))
+                else:
+                    x, y = f"{f} {x}", f"{f} {y}"
+                raise AnnotationError(
+                    f"{old.path}, row {old.lines[i]} and {raw.path}, row {raw.lines[j]}: {_what(k)} differs ({x} vs {y})"
+                )
+    return first
+
+
+def _subset_mask(subsets: dict[str, tuple[str, Path]], splits: list[str], split_mask: np.ndarray, row: dict,
+                 strings: bool) -> np.ndarray:
+    """[S, Q] bool membership of each evaluation subset, read from its id list; every id must
+    be a segment of the subset's split."""
+    subset_mask = np.zeros((len(split_mask), len(subsets)), bool)
+    for q, (split, path) in enumerate(subsets.values()):
+        members = split_mask[:, splits.index(split)]
+        for n, k in read_id_list(path):
+            r = row.get(k if strings else _key(k))
+            if r is None or not members[r]:
+                raise AnnotationError(f"{path}, row {n}: {k} is not a segment of split {split!r}")
+            subset_mask[r, q] = True
+    return subset_mask
 
 
 @dataclass(frozen=True)
