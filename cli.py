@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,13 @@ from trainers.teacher.config import PRETRAIN_RULES, TEACHER_RULES, PretrainConfi
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, however long
+
+
+def _config(cls: type, sets: list[str], options: dict, preset: Callable[..., Any] | None = None, name: str = "") -> Any:
+    """A command's config: preset ``name`` (without ``preset``, the fields' defaults), then the
+    ``--set`` pairs, then the generated options given; a later source wins."""
+    sets = parse_set(cls, sets)
+    return make(cls, sets, options) if preset is None else preset(name, **{**sets, **options})
 
 
 # --- store commands ---------------------------------------------------------------------
@@ -199,7 +206,7 @@ def pretrain_lm(
 
     if (corpus is None) == (from_annotations is None):
         raise typer.BadParameter("give a CORPUS file or --from-annotations DIR (one of them)")
-    cfg = make(PretrainConfig, parse_set(PretrainConfig, overrides), options)
+    cfg = _config(PretrainConfig, overrides, options)
     texts = read_corpus(corpus) if corpus else annotations_corpus(from_annotations, split, window)
     with progress() as task:
         summary = pretrain_mlm(texts, out, cfg, on_step=task("pretrain"))
@@ -235,7 +242,7 @@ def build_teacher_cmd(
     from trainers.teacher.corpus import read_corpus
     from trainers.teacher.evaluate import metrics_table
 
-    cfg = make_preset(preset, **{**parse_set(TeacherConfig, overrides), **options})
+    cfg = _config(TeacherConfig, overrides, options, make_preset, preset)
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                       pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                       overwrite=overwrite, fresh=fresh)
@@ -355,8 +362,8 @@ def import_features(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
-    from trainers.video.imports import import_arrays, import_lmdb
-    from trainers.video.select import WindowSpec
+    from kdstore.feature_import import import_arrays, import_lmdb
+    from kdstore.selection import WindowSpec
 
     spec = None
     if windows:
@@ -404,7 +411,7 @@ def train_student(
     from trainers.student.distill import distills, without_distillation
     from trainers.student.train import train_student as run
 
-    cfg = make_preset(preset, **{**parse_set(StudentConfig, overrides), **options})
+    cfg = _config(StudentConfig, overrides, options, make_preset, preset)
     if no_distill:
         cfg = without_distillation(cfg)
     if distills(cfg) and teacher is None:

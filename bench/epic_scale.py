@@ -106,7 +106,7 @@ def synthetic_table(videos: int, seed: int = 0):
 
 
 def create_store(path: Path, names: list[str], segs: dict) -> None:
-    from kdstore.annotations import ClassTable, SegmentTable
+    from kdstore.tables import ClassTable, SegmentTable
     from kdstore.store import Store
 
     rows = [(v, *s) for v in names for s in segs[v]]
@@ -182,7 +182,7 @@ def sequential_read(path: Path, block: int = 8 << 20) -> float:
 
 def child_lmdb(a: dict) -> dict:
     """Write an EK100-shaped RULSTM LMDB: ``videos`` with ``lengths`` frames, every ``step``-th."""
-    from trainers.video.rulstm_lmdb import write_rulstm_lmdb
+    from kdstore.rulstm_lmdb import write_rulstm_lmdb
 
     rng = np.random.default_rng(a["seed"])
 
@@ -209,8 +209,8 @@ def peak_rss_kib(reset: bool = False) -> int:
 def child_import(a: dict) -> dict:
     """``import_lmdb``, with the peak RSS of reading + staging and of the commit apart."""
     from kdstore.store import VideoWriter
-    from trainers.video.imports import import_lmdb
-    from trainers.video.select import WindowSpec
+    from kdstore.feature_import import import_lmdb
+    from kdstore.selection import WindowSpec
 
     opts = dict(a["options"])
     if "windows" in opts:

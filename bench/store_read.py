@@ -38,7 +38,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import append_row, peak_rss_mib, timeit  # noqa: E402
-from kdstore.annotations import ClassTable, SegmentTable  # noqa: E402
+from kdstore.tables import ClassTable, SegmentTable  # noqa: E402
 from kdstore.store import FeatureSet, Store  # noqa: E402
 
 BENCH = "store_read"

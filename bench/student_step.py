@@ -69,7 +69,7 @@ VARIANTS = ("host", "memory")
 def build_store(path: Path, dim: int, frames: int, n_videos: int, actions: int = 0, seed: int = 0):
     """A synthetic store with ~``frames`` fp16 features of width ``dim``, at least ``actions``
     action classes, and a teacher (random logits for 90% of the segments)."""
-    from kdstore.annotations import load_annotations
+    from kdstore.rulstm import load_annotations
     from kdstore.store import Store
     from kdstore.synthetic import SyntheticConfig, generate_annotations
 

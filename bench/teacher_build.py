@@ -38,7 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import append_row, peak_rss_mib  # noqa: E402
-from kdstore.annotations import action_text, load_annotations  # noqa: E402
+from kdstore.rulstm import load_annotations  # noqa: E402
+from kdstore.text import action_text  # noqa: E402
 from kdstore.errors import ConfigError  # noqa: E402
 from kdstore.metrics import compute_metrics  # noqa: E402
 from kdstore.store import Store  # noqa: E402

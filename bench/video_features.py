@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from bench.common import append_row, peak_rss_mib, timeit
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.store import Store
 from trainers.video.backbones import load_backbone
 from trainers.video.decode import VideoSource, find_videos
-from trainers.video.extract import (DeviceBatches, autocast_dtype, build_video_features, decode_options, default_workers,
-                                    resolve_device)
+from trainers.device import autocast_dtype, resolve_device
+from trainers.video.extract import DeviceBatches, build_video_features, decode_options, default_workers
 from trainers.video.workers import DecodePool
 
 BENCH = "video_features"
@@ -180,7 +180,7 @@ def run(tiny: bool = False, device: str | None = None, out_dir: Path | None = No
             row("build", cfg, {"seconds": report.seconds, "frames": report.frames, "frames_per_s": fps,
                                "ratio": fps / alone["frames_per_s"], "decoding": report.decoding})
 
-        from trainers.video.imports import import_lmdb
+        from kdstore.feature_import import import_lmdb
 
         store = make_store(tmp / "lmdb.zarr", ["x"])
         nbytes = make_lmdb(tmp / "rgb", lmdb_frames, dim, videos=20)

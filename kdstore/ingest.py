@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .annotations import AnnotationFolder, guess_dataset, load_annotations
+from .rulstm import AnnotationFolder, guess_dataset, load_annotations
 from .store import Store, provenance_entry
 
 

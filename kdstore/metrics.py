@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .annotations import ClassTable, SegmentTable
 from .errors import ConfigError, DataError
 from .ranking import label_ranks, topk_hits  # noqa: F401  (re-exported: the ranking rule lives in ranking.py)
+from .tables import ClassTable, SegmentTable
 
 TASKS = ("verb", "noun", "action")
 

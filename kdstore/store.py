@@ -31,11 +31,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from .annotations import ClassTable, SegmentTable, default_splits
+from .tables import ClassTable, SegmentTable, default_splits
 from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
                        exchange)
 from .errors import ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
+from .identity import check_same
 from .lock import locked, store_lock_path
 from .ranking import label_ranks, rank_order
 
@@ -617,21 +618,6 @@ class Predictions:
             " rewrite the group with that temperature in lse_temperatures"
         )
 
-    def gather_topk(self, segment_rows: np.ndarray, temperature: float | None = None) -> dict:
-        """Top-K of a batch of segment rows in one gather; absent rows are masked, not faked.
-
-        Returns ``present [B] bool``, ``values [B, K] f32``, ``indices [B, K] i32`` and,
-        with a temperature, ``lse [B] f32`` (the full log-sum-exp of logits / T).
-        Rows without a prediction hold zeros and must be ignored through ``present``.
-        A view of :class:`kdstore.targets.TeacherTargets`, the reader every consumer uses.
-        """
-        from .targets import TeacherTargets
-
-        fields = ("topk_values", "topk_indices", *(("lse",) if temperature is not None else ()))
-        g = TeacherTargets(self, fields, temperature=temperature).gather(segment_rows)
-        names = {"present": "present", "topk_values": "values", "topk_indices": "indices", "lse": "lse"}
-        return {names[k]: v for k, v in g.items()}
-
     def predict(self, key: int | str, k: int = 5) -> dict:
         """The top-``k`` actions for one segment (its dataset id, e.g. ``"P01_11_0"``, or its
         uid) with names and probabilities, and the true label (None for an unlabelled one)."""
@@ -843,12 +829,8 @@ class VideoWriter:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if meta_file.exists():
-            old = json.loads(meta_file.read_text())
-            if old != meta:
-                raise ConfigError(
-                    f"{self.dir}: a partial build with other settings is staged ({old}); this one is {meta}."
-                    " Rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)"
-                )
+            check_same(json.loads(meta_file.read_text()), meta, f"{self.dir}: a partial build with other settings is staged",
+                       hint="rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)")
         else:
             _write_json(meta_file, meta)
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotations import ClassTable, SegmentTable, pair_words
+from .tables import ClassTable, SegmentTable
+from .text import pair_words
 
 VERBS = [
     "Take", "Put", "Open", "Close", "Cut", "Wash", "Mix", "Pour", "Turn on", "Turn off",

@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 
-from .annotations import DATASET_FPS
+from .rulstm import DATASET_FPS
 from .errors import KDStoreError
 from .store import Store, segments_fingerprint, uids_fingerprint
 

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kdstore.annotations import ClassTable, SegmentTable, load_annotations  # noqa: E402
+from kdstore.rulstm import load_annotations  # noqa: E402
+from kdstore.tables import ClassTable, SegmentTable  # noqa: E402
 from kdstore.store import Store  # noqa: E402
 from kdstore.synthetic import SyntheticConfig, generate_annotations, synthetic_features  # noqa: E402
 

@@ -12,19 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdstore.annotations import (
-    ClassTable,
-    SegmentTable,
-    action_text,
-    action_words,
-    class_words,
-    default_splits,
-    guess_dataset,
-    histories,
-    load_annotations,
-    read_classes,
-    read_segments_csv,
-)
+from kdstore.histories import histories
+from kdstore.rulstm import guess_dataset, load_annotations, read_classes, read_segments_csv
+from kdstore.tables import ClassTable, SegmentTable, default_splits
+from kdstore.text import action_text, action_words, class_words
 from kdstore.errors import AnnotationError, ConfigError, KDStoreError, MissingError
 from kdstore.store import Store
 

@@ -58,7 +58,7 @@ def test_tiny_run(tmp_path):
 
 def test_avt_normal_reader_reads_avt_s_frames(tmp_path):
     """AVT's normal read of one sample on a full 30 fps LMDB, against its formula worked by hand."""
-    from trainers.video.rulstm_lmdb import write_rulstm_lmdb
+    from kdstore.rulstm_lmdb import write_rulstm_lmdb
 
     import lmdb
 

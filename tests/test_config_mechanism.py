@@ -176,3 +176,17 @@ def test_the_cli_reads_every_config_without_importing_torch():
     """The generated options need the configs at import; ``kdstore --help`` must stay fast."""
     code = "import sys, cli; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
+
+
+def test_a_commands_config_is_its_preset_then_set_then_options():
+    """The one merge of the config commands (pretrain-lm, build-teacher, train-student)."""
+    from cli import _config
+    from trainers.student.config import StudentConfig
+    from trainers.student.config import preset as student_preset
+    from trainers.teacher.config import PretrainConfig
+
+    cfg = _config(StudentConfig, ["epochs=7", "lr=0.5"], {"lr": 0.25}, student_preset, "ek55")
+    assert cfg == student_preset("ek55", epochs=7, lr=0.25) and cfg != student_preset("egtea", epochs=7, lr=0.25)
+    assert _config(PretrainConfig, ["mask_prob=0.2"], {"mask_prob": 0.3}) == make(PretrainConfig, {"mask_prob": 0.3})
+    with pytest.raises(ConfigProblems, match="nope: unknown option"):
+        _config(PretrainConfig, ["nope=1"], {})

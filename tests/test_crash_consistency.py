@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL, build_store, synthetic_annotations
-from kdstore.annotations import SegmentTable
+from kdstore.tables import SegmentTable
 from kdstore.faults import CRASH_ENV
 from kdstore.store import Store
 from kdstore.validate import leftovers, validate_store

@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from kdstore.annotations import action_text, action_words, guess_dataset, load_annotations, read_classes
+from kdstore.rulstm import guess_dataset, load_annotations, read_classes
+from kdstore.text import action_text, action_words
 from kdstore.errors import AnnotationError, ConfigError, DataError, KDStoreError, MissingError
 from kdstore.ingest import ingest
 from kdstore.inspect import export_predictions, summary

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import SUFFIXES, build_store
-from kdstore.annotations import load_annotations
+from kdstore.rulstm import load_annotations
 from kdstore.errors import AnnotationError, ConfigError, DataError, KDStoreError
 from kdstore.store import Store
 from processes import cli

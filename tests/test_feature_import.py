@@ -17,15 +17,15 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cli
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError
 from kdstore.store import Store
 from kdstore.validate import validate_store
 from trainers.student.config import preset
 from trainers.student.data import StudentData
-from trainers.video.imports import import_arrays, import_lmdb
-from trainers.video.rulstm_lmdb import RulstmLmdb, write_rulstm_lmdb
-from trainers.video.select import Selection, WindowSpec, grid_mask, window_mask
+from kdstore.feature_import import import_arrays, import_lmdb
+from kdstore.rulstm_lmdb import RulstmLmdb, write_rulstm_lmdb
+from kdstore.selection import Selection, WindowSpec, grid_mask, window_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 RULSTM_FPS = 30.0  # RULSTM numbers the frames of every dataset at 30 fps
@@ -467,7 +467,7 @@ DRIVER = r"""
 import json, os, shutil, signal, sys
 sys.path.insert(0, {root!r})
 from kdstore import store as kstore
-from trainers.video import imports, rulstm_lmdb
+from kdstore import feature_import as imports, rulstm_lmdb
 
 kill, k = {kill!r}, {k!r}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kdstore.annotations import ClassTable
+from kdstore.tables import ClassTable
 from kdstore.errors import DataError
 from kdstore.metrics import as_probabilities, compute_metrics, marginalise, topk_hits
 

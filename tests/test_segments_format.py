@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from kdstore.annotations import SegmentTable, load_annotations
+from kdstore.rulstm import load_annotations
+from kdstore.tables import SegmentTable
 from kdstore.backends import HDF5Backend, ZarrBackend
 from kdstore.errors import StoreFormatError
 from kdstore.ingest import ingest

@@ -25,9 +25,10 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError, StoreFormatError
 from kdstore.store import PREDICTION_DTYPES, Store
+from kdstore.targets import TeacherTargets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -368,7 +369,8 @@ class StoreTests:
                     else:
                         assert getattr(p, key) is None
                 np.testing.assert_array_equal(p.present, np.isin(segments.uid, kw["uids"]))
-                g = p.gather_topk(np.arange(len(segments)), temperature=kw["lse_temperatures"][0])
+                targets = TeacherTargets(p, ("topk_values", "topk_indices", "lse"), temperature=kw["lse_temperatures"][0])
+                g = targets.gather(np.arange(len(segments)))
                 np.testing.assert_array_equal(g["present"], p.present)
 
             # the backend's own library reads the same values
@@ -423,36 +425,36 @@ class StoreTests:
         with pytest.raises(MissingError, match="no features for video 'nope'"):
             fs.frames("nope")
 
-    def test_gather_topk_matches_logits_and_masks_absent(self, store, synthetic_tables):
+    def test_targets_match_logits_and_mask_absent(self, store, synthetic_tables):
         _, seg = synthetic_tables
         p = store.teacher("teacher")
         rng = np.random.default_rng(0)  # the same draws as build_store's first teacher
         train = seg.rows_in("training1")
         logits = rng.normal(size=(len(train), store.classes.num_actions)).astype(np.float32) * 3
         rows = np.random.default_rng(5).integers(0, len(seg), 100)
-        g = p.gather_topk(rows, temperature=2.0)
+        g = TeacherTargets(p, ("topk_values", "topk_indices", "lse"), temperature=2.0).gather(rows)
         in_train = np.isin(rows, train)
         np.testing.assert_array_equal(g["present"], in_train)
         assert (~in_train).any() and in_train.any()
         pos = np.searchsorted(train, rows[in_train])
-        np.testing.assert_array_equal(g["values"][in_train], topk_ref(logits[pos], 10))
-        np.testing.assert_array_equal(np.take_along_axis(logits[pos], g["indices"][in_train].astype(np.int64), 1), g["values"][in_train])
+        np.testing.assert_array_equal(g["topk_values"][in_train], topk_ref(logits[pos], 10))
+        np.testing.assert_array_equal(np.take_along_axis(logits[pos], g["topk_indices"][in_train].astype(np.int64), 1), g["topk_values"][in_train])
         np.testing.assert_allclose(g["lse"][in_train], logsumexp(logits[pos] / 2.0), rtol=1e-5)
         # absent rows are zeros, not someone else's prediction
-        assert not g["values"][~in_train].any() and not g["indices"][~in_train].any() and not g["lse"][~in_train].any()
+        assert not g["topk_values"][~in_train].any() and not g["topk_indices"][~in_train].any() and not g["lse"][~in_train].any()
         # the same from plain reads of the stored arrays
         raw_uids = self.raw(Path(store.path), "teacher/teacher/uids")
         raw_vals = self.raw(Path(store.path), "teacher/teacher/topk_values")
         for b in np.flatnonzero(in_train):
-            np.testing.assert_array_equal(g["values"][b], raw_vals[np.flatnonzero(raw_uids == seg.uid[rows[b]])[0]])
+            np.testing.assert_array_equal(g["topk_values"][b], raw_vals[np.flatnonzero(raw_uids == seg.uid[rows[b]])[0]])
         with pytest.raises(MissingError, match="T=3"):
-            p.gather_topk(rows, temperature=3.0)
+            TeacherTargets(p, ("topk_values", "topk_indices", "lse"), temperature=3.0).gather(rows)
 
     def test_empty_predictions(self, store):
         p = store.write_predictions("none", [], np.zeros((0, store.classes.num_actions)))
         assert len(p) == 0 and not p.present.any()
-        g = p.gather_topk(np.arange(5), temperature=1.0)
-        assert not g["present"].any() and g["values"].shape == (5, p.topk) and not g["lse"].any()
+        g = TeacherTargets(p, ("topk_values", "topk_indices", "lse"), temperature=1.0).gather(np.arange(5))
+        assert not g["present"].any() and g["topk_values"].shape == (5, p.topk) and not g["lse"].any()
         assert Store.open(store.path).teacher("none").predict(int(store.segments.uid[0]))["present"] is False
 
     def test_predict(self, store):

@@ -25,6 +25,7 @@ from conftest import ROOT, build_store, synthetic_annotations
 from kdstore.errors import ConfigError, DataError, MissingError, StoreFormatError
 from kdstore.store import Store
 from kdstore.synthetic import NOUNS, VERBS, SyntheticConfig
+from kdstore.targets import TeacherTargets
 from trainers.student.batch import Batch
 from trainers.student.config import preset
 from trainers.student.data import BatchLoader, StudentData, epoch_order
@@ -135,14 +136,14 @@ def test_teacher_fields_equal_stored(kd, mode):
         assert b.teacher_logits.shape == (len(ids), kd.classes.num_actions)
         np.testing.assert_array_equal(b.teacher_logits.numpy()[present], np.asarray(pred.logits)[p].astype(np.float32))
         return
-    g = pred.gather_topk(data.rows[ids], temperature=10.0)
+    g = TeacherTargets(pred, ("topk_values", "topk_indices", "lse"), temperature=10.0).gather(data.rows[ids])
     np.testing.assert_array_equal(g["present"], present)
     assert b.teacher_topk.dtype == torch.float32 and b.teacher_idx.dtype == torch.long
     assert b.teacher_topk.shape == b.teacher_idx.shape == (len(ids), 5)
     np.testing.assert_array_equal(b.teacher_topk.numpy()[present], np.asarray(pred.topk_values)[p, :5])
     np.testing.assert_array_equal(b.teacher_idx.numpy()[present], np.asarray(pred.topk_indices)[p, :5])
-    np.testing.assert_array_equal(b.teacher_topk.numpy()[present], g["values"][present, :5])
-    np.testing.assert_array_equal(b.teacher_idx.numpy()[present], g["indices"][present, :5])
+    np.testing.assert_array_equal(b.teacher_topk.numpy()[present], g["topk_values"][present, :5])
+    np.testing.assert_array_equal(b.teacher_idx.numpy()[present], g["topk_indices"][present, :5])
     # the stored top-5 are the true top-5 of the stored logits
     assert (b.teacher_idx.numpy()[present, 0] == np.asarray(pred.logits)[p].argmax(1)).all()
     if mode == "topk_lse":
@@ -396,7 +397,7 @@ def test_teacher_with_another_class_count(kd, tmp_path):
     v, n = next((v, n) for v in range(len(VERBS)) for n in range(len(NOUNS)) if (v, n) not in used)
     with open(ann / "actions.csv", "a") as f:
         f.write(f"{kd.classes.num_actions}, {v}_{n}, {VERBS[v]}_{NOUNS[n]}\n")
-    from kdstore.annotations import load_annotations
+    from kdstore.rulstm import load_annotations
 
     classes, segments = load_annotations(ann, fps=24.0)
     assert classes.num_actions == kd.classes.num_actions + 1

@@ -13,7 +13,8 @@ from conftest import annotation_store as new_store
 import torch
 from typer.testing import CliRunner
 
-from kdstore.annotations import SegmentTable, load_annotations
+from kdstore.rulstm import load_annotations
+from kdstore.tables import SegmentTable
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError
 from kdstore.store import Store
 from trainers.config import ConfigProblems, field_help, field_names, make, parse_set

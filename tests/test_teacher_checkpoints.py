@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from kdstore.annotations import load_annotations
+from kdstore.rulstm import load_annotations
 from kdstore.errors import ConfigError
 from kdstore.store import Store
 from trainers.teacher.build import build_teacher, make_model

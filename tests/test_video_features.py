@@ -20,14 +20,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cli
-from kdstore.annotations import ClassTable, SegmentTable
+from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError, MissingError
 from kdstore.store import Store
 from trainers.video.backbones import load_backbone
 from trainers.video.decode import (RESTART, DecodeOptions, SampledFrames, VideoSource, _load_image, decode, find_videos,
                                    iter_frames, probe_hwaccel, read_image, resized_size)
 from trainers.video.extract import build_video_features
-from trainers.video.imports import import_arrays, import_lmdb
+from kdstore.feature_import import import_arrays, import_lmdb
 from trainers.video.preprocess import Preprocess
 from trainers.video.workers import Chunk, DecodePool, Failed, Finished
 

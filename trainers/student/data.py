@@ -26,7 +26,7 @@ from kdstore.errors import ConfigError, MissingError
 from kdstore.store import FeatureSet, Store
 from kdstore.targets import TeacherTargets
 from trainers.queues import put_until
-from trainers.video.select import Selection, window_offsets
+from kdstore.selection import Selection, window_offsets
 
 from .batch import TEACHER_FIELDS, Batch
 from .config import StudentConfig

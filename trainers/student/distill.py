@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,9 +35,8 @@ from kdstore.errors import ConfigError, DataError
 
 from .batch import Batch
 
-if TYPE_CHECKING:
-    from .config import StudentConfig
-
+# ``cfg`` is a StudentConfig, named but not imported: trainers/student/config.py looks this
+# registry up to check distill_mode, and the two modules must not import each other.
 Loss = Callable[[dict[str, Tensor], Batch, "StudentConfig"], Tensor]
 
 

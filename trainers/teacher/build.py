@@ -52,7 +52,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from kdstore.annotations import action_text, action_words
+from kdstore.text import action_text, action_words
 from kdstore.errors import ConfigError, DataError
 from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics, marginalise, softmax

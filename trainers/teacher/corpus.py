@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdstore.annotations import ClassTable, SegmentTable, action_text, action_words, histories, load_annotations
+from kdstore.histories import histories
+from kdstore.rulstm import load_annotations
+from kdstore.tables import ClassTable, SegmentTable
+from kdstore.text import action_text, action_words
 from kdstore.errors import DataError
 
 STOP_VERBS = frozenset({"is", "are", "be", "have", "was", "were", "been", "do", "does", "get"})

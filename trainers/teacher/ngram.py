@@ -7,7 +7,7 @@ unigram::
 
 where ``h'`` drops the oldest action of ``h``, ``c`` counts training (history, action)
 pairs and ``T(h)`` is the number of distinct actions seen after ``h``; an unseen
-context falls back to ``P_{n-1}``. Contexts come from ``kdstore.annotations.histories``
+context falls back to ``P_{n-1}``. Contexts come from ``kdstore.histories.histories``
 (left-padded with -1, so "start of the video" is a context too), exactly the teacher's
 histories cut to the last ``order - 1`` actions. No parameter is fitted.
 """
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdstore.annotations import SegmentTable, histories
+from kdstore.histories import histories
+from kdstore.tables import SegmentTable
 from kdstore.errors import DataError
 
 

@@ -11,7 +11,6 @@ A video that cannot be decoded is reported and skipped; the others are still com
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -22,19 +21,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kdstore.annotations import guess_dataset
+from kdstore.rulstm import guess_dataset
 from kdstore.errors import ConfigError, DataError
 from kdstore.store import Store, provenance_entry
 
+from ..device import all_gather_json, autocast, autocast_dtype, distributed, resolve_device
 from .backbones import Backbone
 from .decode import DecodeOptions, VideoSource, find_videos
 from .preprocess import Preprocess
 from .workers import Chunk, DecodePool, Event, Failed, Finished, Restarted
 
 AVT_FPS = {"egtea": 1.0, "ek55": 2.0}  # AVT's sampling rates per dataset
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -73,63 +71,6 @@ def default_fps(store: Store) -> float:
     if dataset not in AVT_FPS:
         raise ConfigError(f"{store.path}: unknown dataset {dataset!r}; pass the sampling rate (--fps)")
     return AVT_FPS[dataset]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``auto``: CUDA when available; under torchrun CUDA ranks use ``cuda:LOCAL_RANK``."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return dev
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 (or fp16) on CUDA and fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-# ---------------------------------------------------------------------------------------
-# torch.distributed
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether this call started the process group)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    owned = not dist.is_initialized()
-    if owned:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return dist.get_rank(), dist.get_world_size(), owned
-
-
-def _all_gather_json(obj, device: torch.device) -> list:
-    """Every rank's JSON-serialisable ``obj``, as bytes in tensors (no pickle)."""
-    import torch.distributed as dist
-
-    comm = device if device.type == "cuda" else torch.device("cpu")
-    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=comm)  # [n]
-    sizes = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=comm))
-    n = max(int(s) for s in sizes)
-    bufs = [torch.zeros(n, dtype=torch.uint8, device=comm) for _ in sizes]
-    dist.all_gather(bufs, F.pad(data, (0, n - len(data))))
-    return [json.loads(bytes(b[: int(s)].tolist())) for b, s in zip(bufs, sizes)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,7 +165,7 @@ class DeviceBatches:
 
     def _launch(self) -> None:
         pixels = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]  # [b, 3, S, S]
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with autocast(self.device, self.amp):
             feats = self.encode(pixels).float()  # [b, D]
         if self.cuda:
             host = torch.empty(feats.shape, dtype=torch.float32, pin_memory=True)
@@ -354,6 +295,33 @@ def build_video_features(
     """
     t_start = time.perf_counter()
     store = store if isinstance(store, Store) else Store.open(store)
+    fps, workers = _checked_rates(store, fps, batch_size, workers)
+    native_fps = float(native_fps or store.segments.fps)
+    sources = find_videos(videos) if isinstance(videos, (str, Path)) else list(videos)
+    dev = resolve_device(device)
+    amp = autocast_dtype(precision, dev)
+    options = decode_options(backbone.preprocess, fps, native_fps, dev, workers, scale_in_decoder=scale_in_decoder,
+                             decode_all=decode_all, hwaccel=hwaccel)
+    with distributed(dev) as (rank, world):
+        settings = {**backbone.info, "sample_fps": fps, "native_fps": native_fps, "scaled_in_decoder": scale_in_decoder}
+        writer = store.video_writer(name, backbone.dim, dtype, frame_rate=fps or None,
+                                    attrs={**settings, "source": "build-video-features"}, settings=settings)
+        mine = sources[rank::world]
+        todo = [s for s in mine if not writer.done(s.video)]
+        encoder = _Encoder(backbone, options, dev, amp, batch_size, workers)
+        local = encoder.run(todo, writer, f"video/{name}", progress and rank == 0, on_video)
+        local["skipped"] = len(mine) - len(todo)
+        report = _report(name, rank, all_gather_json(local, dev) if world > 1 else [local])
+        if rank == 0 and writer.staged():
+            _commit(writer, report, backbone, fps, world)
+        if world > 1:
+            torch.distributed.barrier()  # no rank exits (and is reaped by torchrun) before the commit
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _checked_rates(store: Store, fps: float | None, batch_size: int, workers: int | None) -> tuple[float, int]:
+    """(sampling rate, decoding processes) with their defaults; ConfigError for a bad value."""
     fps = default_fps(store) if fps is None else float(fps)
     if fps < 0:
         raise ConfigError(f"--fps must be >= 0 (0 keeps every frame), found {fps}")
@@ -362,26 +330,31 @@ def build_video_features(
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0 decodes in the main process), found {workers}")
-    native_fps = float(native_fps or store.segments.fps)
-    sources = find_videos(videos) if isinstance(videos, (str, Path)) else list(videos)
-    dev = resolve_device(device)
-    amp = autocast_dtype(precision, dev)
-    options = decode_options(backbone.preprocess, fps, native_fps, dev, workers, scale_in_decoder=scale_in_decoder,
-                             decode_all=decode_all, hwaccel=hwaccel)
-    rank, world, owned = _init_distributed(dev)
-    try:
-        settings = {**backbone.info, "sample_fps": fps, "native_fps": native_fps, "scaled_in_decoder": scale_in_decoder}
-        writer = store.video_writer(name, backbone.dim, dtype, frame_rate=fps or None,
-                                    attrs={**settings, "source": "build-video-features"}, settings=settings)
-        mine = sources[rank::world]
-        todo = [s for s in mine if not writer.done(s.video)]
+    return fps, workers
+
+
+@dataclass
+class _Encoder:
+    """One rank's encoding: decode its videos in worker processes, encode them on the device."""
+
+    backbone: Backbone
+    options: DecodeOptions
+    device: torch.device
+    amp: torch.dtype | None
+    batch_size: int
+    workers: int
+
+    def run(self, todo: list[VideoSource], writer, label: str, show: bool,
+            on_video: Callable[[str], None] | None) -> dict:
+        """Stage every video of ``todo`` that decodes; this rank's counts (JSON, for the report)."""
         staged = staged_frames = 0
-        with DecodePool(todo, options, workers, chunk=batch_size) as pool, _progress(progress and rank == 0) as bar:
-            backbone.to(dev)  # while the workers start
-            task = bar.add_task(f"video/{name}", total=len(todo), info="")
+        with DecodePool(todo, self.options, self.workers, chunk=self.batch_size) as pool, _progress(show) as bar:
+            self.backbone.to(self.device)  # while the workers start
+            task = bar.add_task(label, total=len(todo), info="")
             t0 = time.perf_counter()
             with torch.inference_mode():
-                batches = DeviceBatches(backbone, backbone.preprocess, dev, amp, batch_size, pool.slot_bytes)
+                batches = DeviceBatches(self.backbone, self.backbone.preprocess, self.device, self.amp, self.batch_size,
+                                        pool.slot_bytes)
                 for event in chain(pool, [None]):  # None: the end, flush the last batch
                     if event is None:
                         batches.flush()
@@ -394,36 +367,34 @@ def build_video_features(
                             on_video(todo[index].video)
                     rate = batches.frames_in / (time.perf_counter() - t0)
                     bar.update(task, completed=staged + len(batches.failed), info=f"{batches.frames_in} frames, {rate:.1f} frames/s")
-        local = {"videos": staged, "skipped": len(mine) - len(todo), "frames": staged_frames, "decoders": batches.decoders,
-                 "decoded": batches.decoded, "notes": pool.notes, "bad": [[str(todo[f.index].path), f.message] for f in batches.failed]}
-        ranks = _all_gather_json(local, dev) if world > 1 else [local]
-        report = BuildReport(
-            name,
-            rank=rank,
-            videos=sum(r["videos"] for r in ranks),
-            skipped=sum(r["skipped"] for r in ranks),
-            frames=sum(r["frames"] for r in ranks),
-            bad=sorted((p, m) for r in ranks for p, m in r["bad"]),
-            decoded=sum(r["decoded"] for r in ranks),
-            notes=sorted({n for r in ranks for n in r["notes"]}),
-        )
-        for r in ranks:
-            for k, v in r["decoders"].items():
-                report.decoders[k] = report.decoders.get(k, 0) + v
-        if rank == 0 and writer.staged():
-            prov = provenance_entry(
-                "build_video_features", _weight_files(backbone.info["weights"]), group=f"video/{name}",
-                backbone=backbone.name, sample_fps=fps, videos=report.videos + report.skipped,
-                bad=[p for p, _ in report.bad], world_size=world, decoding=report.decoding,
-            )
-            writer.commit(provenance=prov)
-            report.committed = True
-        if world > 1:
-            torch.distributed.barrier()  # no rank exits (and is reaped by torchrun) before the commit
-    finally:
-        if owned:
-            import torch.distributed as dist
+        return {"videos": staged, "frames": staged_frames, "decoders": batches.decoders, "decoded": batches.decoded,
+                "notes": pool.notes, "bad": [[str(todo[f.index].path), f.message] for f in batches.failed]}
 
-            dist.destroy_process_group()
-    report.seconds = time.perf_counter() - t_start
+
+def _report(name: str, rank: int, ranks: list[dict]) -> BuildReport:
+    """The build's report from every rank's counts."""
+    report = BuildReport(
+        name,
+        rank=rank,
+        videos=sum(r["videos"] for r in ranks),
+        skipped=sum(r["skipped"] for r in ranks),
+        frames=sum(r["frames"] for r in ranks),
+        bad=sorted((p, m) for r in ranks for p, m in r["bad"]),
+        decoded=sum(r["decoded"] for r in ranks),
+        notes=sorted({n for r in ranks for n in r["notes"]}),
+    )
+    for r in ranks:
+        for k, v in r["decoders"].items():
+            report.decoders[k] = report.decoders.get(k, 0) + v
     return report
+
+
+def _commit(writer, report: BuildReport, backbone: Backbone, fps: float, world: int) -> None:
+    """Commit the staged videos with their provenance (rank 0, once every rank is done)."""
+    prov = provenance_entry(
+        "build_video_features", _weight_files(backbone.info["weights"]), group=f"video/{report.name}",
+        backbone=backbone.name, sample_fps=fps, videos=report.videos + report.skipped,
+        bad=[p for p, _ in report.bad], world_size=world, decoding=report.decoding,
+    )
+    writer.commit(provenance=prov)
+    report.committed = True

@@ -2,14 +2,14 @@
 
 - RULSTM LMDB feature sets (what AVT trains on): keys ``<video>_frame_<10-digit n>.jpg``,
   values raw float32 vectors; frame ``n`` is at ``n / native_fps`` seconds
-  (trainers/video/rulstm_lmdb.py).
+  (kdstore/rulstm_lmdb.py).
 - Per-video ``.npy``/``.npz`` arrays ``[n, D]`` in one folder, named by video id; frame
   ``i`` is at ``i / native_fps`` seconds.
 
 An import streams one video at a time: its timestamps first, then only the features it
 keeps, so its memory does not grow with the source. ``fps`` keeps the frames nearest a
 regular grid and ``windows`` only those a student window can reach
-(trainers/video/select.py). Each video is staged through the store's VideoWriter, so a
+(kdstore/selection.py). Each video is staged through the store's VideoWriter, so a
 killed import resumes at the next video, from the same source and selection only. Before
 committing, an import can check that every segment sees frames in its observed window.
 """
@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from kdstore.annotations import SegmentTable
 from kdstore.errors import ConfigError, DataError, MissingError
 from kdstore.store import Store, VideoWriter, provenance_entry
+from kdstore.tables import SegmentTable
 
 from .rulstm_lmdb import RulstmLmdb
-from .select import Selection, WindowSpec
+from .selection import Selection, WindowSpec
 
 DEFAULT_WINDOW_S = 10.0  # AVT observes 10 frames at 1 fps before the anticipation gap
 BLOCK_ROWS = 4096  # feature rows read and written at a time

@@ -1,4 +1,4 @@
-"""RULSTM/AVT annotation folders: class lists, segment tables, histories and action text.
+"""RULSTM/AVT annotation folders read into a ClassTable and a SegmentTable (kdstore/tables.py).
 
 Formats (see ``../shared/data/README.md`` and docs/format.md):
 
@@ -24,13 +24,14 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import AnnotationError, ConfigError, MissingError
+from .errors import AnnotationError
+from .tables import ClassTable, SegmentTable
 
 #: Frame rate of ``start_frame``/``end_frame`` in each known dataset's RULSTM CSVs: RULSTM
 #: converted every video to 30 fps before numbering frames (EPIC's 59.94 fps numbers halved).
@@ -41,208 +42,6 @@ DATASET_ACTIONS = {106: "egtea", 2513: "ek55", 3806: "ek100"}
 CLASS_KEY_FILES = (("EPIC_verb_classes.csv", "EPIC_noun_classes.csv"), ("EPIC_100_verb_classes.csv", "EPIC_100_noun_classes.csv"))
 MANY_SHOT_FILES = ("EPIC_many_shot_verbs.csv", "EPIC_many_shot_nouns.csv")
 _NOT_SEGMENTS = {"actions", "verbs", "nouns", *(Path(f).stem for pair in (*CLASS_KEY_FILES, MANY_SHOT_FILES) for f in pair)}
-
-
-@dataclass(frozen=True)
-class ClassTable:
-    """Action, verb and noun names with the action -> (verb, noun) map.
-
-    ``verb_names``/``noun_names`` hold one display name per class; ``surface_verbs`` and
-    ``surface_nouns`` the verb and noun words of each action's own name (EK55 names one
-    verb class ``take``, ``get``, ``pick-up``...), which make the action's teacher text.
-    They default to the display names of the action's classes.
-    """
-
-    action_names: list[str]
-    verb_names: list[str]
-    noun_names: list[str]
-    action_verb: np.ndarray  # [A] int32
-    action_noun: np.ndarray  # [A] int32
-    many_shot_verbs: np.ndarray | None = None  # [V] bool
-    many_shot_nouns: np.ndarray | None = None  # [N] bool
-    surface_verbs: list[str] | None = None  # [A]
-    surface_nouns: list[str] | None = None  # [A]
-
-    def __post_init__(self) -> None:
-        if self.surface_verbs is None:
-            object.__setattr__(self, "surface_verbs", [self.verb_names[v] for v in self.action_verb])
-        if self.surface_nouns is None:
-            object.__setattr__(self, "surface_nouns", [self.noun_names[n] for n in self.action_noun])
-
-    @property
-    def num_actions(self) -> int:
-        return len(self.action_names)
-
-    @property
-    def num_verbs(self) -> int:
-        return len(self.verb_names)
-
-    @property
-    def num_nouns(self) -> int:
-        return len(self.noun_names)
-
-    @property
-    def many_shot_actions(self) -> np.ndarray | None:
-        """[A] bool: actions whose verb or noun is many-shot (RULSTM's ``get_many_shot``).
-
-        The epic-kitchens library's own list asks for both (and a training occurrence);
-        RULSTM, whose EK55 figures papers compare with, takes either.
-        """
-        if self.many_shot_verbs is None or self.many_shot_nouns is None:
-            return None
-        return self.many_shot_verbs[self.action_verb] | self.many_shot_nouns[self.action_noun]
-
-    def surface_names(self, kind: str) -> dict[int, list[str]]:
-        """Class id -> its distinct surface words in action-id order (``kind``: verb or noun)."""
-        ids, words = (self.action_verb, self.surface_verbs) if kind == "verb" else (self.action_noun, self.surface_nouns)
-        out: dict[int, list[str]] = {}
-        for i, w in zip(ids.tolist(), words):
-            if w not in out.setdefault(i, []):
-                out[i].append(w)
-        return out
-
-
-@dataclass
-class SegmentTable:
-    """The segments of a dataset, one row each, column arrays.
-
-    ``uid`` is the integer key every prediction group refers to; ``ids`` the dataset's own
-    string keys (EK100 narration ids) or None where the dataset's keys are the integers
-    themselves (EGTEA, EK55). Unlabelled segments hold -1 in ``verb``/``noun``/``action``.
-    ``split_mask[s, p]`` says whether segment ``s`` is in split ``splits[p]`` (a segment can
-    be in several: EGTEA's three split schemes); ``subset_mask[s, q]`` whether it is in
-    the evaluation subset ``subsets[q]`` (of split ``subset_splits[q]``). ``split``, an
-    [S] index into ``splits``, builds ``split_mask`` for tables with one split per segment.
-    """
-
-    uid: np.ndarray  # [S] int64
-    video: np.ndarray  # [S] int32, index into ``videos``
-    start_frame: np.ndarray  # [S] int64
-    end_frame: np.ndarray  # [S] int64
-    verb: np.ndarray  # [S] int32, -1: unlabelled
-    noun: np.ndarray  # [S] int32
-    action: np.ndarray  # [S] int32
-    split_mask: np.ndarray | None = None  # [S, P] bool
-    videos: list[str] = field(default_factory=list)
-    splits: list[str] = field(default_factory=list)
-    fps: float = 30.0
-    ids: np.ndarray | None = None  # [S] str (object), the dataset's own keys
-    subset_mask: np.ndarray | None = None  # [S, Q] bool
-    subsets: list[str] = field(default_factory=list)
-    subset_splits: list[str] = field(default_factory=list)
-    split: InitVar[np.ndarray | None] = None
-    _index: dict = field(default_factory=dict, repr=False, compare=False)
-
-    COLUMNS = ("uid", "video", "start_frame", "end_frame", "verb", "noun", "action", "split_mask")
-
-    def __post_init__(self, split: np.ndarray | None) -> None:
-        if self.split_mask is None:
-            if split is None:
-                raise ConfigError("SegmentTable: give split_mask [S, P] or split [S]")
-            split = np.asarray(split)
-            self.split_mask = split[:, None] == np.arange(len(self.splits))[None, :]
-        self.split_mask = np.asarray(self.split_mask, dtype=bool).reshape(len(self.uid), len(self.splits))
-        if self.subset_mask is None:
-            self.subset_mask = np.zeros((len(self.uid), 0), bool)
-        if self.ids is not None:
-            self.ids = np.asarray(self.ids, dtype=object)
-
-    def __len__(self) -> int:
-        return len(self.uid)
-
-    # -- keys -----------------------------------------------------------------------
-
-    @property
-    def key_type(self) -> str:
-        """``"id"`` when the dataset's keys are strings (stored in ``ids``), else ``"uid"``."""
-        return "uid" if self.ids is None else "id"
-
-    def id_of(self, row: int) -> int | str:
-        """The dataset's own key of a row: a narration id string, or the integer uid."""
-        return int(self.uid[row]) if self.ids is None else str(self.ids[row])
-
-    def ids_of(self, rows: Iterable[int]) -> list:
-        return [self.id_of(int(r)) for r in rows]
-
-    def describe(self, row: int) -> str:
-        """A row as error messages name it: ``UID 1234`` or ``segment P01_11_0``."""
-        return f"UID {self.uid[row]}" if self.ids is None else f"segment {self.ids[row]}"
-
-    def row_of(self, keys: Iterable) -> np.ndarray:
-        """Row indices of segment keys: integers are uids, strings the dataset's own ids
-        (on integer-keyed datasets a string of digits is the uid). MissingError names the
-        first unknown key."""
-        if not self._index:
-            self._index["uid"] = {int(u): i for i, u in enumerate(self.uid)}
-            self._index["id"] = {} if self.ids is None else {s: i for i, s in enumerate(self.ids)}
-        rows = []
-        for k in keys:
-            if isinstance(k, (str, np.str_)) and self.ids is not None:
-                row = self._index["id"].get(str(k))
-            else:
-                try:
-                    row = self._index["uid"].get(int(k))
-                except (TypeError, ValueError):
-                    row = None
-            if row is None:
-                what = f"UID {k}" if self.ids is None else (f"segment {k!r}" if isinstance(k, str) else f"UID {k}")
-                raise MissingError(f"{what}: not in the segment table ({len(self)} segments)")
-            rows.append(row)
-        return np.asarray(rows, dtype=np.int64)
-
-    # -- splits and subsets ----------------------------------------------------------
-
-    def _split_index(self, split: str) -> int:
-        if split not in self.splits:
-            raise MissingError(f"split {split!r}: not in the store (splits: {', '.join(self.splits)})")
-        return self.splits.index(split)
-
-    def in_split(self, split: str) -> np.ndarray:
-        """[S] bool: membership of ``split``."""
-        return self.split_mask[:, self._split_index(split)]
-
-    def rows_in(self, split: str, labelled: bool = False) -> np.ndarray:
-        """Row indices of one split in table order (only its labelled ones with ``labelled``)."""
-        mask = self.in_split(split)
-        return np.flatnonzero(mask & self.labelled if labelled else mask)
-
-    def splits_of(self, row: int) -> list[str]:
-        return [s for s, m in zip(self.splits, self.split_mask[row]) if m]
-
-    def in_subset(self, subset: str) -> np.ndarray:
-        """[S] bool: membership of an evaluation subset (``validation_unseen_participants``)."""
-        if subset not in self.subsets:
-            raise MissingError(f"subset {subset!r}: not in the store (subsets: {', '.join(self.subsets) or 'none'})")
-        return self.subset_mask[:, self.subsets.index(subset)]
-
-    @property
-    def labelled(self) -> np.ndarray:
-        """[S] bool: segments with a label (test segments have none)."""
-        return self.action >= 0
-
-    def start_seconds(self) -> np.ndarray:
-        """[S] float64 start time of each segment in seconds."""
-        return self.start_frame / self.fps
-
-
-def default_splits(segments: SegmentTable) -> tuple[str, str]:
-    """The (training, evaluation) splits a command uses when given none.
-
-    Evaluation: the first labelled split (by name) called ``validation`` or ``validationN``;
-    training: the split of the same scheme (``validationN`` -> ``trainingN``), e.g.
-    EGTEA ``training1``/``validation1``, EPIC ``training``/``validation``.
-    """
-    labelled = [s for s in sorted(segments.splits) if (segments.in_split(s) & segments.labelled).any()]
-    for s in labelled:
-        if re.fullmatch(r"validation\d*", s):
-            train = "training" + s[len("validation"):]
-            if train in labelled:
-                return train, s
-    raise MissingError(f"no validationN/trainingN split pair with labels among the splits {segments.splits}; name the splits")
-
-
-# ---------------------------------------------------------------------------------------
-# CSV reading
 
 
 def _open_rows(path: Path) -> list[tuple[int, list[str]]]:
@@ -299,10 +98,40 @@ def read_classes(
     surface word (ties: the word of the lowest action id).
     """
     path = Path(actions_csv)
+    entries = _action_entries(path)
+    _check_entries(path, entries)
+    verb_keys = _class_keys(Path(verb_classes), "verb") if verb_classes else None
+    noun_keys = _class_keys(Path(noun_classes), "noun") if noun_classes else None
+    verb_names = _display_names(path, "verb", [(e[2], e[4]) for e in entries], verb_keys, verb_classes)
+    noun_names = _display_names(path, "noun", [(e[3], e[5]) for e in entries], noun_keys, noun_classes)
+    many_v = many_n = None
+    if many_shot_verbs is not None or many_shot_nouns is not None:
+        if many_shot_verbs is None or many_shot_nouns is None:
+            raise AnnotationError("many-shot lists: give both the verb and the noun list")
+        many_v = _many_shot(Path(many_shot_verbs), len(verb_names))
+        many_n = _many_shot(Path(many_shot_nouns), len(noun_names))
+    return ClassTable(
+        action_names=[e[1] for e in entries],
+        verb_names=verb_names,
+        noun_names=noun_names,
+        action_verb=np.array([e[2] for e in entries], dtype=np.int32),
+        action_noun=np.array([e[3] for e in entries], dtype=np.int32),
+        many_shot_verbs=many_v,
+        many_shot_nouns=many_n,
+        surface_verbs=[e[4] for e in entries],
+        surface_nouns=[e[5] for e in entries],
+    )
+
+
+_Entry = tuple[int, str, int, int, str, str]  # id, action name, verb, noun, verb word, noun word
+
+
+def _action_entries(path: Path) -> list[_Entry]:
+    """The rows of an ``actions.csv`` in any of the three formats, in file order."""
     rows = _open_rows(path)
     if not rows:
         raise AnnotationError(f"{path}: empty class list")
-    entries: list[tuple[int, str, int, int, str, str]] = []  # id, action name, verb, noun, verb word, noun word
+    entries: list[_Entry] = []
     header = [c.lower() for c in rows[0][1][:4]]
     if header in (["id", "action", "verb", "noun"], ["id", "verb", "noun", "action"]):
         ek55 = header[1] == "action"
@@ -326,6 +155,11 @@ def read_classes(
             entries.append((aid, row[2], vid, nid, *_split_name(path, n, aid, row[2], "_", "Cut_tomato")))
     if not entries:
         raise AnnotationError(f"{path}: empty class list (a header and no classes)")
+    return entries
+
+
+def _check_entries(path: Path, entries: list[_Entry]) -> None:
+    """Ids 0..A-1 each once, no negative class id, one action per (verb, noun); sorts ``entries`` by id."""
     ids = [e[0] for e in entries]
     if sorted(ids) != list(range(len(ids))):
         dup = sorted({i for i, c in Counter(ids).items() if c > 1})
@@ -341,27 +175,6 @@ def read_classes(
     if dup is not None:
         twice = [e[0] for e in entries if (e[2], e[3]) == dup]
         raise AnnotationError(f"{path}: actions {twice[0]} and {twice[1]} are both verb {dup[0]} noun {dup[1]}")
-    verb_keys = _class_keys(Path(verb_classes), "verb") if verb_classes else None
-    noun_keys = _class_keys(Path(noun_classes), "noun") if noun_classes else None
-    verb_names = _display_names(path, "verb", [(e[2], e[4]) for e in entries], verb_keys, verb_classes)
-    noun_names = _display_names(path, "noun", [(e[3], e[5]) for e in entries], noun_keys, noun_classes)
-    many_v = many_n = None
-    if many_shot_verbs is not None or many_shot_nouns is not None:
-        if many_shot_verbs is None or many_shot_nouns is None:
-            raise AnnotationError("many-shot lists: give both the verb and the noun list")
-        many_v = _many_shot(Path(many_shot_verbs), len(verb_names))
-        many_n = _many_shot(Path(many_shot_nouns), len(noun_names))
-    return ClassTable(
-        action_names=[e[1] for e in entries],
-        verb_names=verb_names,
-        noun_names=noun_names,
-        action_verb=np.array([e[2] for e in entries], dtype=np.int32),
-        action_noun=np.array([e[3] for e in entries], dtype=np.int32),
-        many_shot_verbs=many_v,
-        many_shot_nouns=many_n,
-        surface_verbs=[e[4] for e in entries],
-        surface_nouns=[e[5] for e in entries],
-    )
 
 
 def _class_keys(path: Path, kind: str) -> dict[int, str]:
@@ -545,25 +358,7 @@ def build_segment_table(
         ints = next(raw for name, raw in splits.items() if int in kinds[name])
         strs = next(raw for name, raw in splits.items() if str in kinds[name])
         raise AnnotationError(f"{ints.path} has integer segment keys, {strs.path} string ones (narration ids): one dataset has one kind")
-    first: dict = {}  # key -> (raw, index in raw)
-    for raw in splits.values():
-        for j, k in enumerate(raw.keys):
-            if k not in first:
-                first[k] = (raw, j)
-                continue
-            old, i = first[k]
-            a = [getattr(old, f)[i] for f in _FIELDS]
-            b = [getattr(raw, f)[j] for f in _FIELDS]
-            if a != b:
-                f = next(f for f, x, y in zip(_FIELDS, a, b) if x != y)
-                x, y = a[_FIELDS.index(f)], b[_FIELDS.index(f)]
-                if f in ("verb", "noun", "action") and -1 in (x, y):
-                    x, y = ("unlabelled" if v == -1 else f"{f} {v}" for v in (x, y))
-                else:
-                    x, y = f"{f} {x}", f"{f} {y}"
-                raise AnnotationError(
-                    f"{old.path}, row {old.lines[i]} and {raw.path}, row {raw.lines[j]}: {_what(k)} differs ({x} vs {y})"
-                )
+    first = _first_rows(splits)  # key -> (raw, index in raw)
     keys = sorted(first, key=natural_key) if strings else sorted(first)
     videos = sorted({raw.video[j] for raw, j in first.values()})
     vindex = {v: i for i, v in enumerate(videos)}
@@ -573,15 +368,7 @@ def build_segment_table(
     for p, raw in enumerate(splits.values()):
         split_mask[[row[k] for k in raw.keys], p] = True
     names = list(subsets or {})
-    subset_mask = np.zeros((len(keys), len(names)), bool)
-    for q, name in enumerate(names):
-        split, path = subsets[name]
-        members = split_mask[:, list(splits).index(split)]
-        for n, k in read_id_list(path):
-            r = row.get(k if strings else _key(k))
-            if r is None or not members[r]:
-                raise AnnotationError(f"{path}, row {n}: {k} is not a segment of split {split!r}")
-            subset_mask[r, q] = True
+    subset_mask = _subset_mask(subsets or {}, list(splits), split_mask, row, strings)
     n = len(keys)
     return SegmentTable(
         uid=np.arange(n, dtype=np.int64) if strings else np.asarray(keys, np.int64).reshape(n),
@@ -600,6 +387,46 @@ def build_segment_table(
         subsets=names,
         subset_splits=[subsets[s][0] for s in names],
     )
+
+
+def _first_rows(splits: dict[str, RawSegments]) -> dict:
+    """Key -> (raw file, index in it) of each key's first row; AnnotationError names both rows
+    of a key whose rows disagree."""
+    first: dict = {}
+    for raw in splits.values():
+        for j, k in enumerate(raw.keys):
+            if k not in first:
+                first[k] = (raw, j)
+                continue
+            old, i = first[k]
+            a = [getattr(old, f)[i] for f in _FIELDS]
+            b = [getattr(raw, f)[j] for f in _FIELDS]
+            if a != b:
+                f = next(f for f, x, y in zip(_FIELDS, a, b) if x != y)
+                x, y = a[_FIELDS.index(f)], b[_FIELDS.index(f)]
+                if f in ("verb", "noun", "action") and -1 in (x, y):
+                    x, y = ("unlabelled" if v == -1 else f"{f} {v}" for v in (x, y))
+                else:
+                    x, y = f"{f} {x}", f"{f} {y}"
+                raise AnnotationError(
+                    f"{old.path}, row {old.lines[i]} and {raw.path}, row {raw.lines[j]}: {_what(k)} differs ({x} vs {y})"
+                )
+    return first
+
+
+def _subset_mask(subsets: dict[str, tuple[str, Path]], splits: list[str], split_mask: np.ndarray, row: dict,
+                 strings: bool) -> np.ndarray:
+    """[S, Q] bool membership of each evaluation subset, read from its id list; every id must
+    be a segment of the subset's split."""
+    subset_mask = np.zeros((len(split_mask), len(subsets)), bool)
+    for q, (split, path) in enumerate(subsets.values()):
+        members = split_mask[:, splits.index(split)]
+        for n, k in read_id_list(path):
+            r = row.get(k if strings else _key(k))
+            if r is None or not members[r]:
+                raise AnnotationError(f"{path}, row {n}: {k} is not a segment of split {split!r}")
+            subset_mask[r, q] = True
+    return subset_mask
 
 
 @dataclass(frozen=True)
@@ -672,74 +499,3 @@ def load_annotations(
 def guess_dataset(classes: ClassTable) -> str | None:
     """Name of the known dataset with this action count, if any."""
     return DATASET_ACTIONS.get(classes.num_actions)
-
-
-# ---------------------------------------------------------------------------------------
-# Histories and action text
-
-
-def histories(
-    segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy", split: str | None = None
-) -> np.ndarray:
-    """[len(rows), hist_len] segment rows of the actions before each segment, oldest first.
-
-    A segment's history holds the labelled segments of the same video that start strictly
-    earlier, sorted by (start, uid), the last ``hist_len`` of them, left-padded with -1.
-    ``gappy`` draws them only from the segments of ``split`` (what a model trained on
-    that split sees; a segment may be in several splits, so the split must be named);
-    ``complete`` from every labelled segment of the table. Unlabelled segments are never
-    in a history.
-    """
-    if mode not in ("gappy", "complete"):
-        raise ConfigError(f"history mode must be 'gappy' or 'complete', found {mode!r}")
-    if hist_len < 1:
-        raise ConfigError(f"hist_len must be >= 1, found {hist_len}")
-    if mode == "gappy" and split is None:
-        raise ConfigError("gappy histories need the split whose segments form them (split=...)")
-    rows = np.asarray(rows, dtype=np.int64)
-    keep = segments.labelled & (segments.in_split(split) if mode == "gappy" else True)
-    # Sort the pool by (video, start, uid) once; a history is then a slice ending just
-    # before the segment's own position among its video's earlier-starting segments.
-    order = np.lexsort((segments.uid, segments.start_frame, segments.video))
-    pool = order[keep[order]]
-    out = np.full((len(rows), hist_len), -1, dtype=np.int64)
-    key_v, key_s = segments.video[pool].astype(np.int64), segments.start_frame[pool]
-    for which, r in enumerate(rows):
-        v, s = np.int64(segments.video[r]), segments.start_frame[r]
-        lo, hi_v = np.searchsorted(key_v, v, side="left"), np.searchsorted(key_v, v, side="right")
-        hi = lo + np.searchsorted(key_s[lo:hi_v], s, side="left")
-        hist = pool[max(lo, hi - hist_len) : hi]
-        if len(hist):
-            out[which, hist_len - len(hist) :] = hist
-    return out
-
-
-_WORD_SEP = re.compile(r"[_/]+")
-
-
-def class_words(name: str, colon: str = "keep") -> str:
-    """A class name as plain lowercase words: ``Inspect/Read`` -> ``inspect read``.
-
-    ``_`` and ``/`` separate words. ``:`` joins a compound: EGTEA writes it in reading
-    order (``eating:utensil`` -> ``eating utensil``, ``colon="keep"``), EK55 and EK100
-    write the head noun first (``pan:dust`` -> ``dust pan``, ``colon="reverse"``).
-    """
-    parts = [p for p in name.strip().lower().split(":") if p]
-    if colon == "reverse":
-        parts = parts[::-1]
-    return " ".join(w for p in parts for w in _WORD_SEP.split(p) if w)
-
-
-def pair_words(verb: str, noun: str, colon: str = "keep") -> str:
-    """A (verb, noun) pair of class names as teacher text: ``verb <v> noun``."""
-    return f"{class_words(verb, colon)} <v> {class_words(noun, colon)}"
-
-
-def action_words(classes: ClassTable, action: int, colon: str = "keep") -> str:
-    """One action as teacher text, from its own name's words: ``verb <v> noun``."""
-    return pair_words(classes.surface_verbs[action], classes.surface_nouns[action], colon)
-
-
-def action_text(classes: ClassTable, actions: Iterable[int], colon: str = "keep") -> str:
-    """A sequence of action ids as teacher text: ``verb <v> noun <a> verb <v> noun``."""
-    return " <a> ".join(action_words(classes, int(a), colon) for a in actions)
