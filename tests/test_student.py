@@ -512,6 +512,9 @@ def test_predict_into_store(kd, tmp_path):
         predict_into_store(dst, run, "student")
     predict_into_store(dst, run, "student", splits=["validation1"], overwrite=True)
     assert len(Store.open(dst).teacher("student")) == len(data)
+    # an open Store works where a path does
+    predict_into_store(Store.open(dst), run, "student", splits=["validation1"], overwrite=True)
+    assert len(Store.open(dst).teacher("student")) == len(data)
 
 
 # --- DDP --------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def batch_source(data: StudentData, cfg: StudentConfig, loss_cfg: StudentConfig,
 class StudentRecipe:
     """One student run (see :func:`train_student` for the arguments): ``setup()``, then ``train()``."""
 
-    def __init__(self, store_path: str | Path, features: str, run_dir: str | Path, cfg: StudentConfig,
+    def __init__(self, store_path: str | Path | Store, features: str, run_dir: str | Path, cfg: StudentConfig,
                  teacher: str | None, train_split: str, eval_split: str | None, device: str | None, progress: bool):
         self.store_path, self.features, self.cfg = store_path, features, cfg
         self.run = RunDir(run_dir)
@@ -291,7 +291,7 @@ class StudentRecipe:
     def setup(self) -> None:
         self.rank, self.world, self.device = _dist(self.device)
         self.run.path.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(self.store_path)
+        self.store = self.store_path if isinstance(self.store_path, Store) else Store.open(self.store_path)
         self._setup_data()
         self._setup_model()
         self._resume()
@@ -405,7 +405,7 @@ class StudentRecipe:
 
 
 def train_student(
-    store_path: str | Path,
+    store_path: str | Path | Store,
     features: str,
     run_dir: str | Path,
     cfg: StudentConfig,
@@ -416,7 +416,8 @@ def train_student(
     progress: bool = True,
     stop_after_epochs: int | None = None,
 ) -> dict:
-    """Train (or resume) a student in ``run_dir``; returns the final evaluation metrics.
+    """Train (or resume) a student in ``run_dir`` on the store at ``store_path`` (or an open
+    ``Store``); returns the final evaluation metrics.
 
     ``teacher=None``, or a config without an active distillation term (``distill_mode="none"``
     and zero feature weights), trains the baseline without distillation, everything else equal.
@@ -438,12 +439,13 @@ def read_log(run_dir: str | Path) -> list[dict]:
 
 
 def predict_into_store(
-    store_path: str | Path, run_dir: str | Path, name: str, splits: list[str] | None = None,
+    store_path: str | Path | Store, run_dir: str | Path, name: str, splits: list[str] | None = None,
     overwrite: bool = False, device: str = "cpu",
 ) -> dict:
-    """Write a trained student's per-UID logits into the store as ``teacher/<name>`` (kind student)."""
+    """Write a trained student's per-UID logits into the store (a path or an open ``Store``) as
+    ``teacher/<name>`` (kind student)."""
     model, cfg, state = load_model(run_dir, map_location=device)
-    store = Store.open(store_path)
+    store = store_path if isinstance(store_path, Store) else Store.open(store_path)
     splits = splits or store.segments.splits
     uids, logits = [], []
     for split in splits:
