@@ -44,6 +44,7 @@ def make_batch(B: int = 4, T: int = 6, mask=None, temperature: float = 10.0, see
         noun=torch.randint(N, (B,), generator=g),
         uids=torch.arange(100, 100 + B),
         teacher_mask=torch.ones(B, dtype=torch.bool) if mask is None else torch.tensor(mask),
+        past_action=torch.randint(-1, A, (B, T), generator=g),
         teacher_topk=topk[:, perm],
         teacher_idx=idx[:, perm],
         teacher_lse=torch.logsumexp(teacher / temperature, dim=-1),
@@ -60,31 +61,53 @@ def rows_of(batch: Batch, rows: list[int]) -> Batch:
 
 @pytest.mark.parametrize("t", [0, 3, 5])
 def test_changing_a_frame_never_changes_earlier_outputs(t):
+    """Position t predicts frame t+1 from frames <= t; past position p > 0 scores the prediction
+    of frame p (from frames < p), past position 0 frame 0 itself."""
     model = tiny_model(tiny_cfg()).eval()
     frames = torch.randn(3, 6, D)
     changed = frames.clone()
     changed[:, t] = torch.randn(3, D)
     with torch.no_grad():
         before, after = model(frames), model(changed)
-    for key in ("pred_feats", "past_logits"):
-        torch.testing.assert_close(after[key][:, :t], before[key][:, :t], rtol=0, atol=1e-6)
-        assert not torch.allclose(after[key][:, t], before[key][:, t])
+    torch.testing.assert_close(after["pred_feats"][:, :t], before["pred_feats"][:, :t], rtol=0, atol=1e-6)
+    assert not torch.allclose(after["pred_feats"][:, t], before["pred_feats"][:, t])
+    torch.testing.assert_close(after["past_logits"][:, 1:t + 1], before["past_logits"][:, 1:t + 1], rtol=0, atol=1e-6)
+    for p in ([0] if t == 0 else []) + ([t + 1] if t + 1 < 6 else []):  # the last frame reaches only the future
+        assert not torch.allclose(after["past_logits"][:, p], before["past_logits"][:, p])
 
 
 @pytest.mark.parametrize("T", [6, 4])
 def test_output_shapes(T):
-    out = tiny_model(tiny_cfg())(torch.randn(3, T, D))
+    model = tiny_model(tiny_cfg()).eval()
+    frames = torch.randn(3, T, D)
+    out = model(frames)
     assert out["logits"].shape == (3, A)
     assert out["past_logits"].shape == (3, T, A)
     assert out["pred_feats"].shape == (3, T, D)
     assert out["verb_logits"].shape == (3, V)
     assert out["noun_logits"].shape == (3, N)
-    torch.testing.assert_close(out["past_logits"][:, -1], out["logits"])
+    torch.testing.assert_close(out["logits"], model.action_head(out["pred_feats"][:, -1]))
+    # AVT's past: the observed first frame, then the predictions of frames 1..T-1
+    past = torch.cat([frames[:, :1], out["pred_feats"][:, :-1]], dim=1)  # [3, T, D]
+    torch.testing.assert_close(out["past_logits"], model.action_head(past))
+    without = tiny_model(tiny_cfg(past_first_frame=False)).eval()(frames)
+    torch.testing.assert_close(without["past_logits"], out["past_logits"][:, 1:])
 
 
 def test_optional_outputs_absent_when_disabled():
     out = tiny_model(tiny_cfg(past_cls=0.0, verb_noun_heads=False))(torch.randn(2, 6, D))
     assert set(out) == {"logits", "pred_feats"}
+
+
+def test_model_takes_its_shape_config():
+    """AVTHead reads an AVTConfig; a StudentConfig gives the same model through AVTConfig.of."""
+    from trainers.student.avt import AVTConfig
+
+    cfg = tiny_cfg()
+    shape = AVTConfig.of(cfg)
+    assert not hasattr(shape, "lr") and shape.classify_past and shape.past_first_frame
+    a, b = tiny_model(shape), tiny_model(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 @pytest.mark.parametrize("shape", [(2, 7, D), (2, 6, D + 1), (6, D)])

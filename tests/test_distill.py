@@ -74,7 +74,8 @@ def batch_for(teacher: torch.Tensor, mask=None, K: int = 50, features=None) -> B
     return Batch(frames=torch.zeros(B, 2, 1), action=torch.zeros(B, dtype=torch.long),
                  verb=torch.zeros(B, dtype=torch.long), noun=torch.zeros(B, dtype=torch.long),
                  uids=torch.arange(B), teacher_mask=torch.ones(B, dtype=torch.bool) if mask is None else mask,
-                 teacher_topk=topk, teacher_idx=idx, teacher_logits=teacher, teacher_features=features)
+                 teacher_topk=topk, teacher_idx=idx, teacher_logits=teacher, teacher_features=features,
+                 past_action=torch.full((B, 2), -1))
 
 
 def distill_value_and_grad(cfg, logits, batch, key="distill"):
@@ -174,7 +175,7 @@ def feature_setup(H: int, D: int = 16, B: int = 6, mask=None, seed: int = 0):
     frames = torch.randn(B, 4, D)
     g = torch.Generator().manual_seed(seed + 1)
     b = batch_for(torch.randn(B, 7, generator=g), mask, K=7, features=torch.randn(B, H, generator=g))
-    b.frames, b.action = frames, torch.randint(7, (B,), generator=g)
+    b.frames, b.action, b.past_action = frames, torch.randint(7, (B,), generator=g), torch.full((B, 4), -1)
     return cfg, model, model(frames), b
 
 

@@ -112,6 +112,30 @@ def test_windows_match_brute_force(kd, num_frames, fps, tau_a):
     assert not b.teacher_mask.any() and b.teacher_logits is None and b.teacher_topk is None
 
 
+def test_past_labels_are_the_actions_under_each_frame(kd):
+    """AVT's per-frame past targets (datasets/base_video_dataset.py _get_vidseg_labels): for the
+    time of each frame read, the action of the split's segment in that video covering it
+    (orig_start <= t <= orig_end), among the segments AVT keeps (window end >= 1/30 s);
+    -1 where none does. The time is the stored timestamp of the frame read."""
+    cfg = small_cfg(num_frames=6, fps=2.0, tau_a=1.0)
+    data = StudentData(kd.store, "feat", "training1", cfg)
+    fs, seg = kd.store.video("feat"), kd.segments
+    kept = [r for r in data.rows if seg.start_frame[r] / seg.fps - cfg.tau_a >= 1 / 30]
+    covered = 0
+    for i, r in enumerate(data.rows):
+        for j, t in enumerate(fs.timestamps[data.frame_idx[i]]):
+            m = [q for q in kept if seg.video[q] == seg.video[r]
+                 and seg.start_frame[q] / seg.fps <= t <= seg.end_frame[q] / seg.fps]
+            half = [abs(t - (seg.end_frame[q] - seg.start_frame[q]) / seg.fps / 2) for q in m]
+            assert data.past_action[i, j] == (seg.action[m[int(np.argmin(half))]] if m else -1), f"UID {seg.uid[r]}"
+            covered += bool(m)
+    assert 0 < covered < data.past_action.size  # both cases occur
+    np.testing.assert_array_equal(data.batch(np.array([2, 0])).past_action.numpy(), data.past_action[[2, 0]])
+    # only the training losses read them
+    assert StudentData(kd.store, "feat", "training1", small_cfg(past_cls=0.0)).past_action is None
+    assert StudentData(kd.store, "feat", "training1", small_cfg(past_frame_labels=False)).past_action is None
+
+
 # --- data: teacher targets --------------------------------------------------------------
 
 
@@ -489,6 +513,9 @@ def test_predict_into_store(kd, tmp_path):
         predict_into_store(dst, run, "student")
     predict_into_store(dst, run, "student", splits=["validation1"], overwrite=True)
     assert len(Store.open(dst).teacher("student")) == len(data)
+    # an open Store works where a path does
+    predict_into_store(Store.open(dst), run, "student", splits=["validation1"], overwrite=True)
+    assert len(Store.open(dst).teacher("student")) == len(data)
 
 
 # --- DDP --------------------------------------------------------------------------------
@@ -619,3 +646,9 @@ def test_cli_feature_distillation(kd, tmp_path):
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "train_distill_feat" not in read_log(tmp_path / "plain")[0]
     assert json.loads((tmp_path / "plain" / "last.json").read_text())["teacher_dim"] is None
+    # KD on the logits of a teacher whose features are stored: no projection without a feature term
+    r = runner.invoke(app, ["train-student", str(dst), "-f", "feat", "--run", str(tmp_path / "kd"), "-t", "lm",
+                            *[a for s in sets[:7] for a in ("--set", s)], "--set", "epochs=1"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    model, _, state = load_model(tmp_path / "kd")
+    assert state["teacher_dim"] is None and model.teacher_proj is None and "train_distill" in read_log(tmp_path / "kd")[0]

@@ -66,7 +66,7 @@ def test_resident_batches_equal_memmap_batches(st, features):
     assert n_absent > 0  # rows without a teacher occur
     # the resident tensors are what resident_bytes counts
     held = [resident.frames, resident.window, resident.action, resident.verb, resident.noun, resident.uids,
-            resident.teacher_mask, *resident.teacher.values()]
+            resident.teacher_mask, resident.past_action, *resident.teacher.values()]
     assert resident_bytes(data) == sum(t.nbytes for t in held)
     assert len(resident.frames) == len(np.unique(data.frame_idx)) < len(st.store.video(features))
 

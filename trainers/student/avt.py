@@ -3,10 +3,14 @@
 A causal GPT-2 over precomputed per-frame features. Position t sees frames 0..t and predicts
 the feature of frame t+1; the prediction at the last position is "the future", which a linear
 classifier maps to the anticipated action. As in AVT, the classifiers read the decoded
-(feature-space) predictions, after a strong dropout.
+(feature-space) predictions, after a strong dropout, and the past classifier scores AVT's
+"updated past": the observed first frame, then the prediction of each later frame
+(facebookresearch/AVT models/future_prediction.py ``AVTh.forward``, models/base_model.py
+``forward_singlecrop``).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +18,31 @@ from torch.nn import functional as F
 
 from kdstore.errors import ConfigError, DataError, DependencyError
 from trainers.student.config import StudentConfig
+
+
+@dataclass(frozen=True)
+class AVTConfig:
+    """The head's shape and regularisation: all the model needs, nothing of its training."""
+
+    num_frames: int = 10  # positions of the learned position embedding
+    n_layer: int = 2
+    n_head: int = 4
+    inter_dim: int = 2048
+    dropout: float = 0.8  # on the features the classifiers read
+    block_dropout: float = 0.1
+    attn_impl: str = "auto"
+    verb_noun_heads: bool = False
+    classify_past: bool = True  # also output past_logits
+    past_first_frame: bool = True  # past_logits over T positions (AVT), else over the T-1 predictions
+    avt_init: bool = True
+
+    @classmethod
+    def of(cls, cfg: StudentConfig) -> "AVTConfig":
+        """The model part of a student config."""
+        return cls(num_frames=cfg.num_frames, n_layer=cfg.n_layer, n_head=cfg.n_head, inter_dim=cfg.inter_dim,
+                   dropout=cfg.dropout, block_dropout=cfg.block_dropout, attn_impl=cfg.attn_impl,
+                   verb_noun_heads=cfg.verb_noun_heads, classify_past=cfg.past_cls > 0,
+                   past_first_frame=cfg.past_first_frame, avt_init=cfg.avt_init)
 
 
 def _xformers_ops():
@@ -56,7 +85,7 @@ class CausalSelfAttention(nn.Module):
     the trainer's compiled step calls).
     """
 
-    def __init__(self, cfg: StudentConfig):
+    def __init__(self, cfg: AVTConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.p_drop = cfg.block_dropout
@@ -92,7 +121,7 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """GPT-2 block: pre-LN attention and 4x GELU MLP, each on a residual branch."""
 
-    def __init__(self, cfg: StudentConfig):
+    def __init__(self, cfg: AVTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.inter_dim)
         self.attn = CausalSelfAttention(cfg)
@@ -113,21 +142,20 @@ class Block(nn.Module):
 class AVTHead(nn.Module):
     """AVT-h on features of dimension `feat_dim`.
 
+    `cfg` is an :class:`AVTConfig` (a StudentConfig is read through ``AVTConfig.of``).
     `num_verbs` and `num_nouns` size the optional verb and noun heads (cfg.verb_noun_heads).
-    The classifier runs on every position when cfg.past_cls > 0, else on the last one only.
-    With `teacher_dim` (feature distillation) the model also outputs its future aggregate in
+    With `teacher_dim` (feature distillation) the model also outputs its future prediction in
     the teacher's feature space: through a learned bias-free projection when the widths differ.
     """
 
     def __init__(self, feat_dim: int, num_actions: int, num_verbs: int, num_nouns: int,
-                 cfg: StudentConfig, teacher_dim: int | None = None):
+                 cfg: AVTConfig | StudentConfig, teacher_dim: int | None = None):
         super().__init__()
+        cfg = cfg if isinstance(cfg, AVTConfig) else AVTConfig.of(cfg)
         if cfg.verb_noun_heads and min(num_verbs, num_nouns) < 1:
             raise ConfigError(f"verb_noun_heads needs num_verbs and num_nouns >= 1, "
                               f"got {num_verbs} and {num_nouns}")
-        self.feat_dim = feat_dim
-        self.max_frames = cfg.num_frames
-        self.classify_past = cfg.past_cls > 0
+        self.cfg, self.feat_dim, self.max_frames = cfg, feat_dim, cfg.num_frames
         # Bias-free encoder/decoder as in AVT: the decoder output is a feature, not a logit.
         self.encoder = nn.Linear(feat_dim, cfg.inter_dim, bias=False)
         self.pos_emb = nn.Embedding(cfg.num_frames, cfg.inter_dim)
@@ -142,18 +170,29 @@ class AVTHead(nn.Module):
         self.teacher_proj = None
         if teacher_dim is not None:
             self.teacher_proj = nn.Linear(feat_dim, teacher_dim, bias=False) if teacher_dim != feat_dim else nn.Identity()
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual output projections by 1/sqrt(2 * n_layer).
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2's init for the transformer (transformers' ``GPT2PreTrainedModel._init_weights``:
+        N(0, 0.02), zero biases, residual projections N(0, 0.02 / sqrt(2 n_layer)), unit layer
+        norms); with avt_init the Linear layers outside it N(0, 0.01) with zero biases, as AVT's
+        ``BaseModel._initialize_weights`` leaves them (it re-initialises every nn.Linear, and
+        GPT-2's own layers are transformers' Conv1D, which it does not touch)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear | nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        if self.cfg.avt_init:
+            outside = (self.encoder, self.decoder, self.action_head, self.verb_head, self.noun_head, self.teacher_proj)
+            for m in outside:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.01)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     def resolve_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
         """Settle ``attn_impl="auto"`` now, for the attention's inputs of ``dtype`` on ``device``
@@ -164,11 +203,12 @@ class AVTHead(nn.Module):
     def forward(self, frames: Tensor) -> dict[str, Tensor]:
         """frames [B, T, D] with T <= cfg.num_frames -> dict of
 
-        logits [B, A] (from the last position), pred_feats [B, T, D] (position t predicts frame
-        t+1), past_logits [B, T, A] when past_cls > 0 (its last row equals logits),
-        verb_logits [B, V], noun_logits [B, N] when verb_noun_heads, and future_agg [B, H]
-        with teacher_dim (the future prediction, before dropout, in the teacher's space: the
-        paper's feature-distillation input).
+        logits [B, A] (the future: the last position's prediction), pred_feats [B, T, D]
+        (position t predicts frame t+1), past_logits when cfg.classify_past ([B, T, A] over
+        frame 0's feature and the predictions of frames 1..T-1 with past_first_frame, else
+        [B, T-1, A] over those predictions), verb_logits [B, V] and noun_logits [B, N] when
+        verb_noun_heads, and future_agg [B, H] with teacher_dim (the future prediction, before
+        dropout, in the teacher's space: the paper's feature-distillation input).
         """
         if (frames.ndim != 3 or frames.shape[-1] != self.feat_dim
                 or not 1 <= frames.shape[1] <= self.max_frames):
@@ -179,14 +219,16 @@ class AVTHead(nn.Module):
         for block in self.blocks:
             x = block(x)  # [B, T, C]
         pred_feats = self.decoder(self.ln_f(x))  # [B, T, D]
-        feats = self.cls_drop(pred_feats if self.classify_past else pred_feats[:, -1:])  # [B, T or 1, D]
-        all_logits = self.action_head(feats)  # [B, T or 1, A]
-        out = {"logits": all_logits[:, -1], "pred_feats": pred_feats}
-        if self.classify_past:
-            out["past_logits"] = all_logits
+        future = self.cls_drop(pred_feats[:, -1])  # [B, D]; one dropout mask for every future head, as AVT
+        out = {"logits": self.action_head(future), "pred_feats": pred_feats}
+        if self.cfg.classify_past:
+            past = pred_feats[:, :-1]  # [B, T-1, D]
+            if self.cfg.past_first_frame:
+                past = torch.cat([frames[:, :1], past], dim=1)  # [B, T, D]
+            out["past_logits"] = self.action_head(self.cls_drop(past))  # [B, T or T-1, A]
         if self.verb_head is not None:
-            out["verb_logits"] = self.verb_head(feats[:, -1])  # [B, V]
-            out["noun_logits"] = self.noun_head(feats[:, -1])  # [B, N]
+            out["verb_logits"] = self.verb_head(future)  # [B, V]
+            out["noun_logits"] = self.noun_head(future)  # [B, N]
         if self.teacher_proj is not None:
             out["future_agg"] = self.teacher_proj(pred_feats[:, -1])  # [B, H]
         return out

@@ -27,6 +27,7 @@ class Batch:
     noun: Tensor  # [B] long
     uids: Tensor  # [B] long
     teacher_mask: Tensor  # [B] bool
+    past_action: Tensor | None = None  # [B, T] long, the action under each window frame (-1: none)
     teacher_topk: Tensor | None = None  # [B, K] float32, the teacher's top-K logits
     teacher_idx: Tensor | None = None  # [B, K] long, their class indices
     teacher_lse: Tensor | None = None  # [B] float32, logsumexp(teacher_logits / T)

@@ -64,6 +64,10 @@ class StudentConfig:
     block_dropout: float = 0.1  # embedding/attention/residual dropout of the GPT-2 blocks
     attn_impl: str = "auto"
     verb_noun_heads: bool = False
+    # AVT's head as AVT trains it (facebookresearch/AVT; False: the simpler variants).
+    past_first_frame: bool = True  # past classifier also scores the observed first frame's feature (T positions)
+    past_frame_labels: bool = True  # past targets: the action under each frame (-1: ignored), not the anticipated one
+    avt_init: bool = True  # encoder, decoder, classifiers N(0, 0.01) as AVT's BaseModel; False: GPT-2's N(0, 0.02)
     # Loss weights.
     past_cls: float = 0.1
     feat: float = 1.0
@@ -133,6 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_frames=10, fps=1.0, tau_a=0.5,
         n_layer=2, n_head=4, inter_dim=2048, dropout=0.8,
         past_cls=0.1, feat=1.0,
+        past_first_frame=True, past_frame_labels=True, avt_init=True,
         distill=150.0, temperature=10.0, distill_mode="full", distill_reduction="elements",  # 106 actions
         optimizer="sgd", lr=1e-3, weight_decay=1e-6, momentum=0.9, nesterov=True,
         warmup_epochs=0, epochs=15, batch_size=64, scheduler="cosine",
@@ -141,6 +146,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_frames=10, fps=2.0, tau_a=1.0,
         n_layer=12, n_head=8, inter_dim=2048, dropout=0.8,
         past_cls=0.0, feat=2.0,
+        past_first_frame=True, past_frame_labels=True, avt_init=True,
         distill=20.0, temperature=5.0, distill_mode="topk", topk=50, distill_reduction="elements",  # 2513
         optimizer="adam", lr=5e-6, weight_decay=1e-4, nesterov=False,
         warmup_epochs=5, epochs=20, batch_size=32, scheduler="cosine",

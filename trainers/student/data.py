@@ -38,6 +38,10 @@ from .distill import reads
 # reads it saves) and the file takes at most this share of the memory the OS reports available.
 PREREAD_REACH = 0.25
 PREREAD_MEMORY = 0.5
+# AVT keeps a segment when its observed window ends at or after the first frame of a RULSTM
+# 30 fps feature stream (datasets/base_video_dataset.py convert_to_anticipation,
+# drop_style="correct"); only those segments label past frames.
+AVT_FIRST_FRAME_S = 1 / 30
 
 
 def available_memory() -> int | None:
@@ -98,6 +102,12 @@ class StudentData(torch.utils.data.Dataset):
         self.verb = seg.verb[self.rows].astype(np.int64)
         self.noun = seg.noun[self.rows].astype(np.int64)
         self.num_actions, self.num_verbs, self.num_nouns = classes.num_actions, classes.num_verbs, classes.num_nouns
+        # the action under each window frame, for AVT's past classifier
+        self.past_action = None  # [N, T] int64, -1 where no segment covers the frame
+        if cfg.past_cls > 0 and cfg.past_frame_labels:
+            avt_kept = self.rows[seg.start_frame[self.rows] / seg.fps - cfg.tau_a >= AVT_FIRST_FRAME_S]
+            self.past_action = frame_actions(seg, avt_kept, seg.video[self.rows],
+                                             self.features.timestamps[self.frame_idx])
         self.targets: TeacherTargets | None = None
         wanted = tuple(fields) if fields is not None else reads(cfg)
         if teacher is not None and wanted:
@@ -131,6 +141,7 @@ class StudentData(torch.utils.data.Dataset):
             noun=torch.from_numpy(self.noun[ids]),
             uids=torch.from_numpy(self.uid[ids]),
             teacher_mask=torch.zeros(len(ids), dtype=torch.bool),
+            past_action=None if self.past_action is None else torch.from_numpy(self.past_action[ids]),
         )
         if self.targets is None:
             return b
@@ -141,6 +152,45 @@ class StudentData(torch.utils.data.Dataset):
         for field, x in g.items():
             setattr(b, TEACHER_FIELDS[field], torch.from_numpy(x))
         return b
+
+
+def frame_actions(seg, pool: np.ndarray, video: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """[N, T] the action of the segment (among rows ``pool`` of the segment table ``seg``) that
+    covers each time: same video (``video`` [N], the table's video index), start <= t <= end in
+    seconds (``times`` [N, T]); -1 where none does. Where several do, AVT's choice
+    (datasets/base_video_dataset.py ``_get_vidseg_labels``): the smallest |t - (end - start) / 2|,
+    the first row on ties. Vectorised: one sort, then one pass per overlap depth."""
+    pool = np.sort(np.asarray(pool))
+    vid, start = seg.video[pool].astype(np.int64), seg.start_frame[pool] / seg.fps  # [S], [S]
+    order = np.lexsort((start, vid))  # by video, then start; stable, so by row on ties
+    vid, start, end = vid[order], start[order], (seg.end_frame[pool] / seg.fps)[order]  # [S] each
+    action, row = seg.action[pool][order].astype(np.int64), pool[order]  # [S], [S]
+    qv = np.broadcast_to(np.asarray(video, dtype=np.int64)[:, None], times.shape).ravel()  # [Q]
+    qt = np.asarray(times, dtype=np.float64).ravel()  # [Q]
+    after = _count_le(vid, start, qv, qt)  # [Q] segments starting at or before each query
+    depth = int((_count_le(vid, start, vid, end) - np.arange(len(vid))).max(initial=0))  # most a cover lies back
+    best = np.full(len(qt), -1, dtype=np.int64)  # [Q]
+    best_score, best_row = np.full(len(qt), np.inf), np.full(len(qt), np.iinfo(np.int64).max)  # [Q], [Q]
+    for k in range(1, depth + 1):
+        j = np.maximum(after - k, 0)  # [Q]
+        covers = (after - k >= 0) & (vid[j] == qv) & (end[j] >= qt)  # start <= t holds for every j < after
+        score = np.abs(qt - (end[j] - start[j]) / 2)  # [Q]
+        better = covers & ((score < best_score) | ((score == best_score) & (row[j] < best_row)))
+        best, best_score, best_row = (np.where(better, x, y) for x, y in
+                                      ((action[j], best), (score, best_score), (row[j], best_row)))
+    return best.reshape(times.shape)
+
+
+def _count_le(vid: np.ndarray, start: np.ndarray, qv: np.ndarray, qt: np.ndarray) -> np.ndarray:
+    """For each query (qv, qt): how many of the (vid, start) pairs, sorted by video then start,
+    are <= it (same video and start <= qt, or an earlier video)."""
+    n = len(vid)
+    is_query = np.r_[np.zeros(n, dtype=bool), np.ones(len(qv), dtype=bool)]
+    order = np.lexsort((is_query, np.r_[start, qt], np.r_[vid, qv]))  # a pair before an equal query
+    counts = np.cumsum(~is_query[order])  # pairs at or before each position
+    out = np.empty(len(qv), dtype=np.int64)
+    out[order[is_query[order]] - n] = counts[is_query[order]]
+    return out
 
 
 def check_selection(fs: FeatureSet, cfg: StudentConfig) -> None:

@@ -18,9 +18,11 @@ def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig, che
     `distill_feat_mse`; trainers.student.distill), each already multiplied by its weight, and
     `total` = ce + verb_noun_weight * (verb + noun) + past_cls * past_cls + feat * feat + the terms.
 
-    past_cls follows AVT's classifier on past predictions, with one simplification: AVT labels
-    each past position with the action under that frame, which the store does not carry, so
-    every past position 0..T-2 is labelled with the batch's action.
+    past_cls is AVT's loss on its past classifier: cross-entropy of each past position against
+    the action under that frame (``batch.past_action``, with past_frame_labels; -1 where no
+    segment covers the frame), summed over the labelled positions and divided by all B x T
+    positions, as AVT's ``MultiDimCrossEntropy(ignore_index=-1, reduction='none')`` followed by
+    ``torch.mean``. Without past_frame_labels every position is labelled with the batch's action.
 
     With ``check`` it first runs :func:`check_batch`; ``check=False`` is for a caller that has
     checked the batch already (the trainer's data paths): no host sync, so the step compiles
@@ -37,9 +39,7 @@ def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig, che
         losses["noun"] = F.cross_entropy(out["noun_logits"], batch.noun, label_smoothing=ls)
         total = total + cfg.verb_noun_weight * (losses["verb"] + losses["noun"])
     if cfg.past_cls > 0:
-        past = out["past_logits"][:, :-1]  # [B, T-1, A]; the last position is the future
-        target = batch.action[:, None].expand(past.shape[:2])  # [B, T-1]
-        losses["past_cls"] = F.cross_entropy(past.flatten(0, 1), target.flatten(), label_smoothing=ls)
+        losses["past_cls"] = past_cls_loss(out["past_logits"], batch, cfg)
         total = total + cfg.past_cls * losses["past_cls"]
     losses["feat"] = F.mse_loss(out["pred_feats"][:, :-1], batch.frames[:, 1:])
     total = total + cfg.feat * losses["feat"]
@@ -52,6 +52,18 @@ def student_losses(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig, che
     return losses
 
 
+def past_cls_loss(past_logits: Tensor, batch: Batch, cfg: StudentConfig) -> Tensor:
+    """AVT's past-classifier loss; past_logits [B, P, A] score the last P window frames."""
+    P = past_logits.shape[1]
+    if cfg.past_frame_labels:
+        target = batch.past_action[:, -P:]  # [B, P]
+    else:
+        target = batch.action[:, None].expand(past_logits.shape[:2])  # [B, P]
+    ce = F.cross_entropy(past_logits.flatten(0, 1), target.flatten(), ignore_index=-1, reduction="none",
+                         label_smoothing=cfg.label_smoothing)  # [B * P], 0 where ignored
+    return ce.mean()
+
+
 def check_batch(batch: Batch, cfg: StudentConfig) -> None:
     """Raise DataError naming the UID when a row's frames or teacher targets hold NaN/inf, and
     ConfigError when the batch lacks a teacher field that an active term of ``cfg`` reads."""
@@ -59,6 +71,9 @@ def check_batch(batch: Batch, cfg: StudentConfig) -> None:
         raise DataError(f"frames: the feat and past_cls losses need >= 2 frames per row, "
                         f"got {batch.frames.shape[1]}")
     _check_finite(batch.frames, "frames", batch)
+    if cfg.past_cls > 0 and cfg.past_frame_labels and batch.past_action is None:
+        raise ConfigError("past_cls with past_frame_labels needs batch.past_action (the action under each window "
+                          "frame), which is None; build the data with this config")
     for term_name, term in active_terms(cfg).items():
         for field in term.reads:
             name = TEACHER_FIELDS[field]

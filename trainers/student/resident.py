@@ -31,6 +31,8 @@ def resident_bytes(data: StudentData) -> int:
     """Device bytes that :class:`ResidentData` of ``data`` takes."""
     n_frames = len(np.unique(data.frame_idx))
     per_sample = data.frame_idx.shape[1] * 8 + 4 * 8 + 1  # window indices, labels and uid, mask
+    if data.past_action is not None:
+        per_sample += data.past_action.shape[1] * 8
     if data.targets is not None:
         widths = {f: data.targets.width(f) or 1 for f in data.targets.fields}
         per_sample += sum((8 if f == "topk_indices" else 4) * w for f, w in widths.items())
@@ -60,7 +62,8 @@ def resident_on(data: StudentData, device: str, policy: str) -> bool:
 
 class ResidentData:
     """The samples of ``data`` on ``device``: the frames their windows reach ([U, D] in the
-    stored dtype), each window's rows in them ([N, T]), labels and teacher targets ([N, ...]).
+    stored dtype), each window's rows in them ([N, T]), labels (past labels [N, T]) and teacher
+    targets ([N, ...]).
 
     Raises DataError naming the first UID whose window frames, or whose teacher targets,
     hold NaN/inf (indices excepted).
@@ -80,6 +83,7 @@ class ResidentData:
         self._raise_first(bad[self.window].any(1), "frames")
         put = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         self.action, self.verb, self.noun, self.uids = (put(a) for a in (data.action, data.verb, data.noun, data.uid))
+        self.past_action = None if data.past_action is None else put(data.past_action)  # [N, T]
         self.teacher_mask = torch.zeros(len(data), dtype=torch.bool, device=device)  # [N]
         self.teacher: dict[str, torch.Tensor] = {}  # Batch field -> [N, ...]
         if data.targets is not None:
@@ -115,6 +119,7 @@ class ResidentData:
             frames=self.frames[self.window[ids]].float(),  # [B, T, D]
             action=self.action[ids], verb=self.verb[ids], noun=self.noun[ids], uids=self.uids[ids],
             teacher_mask=self.teacher_mask[ids],
+            past_action=None if self.past_action is None else self.past_action[ids],
             **{name: t[ids] for name, t in self.teacher.items()},
         )
 
