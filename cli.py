@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kdstore.errors import KDStoreError
 from trainers.config import cli_options, make, parse_set
@@ -82,16 +83,16 @@ def validate(store: Path, quick: bool = typer.Option(False, help="Skip the NaN/i
 
     problems = validate_store(store, deep=not quick)
     for p in problems:
-        console.print(f"[red]invalid:[/red] {p}", highlight=False)
+        console.print(f"[red]invalid:[/red] {escape(p)}", highlight=False)
     left = leftovers(store)
     for p in left:
-        console.print(f"[yellow]leftover:[/yellow] {p}", highlight=False)
+        console.print(f"[yellow]leftover:[/yellow] {escape(p)}", highlight=False)
     if left:
         console.print(f"`kdstore gc {store}` removes the leftovers", highlight=False)
     if problems:
         raise typer.Exit(code=1)
     for w in store_warnings(store):
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     console.print(f"{store}: valid")
 
 
@@ -113,7 +114,7 @@ def gc(store: Path) -> None:
 
     done = Store.open(store).gc()
     for line in done:
-        console.print(f"removed: {line}", highlight=False)
+        console.print(f"removed: {escape(line)}", highlight=False)
     console.print(f"{store}: {len(done)} leftover(s) removed", highlight=False)
 
 
@@ -129,6 +130,8 @@ def query(
     from kdstore.store import Store
 
     s = Store.open(store)
+    if predictions is not None and not predictions.strip():
+        raise typer.BadParameter("--teacher: give a prediction group name (or leave the option out for the first teacher)")
     name = predictions or (s.teachers() or s.predictions() or [None])[0]
     if name is None:
         raise typer.BadParameter(f"{store}: holds no predictions")
@@ -175,7 +178,7 @@ def export(
         except ValueError:
             raise typer.BadParameter(f"--sls {sls!r}: expected three integers like 1,4,3") from None
         epic = {"split": split, "version": version, "sls": levels, "fill_missing": fill_missing}
-    console.print(f"wrote {export_predictions(Store.open(store), name, out, fmt=fmt, k=k, **epic)}")
+    console.print(f"wrote {escape(str(export_predictions(Store.open(store), name, out, fmt=fmt, k=k, **epic)))}")
 
 # --- teacher commands -------------------------------------------------------------------
 
@@ -347,6 +350,8 @@ def import_features(
     check_segments: bool = typer.Option(False, help="Fail, before committing, if a segment has no frames in its window."),
     window: float = typer.Option(10.0, help="Observed window before a segment start for --check-segments, seconds."),
     restart: bool = typer.Option(False, "--restart", help="Discard a partial import of this name instead of resuming it."),
+    append: bool = typer.Option(False, "--append", help="Add this source's videos to a set of that name from another source (recorded per video)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a set of that name from another source."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
@@ -354,15 +359,19 @@ def import_features(
     from trainers.video.select import WindowSpec
 
     spec = None
+    if append and overwrite:
+        raise typer.BadParameter("--append adds videos to the set, --overwrite replaces it: give one of them")
     if windows:
-        if tau_a is None or (window_fps or fps) is None:
+        rate = window_fps if window_fps is not None else fps
+        if tau_a is None or rate is None:
             raise typer.BadParameter("--windows needs --tau-a and the student's rate (--window-fps, or --fps)")
-        spec = WindowSpec.parse(tau_a, num_frames, window_fps or fps)
+        spec = WindowSpec.parse(tau_a, num_frames, rate)
     elif tau_a is not None or window_fps is not None:
         raise typer.BadParameter("--tau-a and --window-fps describe --windows; add --windows")
     if fmt == "auto":
         fmt = "lmdb" if (source / "data.mdb").is_file() or source.suffix in (".mdb", ".lmdb") else "npy"
-    options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress)
+    options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress,
+                   mode="append" if append else "overwrite" if overwrite else "new")
     if fmt == "lmdb":
         r = import_lmdb(store, source, name, native_fps=native_fps, **options)
     elif fmt == "npy":
@@ -488,7 +497,7 @@ def report(
     split = split or s.default_splits()[1]
     path = write_report(s, out_dir, split, teacher=teacher, kd_student=kd, plain_student=plain)
     print(format_table(metrics_table(s, split), s.dataset))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {escape(str(path))}")
 
 
 def main() -> None:
@@ -496,7 +505,7 @@ def main() -> None:
     try:
         app()
     except KDStoreError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # a message's [..] is text, not markup
         sys.exit(2)
 
 

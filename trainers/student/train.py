@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from kdstore.atomic import replace_with, write_text
 from kdstore.errors import ConfigError, DataError, MissingError
 from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics
@@ -90,11 +91,9 @@ def _save(run: Path, model, opt, state: dict) -> None:
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     state = json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1)
-    save_file(tensors, run / f".{CKPT}.tmp", metadata={"state": state})
-    (run / f".{STATE}.tmp").write_text(state)
-    os.replace(run / f".{CKPT}.tmp", run / CKPT)
+    replace_with(run / CKPT, lambda tmp: save_file(tensors, str(tmp), metadata={"state": state}))
     crash_point("student.checkpoint")
-    os.replace(run / f".{STATE}.tmp", run / STATE)
+    write_text(run / STATE, state)
 
 
 def _read_checkpoint(run: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -295,8 +294,7 @@ def _trim_log(run: Path, epochs: int) -> None:
     lines = path.read_text().splitlines()
     keep = [line for line in lines if _epoch_of(line) <= epochs]
     if keep != lines:
-        (run / f".{LOG}.tmp").write_text("".join(line + "\n" for line in keep))
-        os.replace(run / f".{LOG}.tmp", path)
+        write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _epoch_of(line: str) -> float:

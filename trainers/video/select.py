@@ -59,6 +59,8 @@ class WindowSpec:
     def __post_init__(self):
         if not (np.isfinite(self.tau_min) and np.isfinite(self.tau_max)) or self.tau_min > self.tau_max:
             raise ConfigError(f"--tau-a: expected A or A:B with A <= B, found {self.tau_min}:{self.tau_max}")
+        if not self.tau_min > 0:  # the student's tau_a is positive: a window ends before its segment
+            raise ConfigError(f"--tau-a must be positive (seconds before each segment), found {self.tau_min:g}")
         if self.num_frames < 1:
             raise ConfigError(f"--num-frames must be >= 1, found {self.num_frames}")
         if not self.fps > 0:
