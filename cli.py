@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kdstore.errors import KDStoreError
+from kdstore.errors import ConfigError, KDStoreError
 from trainers.config import cli_options, make, parse_set
 from trainers.student.config import RULES as STUDENT_RULES
 from trainers.student.config import StudentConfig
@@ -408,6 +408,7 @@ def train_student(
     from trainers.student.distill import distills, without_distillation
     from trainers.student.train import train_student as run
 
+    _check_device(device)
     cfg = make_preset(preset, **{**parse_set(StudentConfig, overrides), **options})
     if no_distill:
         cfg = without_distillation(cfg)
@@ -416,6 +417,21 @@ def train_student(
     metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
                   device=device)
     console.print(json.dumps(metrics, indent=1))
+
+
+def _check_device(device: str | None) -> None:
+    """ConfigError for a --device this machine cannot run on (before any work)."""
+    if device is None:
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 @app.command()

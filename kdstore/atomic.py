@@ -77,7 +77,9 @@ def describe(path: Path, e: OSError) -> str | None:
     advice = _ADVICE.get(code)
     if advice is None:
         return None
-    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    name = Path(str(e.filename or "")).name
+    temp = name.startswith(".") and name.endswith(".tmp")  # a writer's own temporary file says nothing more
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) and not temp else ""
     return f"{path}: {advice}{where}"
 
 

@@ -224,7 +224,7 @@ class Backend:
         """Staged videos of feature builds whose writer is gone (resumed by rerunning the build)."""
         st = self.staging_dir()
         out = []
-        for d in sorted(st.glob("video-*")) if st.is_dir() else []:
+        for d in sorted(st.glob("video-*")) if st.is_dir() and not st.is_symlink() else []:
             lock = d.with_name(d.name.removesuffix(".lock") + ".lock")
             if held(lock):
                 continue  # a live writer's
@@ -324,7 +324,9 @@ class ZarrBackend(Backend):
         n = int(np.prod(shape)) * dtype.itemsize
         if n == 0:
             return np.zeros(shape, dtype)
-        found = chunk.stat().st_size if chunk.exists() else None
+        if not chunk.is_file():
+            raise StoreFormatError(f"{chunk}: missing chunk file of {key} {shape} {dtype} (expected {n} bytes)")
+        found = chunk.stat().st_size
         if found != n:
             raise StoreFormatError(f"{chunk}: expected {n} bytes for {key} {shape} {dtype}, found {found}")
         return np.memmap(chunk, dtype=dtype, mode="r", shape=shape)
@@ -404,7 +406,7 @@ class ZarrBackend(Backend):
 
     def _commit_leftovers(self) -> list[Leftover]:
         st = self.staging_dir()
-        if not self.path.is_dir():
+        if not self.path.is_dir() or st.is_symlink():  # nothing is listed, or removed, through a link
             return []
         out, journaled = [], set()
         for j in sorted(st.glob("commit-*.json")):

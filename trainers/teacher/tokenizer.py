@@ -72,8 +72,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     check_json_files(path, ("config.json", *TOKENIZER_FILES))  # AutoTokenizer reads config.json too
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{path}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # the tokenizers library raises plain Exception, e.g. a WordPiece vocab without [UNK]
+        raise ConfigError(f"{path}: no usable tokenizer ({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
     if not getattr(tok, "is_fast", False):
         raise ConfigError(f"{path}: tokenizer is not a fast (tokenizers) tokenizer")
     missing = [t for t in ("mask_token", "pad_token") if getattr(tok, t, None) is None]
