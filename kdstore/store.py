@@ -204,10 +204,14 @@ class Store:
                 for lo in kind(path)._sibling_leftovers():  # of crashed creates: we hold the lock, their writers are gone
                     lo.remove()
                 tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
-                b = kind.create(tmp, manifest, lock_file=lock)
-                b.write_group("classes", *class_group(classes))
-                b.write_group("segments", *segment_group(segments))
-                fsync_tree(tmp) if tmp.is_dir() else fsync(tmp)
+                try:
+                    b = kind.create(tmp, manifest, lock_file=lock)
+                    b.write_group("classes", *class_group(classes))
+                    b.write_group("segments", *segment_group(segments))
+                    fsync_tree(tmp) if tmp.is_dir() else fsync(tmp)
+                except BaseException:
+                    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)  # a failed build holds no space
+                    raise
                 crash_point("create.built")
                 if old is None:
                     os.rename(tmp, path)

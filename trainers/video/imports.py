@@ -20,7 +20,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -126,12 +126,13 @@ class _Origin:
     per_video: dict[str, int]
     index: int  # of this import's source
 
-    def check(self, name: str, video: str) -> None:
+    def check(self, name: str, videos: Iterable[str]) -> None:
         """Refuse to replace a stored video of another source (``--append`` adds videos only)."""
-        if self.per_video.get(video, self.index) != self.index:
-            raise ConfigError(f"video/{name}: video {video!r} is already in the set from"
-                              f" {_describe(self.sources[self.per_video[video]])}: --append adds only new videos;"
-                              " pass --overwrite to replace the set")
+        for video in videos:
+            if self.per_video.get(video, self.index) != self.index:
+                raise ConfigError(f"video/{name}: video {video!r} is already in the set from"
+                                  f" {_describe(self.sources[self.per_video[video]])}: --append adds only new videos;"
+                                  " pass --overwrite to replace the set")
 
 
 def _origin(store: Store, name: str, source: dict, mode: str) -> _Origin:
@@ -153,7 +154,8 @@ def _origin(store: Store, name: str, source: dict, mode: str) -> _Origin:
 
 
 def _writer(store: Store, name: str, dim: int, dtype: str, selection: Selection, source: dict, attrs: dict,
-            restart: bool, frame_rate: float | None, mode: str) -> tuple[VideoWriter, _Origin]:
+            restart: bool, frame_rate: float | None, mode: str,
+            videos: Callable[[], Iterable[str]]) -> tuple[VideoWriter, _Origin]:
     """A writer whose partial build resumes only for the same source, selection and mode."""
     if mode not in ("new", "append", "overwrite"):
         raise ConfigError(f"import mode {mode!r}: expected new, append or overwrite")
@@ -165,6 +167,8 @@ def _writer(store: Store, name: str, dim: int, dtype: str, selection: Selection,
                 " import under another --name, or pass --overwrite to replace the set"
             )
     origin = _origin(store, name, source, mode)
+    if len(origin.sources) > 1:  # a set of several sources: no video may change source (checked before staging)
+        origin.check(name, videos())
     settings = {"source": source, "selection": selection.to_json(), "mode": mode}
     if selection.windows is not None:  # the windows follow the segment table
         settings["segments_sha256"] = store.manifest["segments_sha256"]
@@ -185,7 +189,6 @@ def _run(store: Store, writer: VideoWriter, origin: _Origin, videos: Iterator[tu
     bar, task = _progress(total, f"video/{writer.name}", progress)
     with bar:
         for video, ts_all, handle in videos:
-            origin.check(writer.name, video)
             keep = selection.mask(ts_all, segs.starts(video))  # [n] bool
             ts = ts_all[keep]
             source_frames[video] = len(ts_all)
@@ -248,6 +251,7 @@ def import_lmdb(
     with RulstmLmdb(path) as src:
         source = {"format": "lmdb", **src.identity(), "native_fps": native_fps}
         writer, origin = _writer(store, name, src.dim, dtype, selection, source, restart=restart, frame_rate=selection.fps, mode=mode,
+                                 videos=lambda: [v.name for v in src.videos()],
                          attrs={"source": "rulstm-lmdb", "native_fps": native_fps, "path": str(path)})
         videos = ((v.name, v.numbers / native_fps, v) for v in src.videos())
         return _run(store, writer, origin, videos, lambda v, keep: src.read(v, keep, BLOCK_ROWS), selection=selection, check=check,
@@ -324,6 +328,7 @@ def import_arrays(
         listing.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     source = {"format": "arrays", "path": str(folder.resolve()), "files_sha256": listing.hexdigest(), "native_fps": float(native_fps)}
     writer, origin = _writer(store, name, first.shape[1], dtype, selection, source, restart=restart, mode=mode,
+                             videos=lambda: [p.stem for p in files],
                      frame_rate=selection.fps or float(native_fps),
                      attrs={"source": "arrays", "native_fps": float(native_fps), "path": str(folder)})
 
