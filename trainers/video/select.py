@@ -59,8 +59,6 @@ class WindowSpec:
     def __post_init__(self):
         if not (np.isfinite(self.tau_min) and np.isfinite(self.tau_max)) or self.tau_min > self.tau_max:
             raise ConfigError(f"--tau-a: expected A or A:B with A <= B, found {self.tau_min}:{self.tau_max}")
-        if not self.tau_min > 0:  # the student's tau_a is positive: a window ends before its segment
-            raise ConfigError(f"--tau-a must be positive (seconds before each segment), found {self.tau_min:g}")
         if self.num_frames < 1:
             raise ConfigError(f"--num-frames must be >= 1, found {self.num_frames}")
         if not self.fps > 0:
@@ -76,6 +74,8 @@ class WindowSpec:
             lo = hi = None
         if lo is None:
             raise ConfigError(f"--tau-a: expected A or A:B in seconds (e.g. 1 or 0.5:2), found {tau_a!r}")
+        if not lo > 0:  # as the student's tau_a: a window ends before its segment
+            raise ConfigError(f"--tau-a must be positive (seconds before each segment), found {tau_a}")
         return cls(lo, hi, int(num_frames), float(fps))
 
     def to_json(self) -> dict:
