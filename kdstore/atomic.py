@@ -69,17 +69,17 @@ _ADVICE = {
 }
 
 
-def describe(path: Path, e: OSError) -> str | None:
+def describe(path: Path, e: Exception) -> str | None:
     """The one-line message for an OSError a user can act on, or None."""
-    code = e.errno
-    if code is None and "No space left on device" in str(e):  # h5py reports HDF5's write errors without errno
-        code = errno.ENOSPC
+    code = getattr(e, "errno", None)
+    if code is None and "No space left on device" in str(e):  # h5py reports HDF5's write errors without errno,
+        code = errno.ENOSPC  # some as RuntimeError
     advice = _ADVICE.get(code)
     if advice is None:
         return None
-    name = Path(str(e.filename or "")).name
+    name = Path(str(getattr(e, "filename", None) or "")).name
     temp = name.startswith(".") and name.endswith(".tmp")  # a writer's own temporary file says nothing more
-    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) and not temp else ""
+    where = f" ({e.filename})" if name and str(e.filename) != str(path) and not temp else ""
     return f"{path}: {advice}{where}"
 
 
@@ -91,9 +91,9 @@ def os_errors(path: str | Path, unknown: bool = False) -> Iterator[None]:
         yield
     except KDStoreError:
         raise
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         msg = describe(Path(path), e)
-        if msg is None and not unknown:
+        if msg is None and (not unknown or isinstance(e, RuntimeError)):
             raise
         raise AccessError(msg or f"{path}: cannot be written ({e.strerror or e})") from None
 

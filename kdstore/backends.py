@@ -41,11 +41,11 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .atomic import fsync, fsync_tree, link_message, os_errors, write_json
+from .atomic import describe, fsync, fsync_tree, link_message, os_errors, write_json
 from .errors import AccessError, KDStoreError, MissingError, StoreFormatError
 from .faults import crash_point
 from .lock import held, held_elsewhere, locked, store_lock_path
@@ -53,6 +53,7 @@ from .lock import held, held_elsewhere, locked, store_lock_path
 PAGE = 4096
 BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size
 COMPACT_MIN_BYTES = 1 << 20  # dead HDF5 space below this is never worth a rewrite
+SPACE_MARGIN = 256 << 10  # metadata a group's write needs beyond its arrays' pages
 
 
 class ArraySource(Protocol):
@@ -136,6 +137,15 @@ class Backend:
     def write_group(self, group: str, arrays: dict, attrs: dict, overwrite: bool = False,
                     provenance: dict | None = None) -> None:
         """Write ``group`` atomically, with ``provenance`` appended to the manifest in the same commit."""
+
+    def check_space(self, sources: Iterable[ArraySource]) -> None:
+        """Raise AccessError, before anything is written, when the store's file system lacks
+        the room for arrays ``sources`` (HDF5 cannot be trusted to fail cleanly on a full disk)."""
+        need = SPACE_MARGIN + sum((-(-int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize // PAGE) + 1) * PAGE for s in sources)
+        free = shutil.disk_usage(self.path if self.path.is_dir() else self.path.parent).free
+        if free < need:
+            raise AccessError(f"{self.path}: no space left on the device for this write (it needs about {_mib(need)},"
+                              f" {_mib(free)} is free): free space there (kdstore gc removes what crashed writers left) and rerun")
 
     def add_provenance(self, entry: dict) -> None:
         """Append a record to the manifest's provenance (read-modify-write under the lock)."""
@@ -349,6 +359,8 @@ class ZarrBackend(Backend):
         with self.writing():
             if target.exists() and not overwrite:
                 raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
+            arrays = {name: as_source(src) for name, src in arrays.items()}
+            self.check_space(arrays.values())
             cid = uuid.uuid4().hex
             tmp = self.staging_dir() / f"tmp-{cid}"
             tmp.mkdir(parents=True)
@@ -523,6 +535,8 @@ def _h5py_file(path: Path, mode: str):
         first = str(e).splitlines()[0]
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in first:
             raise AccessError(f"{path}: cannot be written ({first})") from None
+        if describe(path, e):  # a full disk
+            raise AccessError(describe(path, e)) from None
         raise StoreFormatError(f"{path}: cannot open as HDF5 ({first})") from None
 
 
@@ -659,6 +673,7 @@ class HDF5Backend(Backend):
         tmp = f"{self.STAGING}/{cid}"
         with self.writing():
             sources = {name: as_source(src) for name, src in arrays.items()}
+            self.check_space(sources.values())
             with self._open("r+") as f:  # metadata only: the staged datasets reserve their space
                 if group in f and not overwrite:
                     raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")

@@ -49,9 +49,16 @@ def free_bytes(where: Path) -> int:
 
 
 def fill(where: Path, leave: int = 64 << 10) -> None:
-    """Take all but ``leave`` bytes of the file system at ``where`` with one file."""
+    """Take all but about ``leave`` bytes (whole pages) of the file system at ``where`` with one file."""
+    page = os.statvfs(where).f_frsize
     with open(where / FILLER, "ab") as f:
-        os.posix_fallocate(f.fileno(), 0, max(1, os.fstat(f.fileno()).st_size + free_bytes(where) - leave))
+        size = os.fstat(f.fileno()).st_size + (free_bytes(where) - leave) // page * page
+        while size > 0:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+                return
+            except OSError:  # the file system keeps a page or two for itself
+                size -= page
 
 
 def unfill(where: Path) -> None:
