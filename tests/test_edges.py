@@ -315,3 +315,16 @@ def test_sampler_and_data_refuse_out_of_range_arguments(tmp_path, synthetic_tabl
     with pytest.raises(MissingError, match=f"sample {len(data)}: out of range"):
         data[len(data)]
     assert len(data[len(data) - 1].action) == 1
+
+
+def test_a_checkpoint_whose_vocab_lacks_unk_is_a_config_error(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from trainers.teacher.tokenizer import load_tokenizer
+
+    ckpt = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=32)).save_pretrained(ckpt)
+    (ckpt / "vocab.txt").write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "take", "cup", "open", "fridge"]) + "\n")
+    with pytest.raises(ConfigError, match=f"{ckpt}: the WordPiece vocabulary has no unknown token '\\[UNK\\]'"):
+        load_tokenizer(ckpt)
