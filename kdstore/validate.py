@@ -185,6 +185,10 @@ def _check_video(c: _Check, name: str, a: dict[str, np.ndarray]) -> None:
     inside[off[1:-1] - 1] = False  # a video boundary may go back in time
     c.expect(bool((np.diff(ts)[inside] > 0).all()), f"{g}/timestamps: not increasing within a video")
     c.expect(attrs["dim"] == a["features"].shape[1], f"{g}: attribute dim {attrs['dim']}, features have {a['features'].shape[1]}")
+    if "video_sources" in attrs:  # each video's source, by index into attribute sources
+        per_video, n = attrs["video_sources"], len(attrs.get("sources", []))
+        c.expect(sorted(per_video) == sorted(attrs["videos"]) and all(i < n for i in per_video.values()),
+                 f"{g}: attribute video_sources does not give one of its {n} sources for each of its videos")
     if c.deep:
         videos = attrs["videos"]
         _scan_finite(a["features"], f"{g}/features", lambda i: f"video {videos[np.searchsorted(off, i, 'right') - 1]!r}",

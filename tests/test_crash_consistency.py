@@ -170,7 +170,7 @@ def test_ingest_overwrite(data, tmp_path, record_property):
 def test_import_features(data, tmp_path, suffix, record_property):
     root, ann, stores, npy = data
     kill_everywhere(tmp_path, stores[suffix], lambda p: ["import-features", p, npy, "--name", "feat", "--native-fps", 2,
-                                                         "--no-progress"],
+                                                         "--no-progress", "--overwrite"],
                     lambda p: store_state(p, "video/feat"), "video/feat", True, record_property)
 
 
