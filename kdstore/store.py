@@ -213,21 +213,7 @@ class Store:
                     shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)  # a failed build holds no space
                     raise
                 crash_point("create.built")
-                if old is None:
-                    os.rename(tmp, path)
-                else:
-                    aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
-                    if exchange(tmp, path):
-                        os.rename(tmp, aside)
-                    else:  # a crash between the renames leaves no store at path: ingest runs again
-                        os.rename(path, aside)
-                        crash_point("create.aside")
-                        os.rename(tmp, path)
-                    crash_point("create.swapped")
-                    for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
-                        lo.remove()
-                    shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
-                fsync(path.parent)
+                _swap_in(tmp, path, old)
         return cls(kind(path))
 
     # -- metadata --------------------------------------------------------------------
@@ -445,6 +431,25 @@ class Store:
         """
         _check_name(name)
         return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {}, restart, replace)
+
+
+def _swap_in(tmp: Path, path: Path, old: Backend | None) -> None:
+    """Put the store built at ``tmp`` in place of ``path`` (holding the store ``old``, or nothing)."""
+    if old is None:
+        os.rename(tmp, path)
+    else:
+        aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
+        if exchange(tmp, path):
+            os.rename(tmp, aside)
+        else:  # a crash between the renames leaves no store at path: ingest runs again
+            os.rename(path, aside)
+            crash_point("create.aside")
+            os.rename(tmp, path)
+        crash_point("create.swapped")
+        for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
+            lo.remove()
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    fsync(path.parent)
 
 
 def class_group(classes: ClassTable) -> tuple[dict, dict]:
