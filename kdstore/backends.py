@@ -368,12 +368,12 @@ class ZarrBackend(Backend):
             try:
                 write_json(tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
                 for name, src in arrays.items():
-                    self._write_array(tmp / name, as_source(src))
+                    self._write_array(tmp / name, src)
                 fsync_tree(tmp)
                 crash_point("zarr.staged")
                 # the commit point: from here on the group is committed, by us or by the next writer
                 write_json(journal, {"group": group, "staged": tmp.name, "inode": tmp.stat().st_ino,
-                                      "provenance": provenance})
+                                     "provenance": provenance})
             finally:
                 if not journal.exists() and tmp.exists():
                     shutil.rmtree(tmp)
