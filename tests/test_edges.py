@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import SUFFIXES, build_store
 from fullfs import entries, fill, small_fs, unfill
-from kdstore.errors import AccessError, ConfigError, DataError, KDStoreError, MissingError, StoreFormatError
+from kdstore.errors import ConfigError, KDStoreError, MissingError, StoreFormatError
 from kdstore.store import Store
 from kdstore.validate import leftovers, validate_store
 from processes import cli
@@ -145,7 +145,7 @@ def full_data(tmp_path_factory):
     return ann, stores, npy
 
 
-WRITERS = {  # name: (backend, command for a store at p, the group it writes or None for a new store)
+WRITERS = {  # name: (backend, command for a store at p, the group it writes or None)
     "ingest": (".zarr", lambda d, p: ["ingest", d["ann"], p.with_name("new.zarr"), "--fps", 24], None),
     "ingest-h5": (".h5", lambda d, p: ["ingest", d["ann"], p.with_name("new.h5"), "--fps", 24], None),
     "import-features": (".zarr", lambda d, p: ["import-features", p, d["npy"], "--name", "f", "--native-fps", 2, "--no-progress"], "video/f"),
@@ -163,7 +163,7 @@ def test_every_writer_on_a_full_disk_says_so_in_one_line(full_data, tmp_path, wr
     """On a full file system each writer ends in one line naming the path and what to do;
     the store stays valid and as it was, and the same command succeeds once there is space."""
     ann, stores, npy = full_data
-    suffix, args, group = WRITERS[writer]
+    suffix, args, _ = WRITERS[writer]
     with small_fs(tmp_path / "fs", mib=48) as fs:
         path = fs / f"s{suffix}"
         shutil.copytree(stores[suffix], path) if suffix == ".zarr" else shutil.copy2(stores[suffix], path)
