@@ -9,8 +9,9 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from kdstore.errors import KDStoreError
+from kdstore.errors import ConfigError, KDStoreError
 from trainers.config import cli_options, make, parse_set
 from trainers.student.config import RULES as STUDENT_RULES
 from trainers.student.config import StudentConfig
@@ -89,16 +90,16 @@ def validate(store: Path, quick: bool = typer.Option(False, help="Skip the NaN/i
 
     problems = validate_store(store, deep=not quick)
     for p in problems:
-        console.print(f"[red]invalid:[/red] {p}", highlight=False)
+        console.print(f"[red]invalid:[/red] {escape(p)}", highlight=False)
     left = leftovers(store)
     for p in left:
-        console.print(f"[yellow]leftover:[/yellow] {p}", highlight=False)
+        console.print(f"[yellow]leftover:[/yellow] {escape(p)}", highlight=False)
     if left:
         console.print(f"`kdstore gc {store}` removes the leftovers", highlight=False)
     if problems:
         raise typer.Exit(code=1)
     for w in store_warnings(store):
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     console.print(f"{store}: valid")
 
 
@@ -120,7 +121,7 @@ def gc(store: Path) -> None:
 
     done = Store.open(store).gc()
     for line in done:
-        console.print(f"removed: {line}", highlight=False)
+        console.print(f"removed: {escape(line)}", highlight=False)
     console.print(f"{store}: {len(done)} leftover(s) removed", highlight=False)
 
 
@@ -136,6 +137,8 @@ def query(
     from kdstore.store import Store
 
     s = Store.open(store)
+    if predictions is not None and not predictions.strip():
+        raise typer.BadParameter("--teacher: give a prediction group name (or leave the option out for the first teacher)")
     name = predictions or (s.teachers() or s.predictions() or [None])[0]
     if name is None:
         raise typer.BadParameter(f"{store}: holds no predictions")
@@ -182,7 +185,7 @@ def export(
         except ValueError:
             raise typer.BadParameter(f"--sls {sls!r}: expected three integers like 1,4,3") from None
         epic = {"split": split, "version": version, "sls": levels, "fill_missing": fill_missing}
-    console.print(f"wrote {export_predictions(Store.open(store), name, out, fmt=fmt, k=k, **epic)}")
+    console.print(f"wrote {escape(str(export_predictions(Store.open(store), name, out, fmt=fmt, k=k, **epic)))}")
 
 # --- teacher commands -------------------------------------------------------------------
 
@@ -359,6 +362,8 @@ def import_features(
     check_segments: bool = typer.Option(False, help="Fail, before committing, if a segment has no frames in its window."),
     window: float = typer.Option(10.0, help="Observed window before a segment start for --check-segments, seconds."),
     restart: bool = typer.Option(False, "--restart", help="Discard a partial import of this name instead of resuming it."),
+    append: bool = typer.Option(False, "--append", help="Add this source's videos to a set of that name from another source (recorded per video)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a set of that name from another source."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
@@ -366,15 +371,19 @@ def import_features(
     from kdstore.selection import WindowSpec
 
     spec = None
+    if append and overwrite:
+        raise typer.BadParameter("--append adds videos to the set, --overwrite replaces it: give one of them")
     if windows:
-        if tau_a is None or (window_fps or fps) is None:
+        rate = window_fps if window_fps is not None else fps
+        if tau_a is None or rate is None:
             raise typer.BadParameter("--windows needs --tau-a and the student's rate (--window-fps, or --fps)")
-        spec = WindowSpec.parse(tau_a, num_frames, window_fps or fps)
+        spec = WindowSpec.parse(tau_a, num_frames, rate)
     elif tau_a is not None or window_fps is not None:
         raise typer.BadParameter("--tau-a and --window-fps describe --windows; add --windows")
     if fmt == "auto":
         fmt = "lmdb" if (source / "data.mdb").is_file() or source.suffix in (".mdb", ".lmdb") else "npy"
-    options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress)
+    options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress,
+                   mode="append" if append else "overwrite" if overwrite else "new")
     if fmt == "lmdb":
         r = import_lmdb(store, source, name, native_fps=native_fps, **options)
     elif fmt == "npy":
@@ -411,6 +420,7 @@ def train_student(
     from trainers.student.distill import distills, without_distillation
     from trainers.student.train import train_student as run
 
+    _check_device(device)
     cfg = _config(StudentConfig, overrides, options, make_preset, preset)
     if no_distill:
         cfg = without_distillation(cfg)
@@ -419,6 +429,21 @@ def train_student(
     metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
                   device=device)
     console.print(json.dumps(metrics, indent=1))
+
+
+def _check_device(device: str | None) -> None:
+    """ConfigError for a --device this machine cannot run on (before any work)."""
+    if device is None:
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 @app.command()
@@ -500,7 +525,7 @@ def report(
     split = split or s.default_splits()[1]
     path = write_report(s, out_dir, split, teacher=teacher, kd_student=kd, plain_student=plain)
     print(format_table(metrics_table(s, split), s.dataset))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {escape(str(path))}")
 
 
 def main() -> None:
@@ -508,7 +533,7 @@ def main() -> None:
     try:
         app()
     except KDStoreError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # a message's [..] is text, not markup
         sys.exit(2)
 
 

@@ -41,10 +41,11 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from .atomic import describe, fsync, fsync_tree, link_message, os_errors, write_json
 from .errors import AccessError, KDStoreError, MissingError, StoreFormatError
 from .faults import crash_point
 from .lock import held, held_elsewhere, locked, store_lock_path
@@ -52,6 +53,7 @@ from .lock import held, held_elsewhere, locked, store_lock_path
 PAGE = 4096
 BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size
 COMPACT_MIN_BYTES = 1 << 20  # dead HDF5 space below this is never worth a rewrite
+SPACE_MARGIN = 256 << 10  # metadata a group's write needs beyond its arrays' pages
 
 
 class ArraySource(Protocol):
@@ -136,6 +138,15 @@ class Backend:
                     provenance: dict | None = None) -> None:
         """Write ``group`` atomically, with ``provenance`` appended to the manifest in the same commit."""
 
+    def check_space(self, sources: Iterable[ArraySource]) -> None:
+        """Raise AccessError, before anything is written, when the store's file system lacks
+        the room for arrays ``sources`` (HDF5 cannot be trusted to fail cleanly on a full disk)."""
+        need = SPACE_MARGIN + sum((-(-int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize // PAGE) + 1) * PAGE for s in sources)
+        free = shutil.disk_usage(self.path if self.path.is_dir() else self.path.parent).free
+        if free < need:
+            raise AccessError(f"{self.path}: no space left on the device for this write (it needs about {_mib(need)},"
+                              f" {_mib(free)} is free): free space there (kdstore gc removes what crashed writers left) and rerun")
+
     def add_provenance(self, entry: dict) -> None:
         """Append a record to the manifest's provenance (read-modify-write under the lock)."""
         with self.writing():
@@ -149,18 +160,39 @@ class Backend:
     def writing(self, recover: bool = True) -> Iterator[None]:
         """Hold the store's writer lock. The outermost hold checks that the store can be
         written and (``recover``) removes the routine leftovers of crashed writers first."""
-        with access_errors(self.path), locked(self.lock_file, str(self.path)) as outer:
+        with os_errors(self.path), locked(self.lock_file, str(self.path)) as outer:
             if outer:
                 self.check_writable()
+                self.refuse_links()
                 if recover:
                     self.recover()
             yield
 
+    def links(self) -> list[Path]:
+        """Symbolic links inside the store and its staging folder (the store's own path may be one)."""
+        found: set[Path] = set()
+        for root in (self.path, self.staging_dir()):
+            if root != self.path and root.is_symlink():
+                found.add(root)
+                continue
+            for dirpath, dirs, files in os.walk(root):
+                found.update(Path(dirpath, n) for n in dirs + files if os.path.islink(os.path.join(dirpath, n)))
+        return sorted(found)
+
+    def refuse_links(self) -> None:
+        """Raise AccessError naming a symbolic link inside the store: no writer follows one out of it."""
+        links = self.links()
+        if links:
+            more = f" ({len(links) - 1} more: kdstore validate lists them)" if len(links) > 1 else ""
+            raise AccessError(link_message(links[0], inside=True) + more)
+
     def leftovers(self) -> list[Leftover]:
-        """What crashed or interrupted writers left. While another process holds the store
-        lock, only partial feature builds are listed (a live writer's staging is not left over)."""
-        items = [] if held_elsewhere(self.lock_file) else self._commit_leftovers() + self._sibling_leftovers()
-        return items + self._partial_builds()
+        """What crashed or interrupted writers left, the costly compaction last. While another
+        process holds the store lock, only partial feature builds are listed (a live writer's
+        staging is not left over)."""
+        if held_elsewhere(self.lock_file):
+            return self._partial_builds()
+        return self._sibling_leftovers() + self._partial_builds() + self._commit_leftovers()
 
     def recover(self, everything: bool = False) -> list[str]:
         """Finish or remove the leftovers (the routine ones, or ``everything``); call with the lock held."""
@@ -181,10 +213,17 @@ class Backend:
 
     def _sibling_leftovers(self) -> list[Leftover]:
         """Temporary siblings of a crashed create, replace or compaction: ``.<name>.<what>-<id>``."""
-        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.(creating|replaced|compact)-[0-9a-f]{{32}}")
         what = {"creating": "a store being created", "replaced": "a replaced store", "compact": "a compaction"}
         out = []
-        for p in sorted(self.path.parent.glob(f".{self.path.name}.*")):
+        for path in [self.path] + ([Path(os.path.realpath(self.path))] if self.path.is_symlink() else []):
+            out += self._siblings_of(path, what)  # compactions sit beside the real file
+        return out
+
+    @staticmethod
+    def _siblings_of(path: Path, what: dict) -> list[Leftover]:
+        pattern = re.compile(rf"\.{re.escape(path.name)}\.(creating|replaced|compact)-[0-9a-f]{{32}}")
+        out = []
+        for p in sorted(path.parent.glob(f".{path.name}.*")):
             m = pattern.fullmatch(p.name)
             if m:
                 out.append(Leftover(f"{p}: {what[m.group(1)]} left by a crashed writer ({_mib(_du(p))})",
@@ -195,7 +234,7 @@ class Backend:
         """Staged videos of feature builds whose writer is gone (resumed by rerunning the build)."""
         st = self.staging_dir()
         out = []
-        for d in sorted(st.glob("video-*")) if st.is_dir() else []:
+        for d in sorted(st.glob("video-*")) if st.is_dir() and not st.is_symlink() else []:
             lock = d.with_name(d.name.removesuffix(".lock") + ".lock")
             if held(lock):
                 continue  # a live writer's
@@ -207,19 +246,6 @@ class Backend:
             elif d.suffix == ".lock" and not d.with_suffix("").exists():
                 out.append(Leftover(f"{d}: lock of a finished feature build", functools.partial(_remove, d)))
         return out
-
-
-@contextmanager
-def access_errors(path: Path) -> Iterator[None]:
-    """Turn a refused write (permissions, read-only file system) into a one-line AccessError."""
-    try:
-        yield
-    except PermissionError as e:
-        raise AccessError(f"{path}: cannot be written ({e.filename or path}: {e.strerror})") from None
-    except OSError as e:
-        if e.errno != errno.EROFS:
-            raise
-        raise AccessError(f"{path}: cannot be written (read-only file system)") from None
 
 
 def _discard_build(d: Path, lock: Path) -> None:
@@ -245,7 +271,7 @@ class ZarrBackend(Backend):
     def create(cls, path: Path, attrs: dict, lock_file: Path | None = None) -> "ZarrBackend":
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _write_json(path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+        write_json(path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
         return cls(path, lock_file)
 
     def _dir(self, key: str) -> Path:
@@ -274,7 +300,7 @@ class ZarrBackend(Backend):
         with self.writing():
             meta = self._meta(group)
             meta["attributes"] = attrs
-            _write_json(self._dir(group) / "zarr.json", meta)
+            write_json(self._dir(group) / "zarr.json", meta)
 
     def has(self, key: str) -> bool:
         return (self._dir(key) / "zarr.json").is_file()
@@ -308,7 +334,9 @@ class ZarrBackend(Backend):
         n = int(np.prod(shape)) * dtype.itemsize
         if n == 0:
             return np.zeros(shape, dtype)
-        found = chunk.stat().st_size if chunk.exists() else None
+        if not chunk.is_file():
+            raise StoreFormatError(f"{chunk}: missing chunk file of {key} {shape} {dtype} (expected {n} bytes)")
+        found = chunk.stat().st_size
         if found != n:
             raise StoreFormatError(f"{chunk}: expected {n} bytes for {key} {shape} {dtype}, found {found}")
         return np.memmap(chunk, dtype=dtype, mode="r", shape=shape)
@@ -331,19 +359,21 @@ class ZarrBackend(Backend):
         with self.writing():
             if target.exists() and not overwrite:
                 raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
+            arrays = {name: as_source(src) for name, src in arrays.items()}
+            self.check_space(arrays.values())
             cid = uuid.uuid4().hex
             tmp = self.staging_dir() / f"tmp-{cid}"
             tmp.mkdir(parents=True)
             journal = self.staging_dir() / f"commit-{cid}.json"
             try:
-                _write_json(tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+                write_json(tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
                 for name, src in arrays.items():
-                    self._write_array(tmp / name, as_source(src))
-                _fsync_tree(tmp)
+                    self._write_array(tmp / name, src)
+                fsync_tree(tmp)
                 crash_point("zarr.staged")
                 # the commit point: from here on the group is committed, by us or by the next writer
-                _write_json(journal, {"group": group, "staged": tmp.name, "inode": tmp.stat().st_ino,
-                                      "provenance": provenance})
+                write_json(journal, {"group": group, "staged": tmp.name, "inode": tmp.stat().st_ino,
+                                     "provenance": provenance})
             finally:
                 if not journal.exists() and tmp.exists():
                     shutil.rmtree(tmp)
@@ -363,7 +393,7 @@ class ZarrBackend(Backend):
                 os.replace(target, trash)
                 crash_point("zarr.trashed")
                 os.replace(staged, target)
-            _fsync(target.parent)
+            fsync(target.parent)
             crash_point("zarr.swapped")
         if j.get("provenance") is not None:
             m = self.attrs("")
@@ -372,10 +402,9 @@ class ZarrBackend(Backend):
                 self.set_attrs("", m)
                 crash_point("zarr.provenance")
         for old in (staged, trash):  # the replaced group, if any
-            if old.exists():
-                shutil.rmtree(old)
+            _remove(old)
         journal.unlink()
-        _fsync(self.staging_dir())
+        fsync(self.staging_dir())
 
     def delete_group(self, group: str) -> None:
         target = self._dir(group)
@@ -385,11 +414,11 @@ class ZarrBackend(Backend):
                 trash.parent.mkdir(exist_ok=True)
                 os.replace(target, trash)  # invisible at once, then removed
                 crash_point("zarr.deleted")
-                shutil.rmtree(trash)
+                _remove(trash)
 
     def _commit_leftovers(self) -> list[Leftover]:
         st = self.staging_dir()
-        if not self.path.is_dir():
+        if not self.path.is_dir() or st.is_symlink():  # nothing is listed, or removed, through a link
             return []
         out, journaled = [], set()
         for j in sorted(st.glob("commit-*.json")):
@@ -410,8 +439,9 @@ class ZarrBackend(Backend):
             if d.name.replace("trash-", "tmp-") not in journaled:
                 out.append(Leftover(f"{d}: a replaced group not yet removed ({_mib(_du(d))})", functools.partial(_remove, d)))
         # half-written JSON files of atomic rewrites (the live tree and the staging folder, not partial builds)
-        groups = [d for d in self.path.iterdir() if d.is_dir() and not d.name.startswith(".")]
-        dirs = [self.path, st, *groups, *(g for d in groups for g in d.iterdir() if g.is_dir())]
+        real = lambda d: d.is_dir() and not d.is_symlink()  # noqa: E731  (nothing is removed through a link)
+        groups = [d for d in self.path.iterdir() if real(d) and not d.name.startswith(".")]
+        dirs = [self.path, *([st] if real(st) else []), *groups, *(g for d in groups for g in d.iterdir() if real(g))]
         for d in dirs:
             for f in sorted(d.glob(".*.tmp")):
                 out.append(Leftover(f"{f}: a half-written metadata file", functools.partial(_remove, f)))
@@ -423,7 +453,7 @@ class ZarrBackend(Backend):
             d = self.path.joinpath(*parts[:i])
             if not (d / "zarr.json").exists():
                 d.mkdir(exist_ok=True)
-                _write_json(d / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+                write_json(d / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
 
     @staticmethod
     def _write_array(d: Path, src: ArraySource) -> None:
@@ -442,7 +472,7 @@ class ZarrBackend(Backend):
             "attributes": {},
         }
         d.mkdir(parents=True)
-        _write_json(d / "zarr.json", meta)
+        write_json(d / "zarr.json", meta)
         if int(np.prod(shape)) == 0:
             return
         chunk = d / "c" / "/".join("0" for _ in shape)
@@ -505,6 +535,8 @@ def _h5py_file(path: Path, mode: str):
         first = str(e).splitlines()[0]
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in first:
             raise AccessError(f"{path}: cannot be written ({first})") from None
+        if describe(path, e):  # a full disk
+            raise AccessError(describe(path, e)) from None
         raise StoreFormatError(f"{path}: cannot open as HDF5 ({first})") from None
 
 
@@ -641,6 +673,7 @@ class HDF5Backend(Backend):
         tmp = f"{self.STAGING}/{cid}"
         with self.writing():
             sources = {name: as_source(src) for name, src in arrays.items()}
+            self.check_space(sources.values())
             with self._open("r+") as f:  # metadata only: the staged datasets reserve their space
                 if group in f and not overwrite:
                     raise StoreFormatError(f"{self.path}: group {group!r} exists (pass overwrite to replace it)")
@@ -661,7 +694,7 @@ class HDF5Backend(Backend):
             except BaseException:
                 self._drop_staged(cid)  # a failed write leaves no staging group behind
                 raise
-            _fsync(self.path)
+            fsync(self.path)
             crash_point("hdf5.staged")
             with self._open("r+") as f:
                 # the commit: nothing below reaches the file before the last flush
@@ -678,7 +711,7 @@ class HDF5Backend(Backend):
                 if not len(f[self.STAGING]):
                     del f[self.STAGING]
                 f.flush()
-            _fsync(self.path)
+            fsync(self.path)
             crash_point("hdf5.committed")
             live, size = self._live_bytes(), self.path.stat().st_size
             if size - live > max(live, COMPACT_MIN_BYTES):  # dead groups outweigh the live data
@@ -690,22 +723,31 @@ class HDF5Backend(Backend):
                 if group in f:
                     f.move(group, f"{self.TRASH}/{uuid.uuid4().hex}")
                     f.flush()
-            _fsync(self.path)
+            fsync(self.path)
 
     def compact(self) -> str:
         """Rewrite the file with only its live groups (no ``_trash``, no ``_staging``), then
         rename it into place; readers that hold the old file keep reading it."""
         with self.writing():
             before = self.path.stat().st_size
-            tmp = self.path.with_name(f".{self.path.name}.compact-{uuid.uuid4().hex}")
-            with self._open() as src, self._open("w", tmp) as dst:
-                for key in src.keys():
-                    if key not in (self.STAGING, self.TRASH):
-                        src.copy(src[key], dst, key)
-            _fsync(tmp)
+            real = Path(os.path.realpath(self.path))  # a store reached through a link is compacted where it is
+            tmp = real.with_name(f".{real.name}.compact-{uuid.uuid4().hex}")
+            need, free = self._live_bytes() + COMPACT_MIN_BYTES, shutil.disk_usage(real.parent).free
+            if free < need:
+                raise AccessError(f"{self.path}: compacting needs about {_mib(need)} free beside it, {_mib(free)} is:"
+                                  " free space there and rerun kdstore gc")
+            try:
+                with self._open() as src, self._open("w", tmp) as dst:
+                    for key in src.keys():
+                        if key not in (self.STAGING, self.TRASH):
+                            src.copy(src[key], dst, key)
+                fsync(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a failed compaction leaves nothing that holds space
+                raise
             crash_point("hdf5.compacted")
-            os.replace(tmp, self.path)
-            _fsync(self.path.parent)
+            os.replace(tmp, real)
+            fsync(real.parent)
             return f"{self.path}: compacted from {_mib(before)} to {_mib(self.path.stat().st_size)}"
 
     @_damage_is_format_error
@@ -794,44 +836,6 @@ def _copy_blocks(src: ArraySource, write, where) -> None:
         raise StoreFormatError(f"{where}: expected {src.shape[0]} rows, got {i}")
 
 
-@contextmanager
-def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing and rename it over ``path`` once
-    written and synced: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (see ``replacing``)."""
-    with replacing(path) as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-
-
-def _fsync(path: Path | str) -> None:
-    """Flush a file's or a directory's entries to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(os.path.join(dirpath, name))
-        _fsync(dirpath)
-
-
 def _inode(path: Path) -> int | None:
     try:
         return path.stat().st_ino
@@ -851,6 +855,7 @@ def _mib(n: int) -> str:
 
 
 def _remove(path: Path) -> None:
+    """Remove a file or a folder tree; a link is removed itself, never what it points to."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:

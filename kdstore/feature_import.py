@@ -20,7 +20,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -114,24 +114,71 @@ class _Segments:
 # The import loop shared by both sources
 
 
+def _describe(source: dict) -> str:
+    return f"{source.get('format', 'an unrecorded source')} {source.get('path') or ''}".strip()
+
+
+@dataclass
+class _Origin:
+    """Where the videos of a feature set come from: its sources, and each video's source index."""
+
+    sources: list[dict]
+    per_video: dict[str, int]
+    index: int  # of this import's source
+
+    def check(self, name: str, videos: Iterable[str]) -> None:
+        """Refuse to replace a stored video of another source (``--append`` adds videos only)."""
+        for video in videos:
+            if self.per_video.get(video, self.index) != self.index:
+                raise ConfigError(f"video/{name}: video {video!r} is already in the set from"
+                                  f" {_describe(self.sources[self.per_video[video]])}: --append adds only new videos;"
+                                  " pass --overwrite to replace the set")
+
+
+def _origin(store: Store, name: str, source: dict, mode: str) -> _Origin:
+    """The sources of ``video/<name>`` after this import and the source index of each kept
+    stored video. The set grows from another source only with ``mode="append"``; "overwrite"
+    replaces it; "new" refuses a set of that name from another source."""
+    if name not in store.feature_sets() or mode == "overwrite":
+        return _Origin([source], {}, 0)
+    attrs = store.video(name).attrs
+    sources = attrs.get("sources") or [{"format": attrs.get("source", "an unrecorded source"), "path": attrs.get("path")}]
+    per_video = attrs.get("video_sources") or {v: 0 for v in attrs["videos"]}
+    if source in sources:
+        return _Origin(sources, per_video, sources.index(source))
+    if mode != "append":
+        raise ConfigError(f"video/{name}: holds features from {_describe(sources[-1])}, this import reads"
+                          f" {_describe(source)}: pass --overwrite to replace the set, or --append to add this"
+                          " source's videos to it (recorded per video)")
+    return _Origin([*sources, source], per_video, len(sources))
+
+
 def _writer(store: Store, name: str, dim: int, dtype: str, selection: Selection, source: dict, attrs: dict,
-            restart: bool, frame_rate: float | None) -> VideoWriter:
-    """A writer whose partial build resumes only for the same source and selection."""
-    if name in store.feature_sets():
+            restart: bool, frame_rate: float | None, mode: str,
+            videos: Callable[[], Iterable[str]]) -> tuple[VideoWriter, _Origin]:
+    """A writer whose partial build resumes only for the same source, selection and mode."""
+    if mode not in ("new", "append", "overwrite"):
+        raise ConfigError(f"import mode {mode!r}: expected new, append or overwrite")
+    if name in store.feature_sets() and mode != "overwrite":
         stored = store.video(name).attrs.get("selection") or Selection().to_json()
         if stored != selection.to_json():
             raise ConfigError(
                 f"video/{name} holds frames selected by {stored}, this import selects {selection.to_json()}:"
-                " import under another --name, or delete the group first"
+                " import under another --name, or pass --overwrite to replace the set"
             )
-    settings = {"source": source, "selection": selection.to_json()}
+    origin = _origin(store, name, source, mode)
+    if len(origin.sources) > 1:  # a set of several sources: no video may change source (checked before staging)
+        origin.check(name, videos())
+    settings = {"source": source, "selection": selection.to_json(), "mode": mode}
     if selection.windows is not None:  # the windows follow the segment table
         settings["segments_sha256"] = store.manifest["segments_sha256"]
-    return store.video_writer(name, dim, dtype, frame_rate=frame_rate, attrs={**attrs, "selection": selection.to_json()},
-                              settings=settings, restart=restart)
+    writer = store.video_writer(name, dim, dtype, frame_rate=frame_rate, settings=settings, restart=restart,
+                                replace=mode == "overwrite",
+                                attrs={**attrs, "selection": selection.to_json(), "sources": origin.sources})
+    return writer, origin
 
 
-def _run(store: Store, writer: VideoWriter, videos: Iterator[tuple[str, np.ndarray, object]], read, *, selection: Selection,
+def _run(store: Store, writer: VideoWriter, origin: _Origin, videos: Iterator[tuple[str, np.ndarray, object]], read, *, selection: Selection,
          check: bool, window: float, total: int | None, unit: str, progress: bool, provenance: dict) -> ImportReport:
     """Select, stage and commit each ``(video, timestamps [n], handle)``; ``read(handle, keep)``
     yields the kept feature rows of a video in blocks."""
@@ -158,9 +205,10 @@ def _run(store: Store, writer: VideoWriter, videos: Iterator[tuple[str, np.ndarr
     if check:
         segs.finish(store, writer.name)
     source = sum(source_frames.values())
-    if writer.name in store.feature_sets():  # the counts of stored videos that the commit keeps
+    if writer.name in store.feature_sets() and not writer.replace:  # the counts of stored videos that the commit keeps
         source_frames = {**store.video(writer.name).attrs.get("source_frames", {}), **source_frames}
     writer.attrs["source_frames"] = source_frames
+    writer.attrs["video_sources"] = {**origin.per_video, **{s.video: origin.index for s in writer.staged()}}
     writer.commit(provenance)
     return ImportReport(writer.name, videos_done, skipped, frames, frames * writer.dim * np.dtype(writer.dtype).itemsize,
                         time.perf_counter() - t0, source, kept)
@@ -187,11 +235,14 @@ def import_lmdb(
     window: float = DEFAULT_WINDOW_S,
     restart: bool = False,
     progress: bool = True,
+    mode: str = "new",
 ) -> ImportReport:
     """Import a RULSTM LMDB as ``video/<name>``; frame ``n`` is at ``n / native_fps`` s
     (default the store's segments.fps). ``fps``/``windows``: keep only the frames nearest
     a grid / that student windows reach. ``check``: verify segment windows before committing.
-    ``restart``: discard a partial import instead of resuming it."""
+    ``restart``: discard a partial import instead of resuming it. ``mode``: "new" refuses a
+    stored set of that name from another source; "append" adds this source's videos to it
+    (recorded per video in the attribute ``video_sources``); "overwrite" replaces it."""
     store = store if isinstance(store, Store) else Store.open(store)
     native_fps = float(native_fps or store.segments.fps)
     if native_fps <= 0:
@@ -199,10 +250,11 @@ def import_lmdb(
     selection = _selection(fps, windows)
     with RulstmLmdb(path) as src:
         source = {"format": "lmdb", **src.identity(), "native_fps": native_fps}
-        writer = _writer(store, name, src.dim, dtype, selection, source, restart=restart, frame_rate=selection.fps,
+        writer, origin = _writer(store, name, src.dim, dtype, selection, source, restart=restart, frame_rate=selection.fps, mode=mode,
+                                 videos=lambda: [v.name for v in src.videos()],
                          attrs={"source": "rulstm-lmdb", "native_fps": native_fps, "path": str(path)})
         videos = ((v.name, v.numbers / native_fps, v) for v in src.videos())
-        return _run(store, writer, videos, lambda v, keep: src.read(v, keep, BLOCK_ROWS), selection=selection, check=check,
+        return _run(store, writer, origin, videos, lambda v, keep: src.read(v, keep, BLOCK_ROWS), selection=selection, check=check,
                     window=window, total=src.entries, unit="frames", progress=progress,
                     provenance=provenance_entry("import_features", group=f"video/{name}", format="lmdb", source=str(path),
                                                 native_fps=native_fps, selection=selection.to_json()))
@@ -217,12 +269,16 @@ def _load_array(path: Path) -> np.ndarray:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
-                if "features" in keys or len(keys) == 1:
-                    return z["features" if "features" in keys else keys[0]]
-                raise DataError(f"{path}: expected one array or one named 'features', found {keys}")
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+                if "features" not in keys and len(keys) != 1:
+                    raise DataError(f"{path}: expected one array or one named 'features', found {keys}")
+                arr = z["features" if "features" in keys else keys[0]]
+        else:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read the array ({str(e).splitlines()[0]})") from None
+    if arr.dtype.kind not in "fiub":
+        raise DataError(f"{path}: holds {arr.dtype} values, expected numbers (float or integer features)")
+    return arr
 
 
 def _array_rows(feats: np.ndarray, keep: np.ndarray) -> Iterator[np.ndarray]:
@@ -244,6 +300,7 @@ def import_arrays(
     window: float = DEFAULT_WINDOW_S,
     restart: bool = False,
     progress: bool = True,
+    mode: str = "new",
 ) -> ImportReport:
     """Import one ``<video>.npy``/``<video>.npz`` ``[n, D]`` array per video from ``folder``
     as ``video/<name>``; frame ``i`` is at ``i / native_fps`` seconds. The other options
@@ -270,7 +327,8 @@ def import_arrays(
         st = p.stat()
         listing.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     source = {"format": "arrays", "path": str(folder.resolve()), "files_sha256": listing.hexdigest(), "native_fps": float(native_fps)}
-    writer = _writer(store, name, first.shape[1], dtype, selection, source, restart=restart,
+    writer, origin = _writer(store, name, first.shape[1], dtype, selection, source, restart=restart, mode=mode,
+                             videos=lambda: [p.stem for p in files],
                      frame_rate=selection.fps or float(native_fps),
                      attrs={"source": "arrays", "native_fps": float(native_fps), "path": str(folder)})
 
@@ -281,7 +339,7 @@ def import_arrays(
                 raise DataError(f"{p}: expected a [frames, D] array, found shape {list(feats.shape)}")
             yield p.stem, np.arange(len(feats)) / native_fps, feats
 
-    return _run(store, writer, videos(), _array_rows, selection=selection, check=check,
+    return _run(store, writer, origin, videos(), _array_rows, selection=selection, check=check,
                 window=window, total=len(files), unit="videos", progress=progress,
                 provenance=provenance_entry("import_features", group=f"video/{name}", format="arrays", source=str(folder),
                                             native_fps=native_fps, selection=selection.to_json()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import replacing
+from .atomic import replacing
 from .errors import ConfigError, DataError
 from .faults import crash_point
 from .store import Store

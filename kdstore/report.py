@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import os_errors, replace_with, write_text
 from .errors import MissingError
 from .metrics import compute_metrics, epic_subsets, metric_columns
 from .store import Store
@@ -86,7 +87,7 @@ def _plot_curves(store: Store, students: list[str], path: Path) -> Path | None:
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -109,7 +110,7 @@ def _plot_recall_diff(store: Store, split: str, kd: str, plain: str, path: Path)
     ax.set(title=f"per-class top-1 recall: {kd} minus {plain} ({split}; mean {np.nanmean(diff):+.2f} points)",
            xlabel="action classes (sorted)", ylabel="recall difference (points)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -144,7 +145,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
            xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -170,7 +171,8 @@ def write_report(
     store = store if isinstance(store, Store) else Store.open(store)
     split = split or store.default_splits()[1]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with os_errors(out, unknown=True):
+        out.mkdir(parents=True, exist_ok=True)
     students = store.predictions("student")
     teacher = teacher or next(iter(store.teachers()), None)
     if teacher is None:
@@ -202,5 +204,5 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 <table><tr><th>model</th><th>kind</th><th>n</th>{''.join(f'<th>{h} (%)</th>' for _, h in cols)}</tr>{rows_html}</table>
 {extra_html}{figs}</body></html>"""
     path = out / "report.html"
-    path.write_text(page)
+    write_text(path, page)
     return path

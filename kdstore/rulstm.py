@@ -442,6 +442,8 @@ class AnnotationFolder:
     @classmethod
     def scan(cls, directory: str | Path) -> "AnnotationFolder":
         d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise AnnotationError(f"{d}: a file, expected an annotation folder (actions.csv and split CSVs)")
         if not d.is_dir():
             raise AnnotationError(f"{d}: annotation folder not found")
         stems = sorted(p.stem for p in d.glob("*.csv"))

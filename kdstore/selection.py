@@ -74,6 +74,8 @@ class WindowSpec:
             lo = hi = None
         if lo is None:
             raise ConfigError(f"--tau-a: expected A or A:B in seconds (e.g. 1 or 0.5:2), found {tau_a!r}")
+        if not lo > 0:  # as the student's tau_a: a window ends before its segment
+            raise ConfigError(f"--tau-a must be positive (seconds before each segment), found {tau_a}")
         return cls(lo, hi, int(num_frames), float(fps))
 
     def to_json(self) -> dict:

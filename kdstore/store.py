@@ -31,14 +31,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from .tables import ClassTable, SegmentTable, default_splits
-from .backends import (Backend, Concatenated, HDF5Backend, ZarrBackend, _fsync, _fsync_tree, _write_json, access_errors,
-                       exchange)
-from .errors import ConfigError, DataError, MissingError, StoreFormatError
+from .atomic import fsync, fsync_tree, link_message, os_errors, replacing, write_json
+from .backends import Backend, Concatenated, HDF5Backend, ZarrBackend, exchange
+from .errors import AccessError, ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
 from .identity import check_same
 from .lock import locked, store_lock_path
 from .ranking import label_ranks, rank_order
+from .tables import ClassTable, SegmentTable, default_splits
 
 SCHEMA_VERSION = 2
 #: Versions ``Store.open`` reads; version 1 stores are read as version 2 (``kdstore upgrade`` rewrites them).
@@ -185,7 +185,9 @@ class Store:
         crash never leaves a half-made store at ``path``.
         """
         path = Path(path)
-        _check_segments(classes, segments)  # before anything on disk is touched
+        problems = segment_problems(classes, segments)  # before anything on disk is touched
+        if problems:
+            raise DataError(problems[0])
         kind = _backend_for(path, backend)
         manifest = {
             "format": FORMAT,
@@ -197,35 +199,29 @@ class Store:
             "provenance": [provenance or provenance_entry("create")],
         }
         lock = store_lock_path(path)
-        with access_errors(path):
+        with os_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             with locked(lock, str(path)):
-                old = Store.open(path).backend if path.exists() or path.is_symlink() else None
+                if path.is_symlink():  # replacing it would replace the link, not the store
+                    raise AccessError(link_message(path))
+                old = Store.open(path).backend if path.exists() else None
                 if old is not None and not overwrite:
                     raise StoreFormatError(f"{path}: already exists (pass overwrite to replace it)")
+                if old is not None:
+                    old.refuse_links()
                 for lo in kind(path)._sibling_leftovers():  # of crashed creates: we hold the lock, their writers are gone
                     lo.remove()
                 tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
-                b = kind.create(tmp, manifest, lock_file=lock)
-                b.write_group("classes", *class_group(classes))
-                b.write_group("segments", *segment_group(segments))
-                _fsync_tree(tmp) if tmp.is_dir() else _fsync(tmp)
+                try:
+                    b = kind.create(tmp, manifest, lock_file=lock)
+                    b.write_group("classes", *class_group(classes))
+                    b.write_group("segments", *segment_group(segments))
+                    fsync_tree(tmp) if tmp.is_dir() else fsync(tmp)
+                except BaseException:
+                    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)  # a failed build holds no space
+                    raise
                 crash_point("create.built")
-                if old is None:
-                    os.rename(tmp, path)
-                else:
-                    aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
-                    if exchange(tmp, path):
-                        os.rename(tmp, aside)
-                    else:  # a crash between the renames leaves no store at path: ingest runs again
-                        os.rename(path, aside)
-                        crash_point("create.aside")
-                        os.rename(tmp, path)
-                    crash_point("create.swapped")
-                    for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
-                        lo.remove()
-                    shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
-                _fsync(path.parent)
+                _swap_in(tmp, path, old)
         return cls(kind(path))
 
     # -- metadata --------------------------------------------------------------------
@@ -287,7 +283,9 @@ class Store:
     def segments(self) -> SegmentTable:
         if self._segments is None:
             seg = read_segment_group(self.backend)
-            _check_segments(self.classes, seg)  # a damaged table stops here, not as an IndexError later
+            problems = segment_problems(self.classes, seg)
+            if problems:  # a damaged table stops here, not as an IndexError later
+                raise DataError(f"{self.path}: {problems[0]}")
             self._segments = seg
         return self._segments
 
@@ -438,16 +436,36 @@ class Store:
 
     def video_writer(
         self, name: str, dim: int, dtype: str = "float16", frame_rate: float | None = None, attrs: dict | None = None,
-        settings: dict | None = None, restart: bool = False,
+        settings: dict | None = None, restart: bool = False, replace: bool = False,
     ) -> "VideoWriter":
         """A resumable writer of per-video features into ``video/<name>``.
 
         ``settings`` (JSON-able, e.g. the encoder, or an import's source and frame selection)
         must equal those of a partial build being resumed, so that one group never mixes the
         features of two encoders or sources; ``restart`` discards a partial build first.
+        The commit keeps the stored videos that were not staged again, or (``replace``) none.
         """
         _check_name(name)
-        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {}, restart)
+        return VideoWriter(self, name, dim, np.dtype(dtype), frame_rate, attrs or {}, settings or {}, restart, replace)
+
+
+def _swap_in(tmp: Path, path: Path, old: Backend | None) -> None:
+    """Put the store built at ``tmp`` in place of ``path`` (holding the store ``old``, or nothing)."""
+    if old is None:
+        os.rename(tmp, path)
+    else:
+        aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex}")
+        if exchange(tmp, path):
+            os.rename(tmp, aside)
+        else:  # a crash between the renames leaves no store at path: ingest runs again
+            os.rename(path, aside)
+            crash_point("create.aside")
+            os.rename(tmp, path)
+        crash_point("create.swapped")
+        for lo in old._partial_builds():  # staged features of the replaced store (HDF5: beside it)
+            lo.remove()
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    fsync(path.parent)
 
 
 def class_group(classes: ClassTable) -> tuple[dict, dict]:
@@ -495,25 +513,32 @@ def _check_name(name: str) -> None:
         raise DataError(f"group name {name!r}: must be non-empty, without '/', not starting with '.' or '_'")
 
 
-def _check_segments(classes: ClassTable, seg: SegmentTable) -> None:
+def segment_problems(classes: ClassTable, seg: SegmentTable) -> list[str]:
+    """What is wrong with a segment table for these classes, one line per kind of problem
+    naming its first segment: action ids out of range, labels that disagree with the class
+    table, repeated UIDs or ids, segments that end before they start. A store refuses to be
+    created with the first (``Store.create``); ``validate`` lists them all."""
+    out = []
     bad = np.flatnonzero((seg.action < -1) | (seg.action >= classes.num_actions))
     if len(bad):
-        raise DataError(f"{seg.describe(bad[0])}: unknown action id {seg.action[bad[0]]} (classes: 0..{classes.num_actions - 1}, -1: unlabelled)")
-    labelled = seg.action >= 0
-    bad = np.flatnonzero(labelled & ((classes.action_verb[seg.action.clip(0)] != seg.verb) | (classes.action_noun[seg.action.clip(0)] != seg.noun)))
-    bad = np.concatenate([bad, np.flatnonzero(~labelled & ((seg.verb != -1) | (seg.noun != -1)))])
+        out.append(f"{seg.describe(bad[0])}: unknown action id {seg.action[bad[0]]} (classes: 0..{classes.num_actions - 1}, -1: unlabelled)")
+    known = (seg.action >= -1) & (seg.action < classes.num_actions)
+    labelled, a = known & (seg.action >= 0), seg.action.clip(0, max(classes.num_actions - 1, 0))
+    bad = np.flatnonzero(labelled & ((classes.action_verb[a] != seg.verb) | (classes.action_noun[a] != seg.noun)))
+    bad = np.concatenate([bad, np.flatnonzero((seg.action == -1) & ((seg.verb != -1) | (seg.noun != -1)))])
     if len(bad):
         r = bad[0]
-        raise DataError(f"{seg.describe(r)}: action {seg.action[r]} with verb {seg.verb[r]} noun {seg.noun[r]} disagrees with the class table")
+        out.append(f"{seg.describe(r)}: action {seg.action[r]} with verb {seg.verb[r]} noun {seg.noun[r]} disagrees with the class table")
     if len(np.unique(seg.uid)) != len(seg.uid):
         u, c = np.unique(seg.uid, return_counts=True)
-        raise DataError(f"UID {u[c > 1][0]}: appears more than once in the segment table")
+        out.append(f"UID {u[c > 1][0]}: appears more than once in the segment table")
     if seg.ids is not None and len(set(seg.ids)) != len(seg.ids):
         dup = next(k for k, c in Counter(seg.ids).items() if c > 1)
-        raise DataError(f"segment {dup}: appears more than once in the segment table")
+        out.append(f"segment {dup}: appears more than once in the segment table")
     bad = np.flatnonzero(seg.end_frame < seg.start_frame)
     if len(bad):
-        raise DataError(f"{seg.describe(bad[0])}: ends at frame {seg.end_frame[bad[0]]} before it starts at {seg.start_frame[bad[0]]}")
+        out.append(f"{seg.describe(bad[0])}: ends at frame {seg.end_frame[bad[0]]} before it starts at {seg.start_frame[bad[0]]}")
+    return out
 
 
 def _check_finite(arr: np.ndarray, uids: np.ndarray, what: str) -> None:
@@ -767,32 +792,6 @@ class _Staged:
     frames: int
 
 
-class _AtomicFile:
-    """A file written under a temporary name, synced, then renamed into place; removed on error."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-
-    def __enter__(self):
-        self.f = open(self.tmp, "wb")
-        return self.f
-
-    def __exit__(self, exc_type, *exc) -> None:
-        written = False
-        try:
-            if exc_type is None:
-                self.f.flush()
-                os.fsync(self.f.fileno())
-                written = True
-        finally:
-            self.f.close()
-            if written:
-                self.tmp.replace(self.path)
-            else:
-                self.tmp.unlink(missing_ok=True)
-
-
 class VideoWriter:
     """Stage per-video features beside the store, then commit them as one contiguous group.
 
@@ -803,12 +802,12 @@ class VideoWriter:
     """
 
     def __init__(self, store: Store, name: str, dim: int, dtype: np.dtype, frame_rate: float | None, attrs: dict,
-                 settings: dict, restart: bool = False):
+                 settings: dict, restart: bool = False, replace: bool = False):
         if dtype not in (np.float16, np.float32):
             raise DataError(f"video/{name}: dtype must be float16 or float32, found {dtype}")
         self.store, self.name, self.dim, self.dtype = store, name, int(dim), dtype
-        self.frame_rate, self.attrs = frame_rate, attrs
-        if name in store.feature_sets():
+        self.frame_rate, self.attrs, self.replace = frame_rate, attrs, replace
+        if name in store.feature_sets() and not replace:
             existing = store.video(name)
             if existing.dim != self.dim:
                 raise DataError(f"video/{name}: feature dimension {self.dim} differs from the stored {existing.dim}")
@@ -832,7 +831,7 @@ class VideoWriter:
             check_same(json.loads(meta_file.read_text()), meta, f"{self.dir}: a partial build with other settings is staged",
                        hint="rerun with those settings to resume it, or discard it (import-features --restart, or remove that folder)")
         else:
-            _write_json(meta_file, meta)
+            write_json(meta_file, meta)
 
     @property
     def _lock_file(self) -> Path:
@@ -881,7 +880,7 @@ class VideoWriter:
             raise DataError(f"video/{self.name}, video {video!r}: timestamps must be finite and increasing")
         stem = self._stem(video)
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n, self.dim)}
-        with _AtomicFile(stem.with_name(stem.name + ".feat.npy")) as f:
+        with replacing(stem.with_name(stem.name + ".feat.npy"), "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
             row = 0
             for block in features:
@@ -896,10 +895,10 @@ class VideoWriter:
             if row != n:
                 raise DataError(f"video/{self.name}, video {video!r}: {n} timestamps for {row} frames")
         crash_point("video.put")
-        with _AtomicFile(stem.with_name(stem.name + ".ts.npy")) as f:
+        with replacing(stem.with_name(stem.name + ".ts.npy"), "wb") as f:
             np.save(f, timestamps, allow_pickle=False)
         crash_point("video.put")
-        _write_json(stem.with_suffix(".json"), {"video": video, "frames": n})
+        write_json(stem.with_suffix(".json"), {"video": video, "frames": n})
         crash_point("video.staged")
 
     def _check_block(self, video: str, block: np.ndarray, timestamps: np.ndarray, first: int) -> None:
@@ -925,7 +924,7 @@ class VideoWriter:
             raise DataError(f"video/{self.name}: nothing to commit (no video was staged)")
         # (video, features, timestamps): stored videos as memmap slices, staged ones as files
         items: list[tuple[str, np.ndarray | Path, np.ndarray | Path]] = []
-        if self.name in self.store.feature_sets():
+        if self.name in self.store.feature_sets() and not self.replace:
             old = self.store.video(self.name)
             items = [(v, *old.frames(v)) for v in old.videos if v not in staged]
         for v in staged:

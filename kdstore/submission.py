@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .backends import replacing
+from .atomic import replacing
 from .errors import DataError, MissingError
 from .faults import crash_point
 from .metrics import marginalise, softmax

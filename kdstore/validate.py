@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 
+from .atomic import link_message
 from .rulstm import DATASET_FPS
 from .errors import KDStoreError
-from .store import Store, segments_fingerprint, uids_fingerprint
+from .store import Store, read_segment_group, segment_problems, segments_fingerprint, uids_fingerprint
 
 # installed: kdstore/schemas (shipped with the package); source tree: schemas/ at the top
 _HERE = Path(__file__).resolve().parent
@@ -24,157 +26,198 @@ def _schemas() -> tuple[dict, dict, dict]:
     return load("manifest.schema.json"), load("groups.schema.json"), load("layout.json")
 
 
+@dataclass
+class _Check:
+    """What every group checker shares: the store, the schemas and the problems found."""
+
+    store: Store
+    deep: bool
+    manifest_schema: dict
+    group_schema: dict
+    layout: dict
+    problems: list[str] = field(default_factory=list)
+    sym: dict = field(default_factory=dict)  # shape symbols: A, V, N, S, nSplits, nSubsets
+
+    @property
+    def v1(self) -> bool:
+        return self.store.schema_version == 1
+
+    @property
+    def seg_v1(self) -> bool:  # an upgrade killed part-way leaves a schema-2 segments group under a schema-1 manifest
+        return self.v1 and not self.store.backend.has("segments/split_mask")
+
+    def expect(self, cond: bool, msg: str) -> None:
+        if not cond:
+            self.problems.append(f"{self.store.path}: {msg}")
+
+    def attrs(self, where: str, attrs: dict, schema: dict | str) -> None:
+        if isinstance(schema, str):  # a "#/$defs/<group>" reference into groups.schema.json
+            schema = {**self.group_schema, "$ref": schema}
+        for err in jsonschema.Draft202012Validator(schema).iter_errors(attrs):
+            loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
+            self.problems.append(f"{self.store.path}: {where} attribute {loc}: {err.message}")
+
+    def spec(self, group: str) -> dict:
+        groups = self.layout["groups"]
+        if (self.seg_v1 if group == "segments" else self.v1) and f"{group}@1" in groups:
+            return groups[f"{group}@1"]
+        return next(s for pat, s in groups.items() if fnmatch.fnmatch(group, pat))
+
+
 def validate_store(path: str | Path, deep: bool = True) -> list[str]:
     """Problems found in the store at ``path`` (empty when valid).
 
-    Checks the manifest and every group's attributes against the JSON Schemas, every
-    array's dtype, shape and byte size against ``schemas/layout.json`` (a schema-1 store
-    against its ``@1`` groups), and the content: ids in range and unique, labels that
-    agree with the class table, split and subset membership, the segment fingerprint,
-    prediction groups made for these segments, offsets and timestamps ordered, and
-    (``deep``) no NaN/inf in features or logits. A path that is not a store raises
-    StoreFormatError.
+    Checks that the store holds no symbolic links, the manifest and every group's
+    attributes against the JSON Schemas, every array's dtype, shape and byte size against
+    ``schemas/layout.json`` (a schema-1 store against its ``@1`` groups), and the content,
+    one checker per group kind: ids in range and unique, labels that agree with the class
+    table, split and subset membership, the segment fingerprint, prediction groups made for
+    these segments, offsets and timestamps ordered, and (``deep``) no NaN/inf in features or
+    logits. A path that is not a store raises StoreFormatError.
     """
     store = Store.open(path)
-    b = store.backend
-    manifest_schema, group_schema, layout = _schemas()
-    problems: list[str] = []
-    v1 = store.schema_version == 1
-    # an upgrade killed part-way leaves a schema-2 segments group under a schema-1 manifest
-    seg_v1 = v1 and not b.has("segments/split_mask")
-
-    def check_attrs(where: str, attrs: dict, schema: dict | str) -> None:
-        if isinstance(schema, str):  # a "#/$defs/<group>" reference into groups.schema.json
-            schema = {**group_schema, "$ref": schema}
-        for err in jsonschema.Draft202012Validator(schema).iter_errors(attrs):
-            loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
-            problems.append(f"{store.path}: {where} attribute {loc}: {err.message}")
-
-    def spec_of(group: str) -> dict:
-        if (seg_v1 if group == "segments" else v1) and f"{group}@1" in layout["groups"]:
-            return layout["groups"][f"{group}@1"]
-        return next(s for pat, s in layout["groups"].items() if fnmatch.fnmatch(group, pat))
-
+    c = _Check(store, deep, *_schemas())
     try:
-        left = b.leftovers()
+        left = store.backend.leftovers()
     except KDStoreError as e:
         return [str(e)]
+    c.problems += [link_message(link, inside=True) for link in store.backend.links()]
     for lo in left:
         if lo.hides:
-            problems.append(f"{store.path}: {lo.hides}: missing until its interrupted commit is finished"
-                            " (by the next writer, or kdstore gc)")
-    check_attrs("manifest", store.manifest, manifest_schema)
-    groups = ["classes", "segments"] + [f"video/{n}" for n in store.feature_sets()] + [
-        f"teacher/{n}" for n in store.predictions()
-    ]
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    for g in groups:
-        spec = spec_of(g)
-        check_attrs(g, b.attrs(g), spec["attrs"])
-        arrays[g] = {}
-        for name, a in spec["arrays"].items():
-            key = f"{g}/{name}"
-            if not b.has(key):
-                if not a.get("optional"):
-                    problems.append(f"{store.path}: {key}: missing array")
-                continue
-            try:
-                arr = b.memmap(key)
-            except KDStoreError as e:
-                problems.append(str(e))
-                continue
-            if arr.dtype.name not in a["dtype"]:
-                problems.append(f"{store.path}: {key}: dtype {arr.dtype.name}, expected one of {a['dtype']}")
-            if arr.ndim != len(a["shape"]):
-                problems.append(f"{store.path}: {key}: {arr.ndim} dimensions, expected {a['shape']}")
-            arrays[g][name] = arr
-    if problems:
-        return problems  # content checks assume the layout is right
+            c.problems.append(f"{store.path}: {lo.hides}: missing until its interrupted commit is finished"
+                              " (by the next writer, or kdstore gc)")
+    c.attrs("manifest", store.manifest, c.manifest_schema)
+    groups = ["classes", "segments", *(f"video/{n}" for n in store.feature_sets()), *(f"teacher/{n}" for n in store.predictions())]
+    arrays = {g: _check_layout(c, g) for g in groups}
+    if c.problems:
+        return c.problems  # content checks assume the layout is right
     try:
-        classes, seg = store.classes, store.segments
+        classes, seg = store.classes, read_segment_group(store.backend)  # unchecked: _check_segments lists its problems
     except (KDStoreError, UnicodeDecodeError, ValueError) as e:
         return [f"{store.path}: segments or classes unreadable ({e})"]
-    sa = b.attrs("segments")
-    sym = {"A": classes.num_actions, "V": classes.num_verbs, "N": classes.num_nouns, "S": len(seg),
-           "nSplits": len(seg.splits), "nSubsets": len(seg.subsets)}
-
-    def expect(cond: bool, msg: str) -> None:
-        if not cond:
-            problems.append(f"{store.path}: {msg}")
-
+    c.sym = {"A": classes.num_actions, "V": classes.num_verbs, "N": classes.num_nouns, "S": len(seg),
+             "nSplits": len(seg.splits), "nSubsets": len(seg.subsets)}
     for g in groups:
-        for name, arr in arrays[g].items():
-            for axis, s in enumerate(spec_of(g)["arrays"][name]["shape"]):
-                if s in sym:
-                    expect(arr.shape[axis] == sym[s], f"{g}/{name}: axis {axis} is {arr.shape[axis]}, expected {s}={sym[s]}")
-    expect(bool(((classes.action_verb >= 0) & (classes.action_verb < sym["V"])).all()), "classes/action_verb: verb id out of range")
-    expect(bool(((classes.action_noun >= 0) & (classes.action_noun < sym["N"])).all()), "classes/action_noun: noun id out of range")
-    expect(len(classes.surface_verbs) == sym["A"] and len(classes.surface_nouns) == sym["A"],
-           f"classes: {len(classes.surface_verbs)} surface verbs and {len(classes.surface_nouns)} nouns for {sym['A']} actions")
-    expect(len(np.unique(seg.uid)) == len(seg.uid), "segments/uid: duplicate UIDs")
-    if not seg_v1:
-        expect((sa["key"] == "id") == ("id" in arrays["segments"]), f"segments: attribute key {sa['key']!r} but the id array is {'present' if 'id' in arrays['segments'] else 'absent'}")
-        expect(bool(sa["subsets"]) == ("subset_mask" in arrays["segments"]), "segments: attribute subsets and the subset_mask array disagree")
-    if seg.ids is not None:
-        expect(len(set(seg.ids)) == len(seg.ids), "segments/id: duplicate ids")
-    labelled = seg.action >= 0
-    expect(bool(((seg.action >= -1) & (seg.action < sym["A"])).all()), "segments/action: action id out of range (-1 marks unlabelled)")
-    if ((seg.action >= -1) & (seg.action < sym["A"])).all():
-        a = seg.action.clip(0)
-        agree = np.where(labelled, (classes.action_verb[a] == seg.verb) & (classes.action_noun[a] == seg.noun),
-                         (seg.verb == -1) & (seg.noun == -1))
-        bad = np.flatnonzero(~agree)
-        expect(len(bad) == 0, f"segments: {seg.describe(bad[0]) if len(bad) else ''} has verb/noun labels that disagree with its action")
-    expect(bool((seg.end_frame >= seg.start_frame).all()), "segments: a segment ends before it starts")
-    expect(bool(((seg.video >= 0) & (seg.video < len(seg.videos))).all()), "segments/video: video index out of range")
-    if seg_v1:
-        split = np.asarray(b.memmap("segments/split"))
-        expect(bool(((split >= 0) & (split < len(seg.splits))).all()), "segments/split: split index out of range")
+        _check_axes(c, g, arrays[g])
+    _check_classes(c, classes)
+    _check_segments(c, classes, seg, arrays["segments"])
+    for name in store.feature_sets():
+        _check_video(c, name, arrays[f"video/{name}"])
+    for name in store.predictions():
+        _check_predictions(c, name, arrays[f"teacher/{name}"], seg)
+    return c.problems
+
+
+def _check_layout(c: _Check, g: str) -> dict[str, np.ndarray]:
+    """The arrays of group ``g`` whose layout is readable; its attributes, dtypes and ranks checked."""
+    b, spec = c.store.backend, c.spec(g)
+    c.attrs(g, b.attrs(g), spec["attrs"])
+    out = {}
+    for name, a in spec["arrays"].items():
+        key = f"{g}/{name}"
+        if not b.has(key):
+            c.expect(bool(a.get("optional")), f"{key}: missing array")
+            continue
+        try:
+            arr = b.memmap(key)
+        except KDStoreError as e:
+            c.problems.append(str(e))
+            continue
+        c.expect(arr.dtype.name in a["dtype"], f"{key}: dtype {arr.dtype.name}, expected one of {a['dtype']}")
+        c.expect(arr.ndim == len(a["shape"]), f"{key}: {arr.ndim} dimensions, expected {a['shape']}")
+        out[name] = arr
+    return out
+
+
+def _check_axes(c: _Check, g: str, arrays: dict[str, np.ndarray]) -> None:
+    for name, arr in arrays.items():
+        for axis, s in enumerate(c.spec(g)["arrays"][name]["shape"]):
+            if s in c.sym:
+                c.expect(arr.shape[axis] == c.sym[s], f"{g}/{name}: axis {axis} is {arr.shape[axis]}, expected {s}={c.sym[s]}")
+
+
+def _check_classes(c: _Check, classes) -> None:
+    A, V, N = c.sym["A"], c.sym["V"], c.sym["N"]
+    c.expect(bool(((classes.action_verb >= 0) & (classes.action_verb < V)).all()), "classes/action_verb: verb id out of range")
+    c.expect(bool(((classes.action_noun >= 0) & (classes.action_noun < N)).all()), "classes/action_noun: noun id out of range")
+    c.expect(len(classes.surface_verbs) == A and len(classes.surface_nouns) == A,
+             f"classes: {len(classes.surface_verbs)} surface verbs and {len(classes.surface_nouns)} nouns for {A} actions")
+
+
+def _check_segments(c: _Check, classes, seg, arrays: dict[str, np.ndarray]) -> None:
+    """The segment table: the problems a store refuses to create (``segment_problems``), the
+    key and subset attributes, video indices, split and subset membership, the fingerprint."""
+    for p in segment_problems(classes, seg):
+        c.problems.append(f"{c.store.path}: segments: {p}")
+    if not c.seg_v1:
+        sa = c.store.backend.attrs("segments")
+        has_id = "id" in arrays
+        c.expect((sa["key"] == "id") == has_id,
+                 f"segments: attribute key {sa['key']!r} but the id array is {'present' if has_id else 'absent'}")
+        c.expect(bool(sa["subsets"]) == ("subset_mask" in arrays), "segments: attribute subsets and the subset_mask array disagree")
+    c.expect(bool(((seg.video >= 0) & (seg.video < len(seg.videos))).all()), "segments/video: video index out of range")
+    if c.seg_v1:
+        split = np.asarray(c.store.backend.memmap("segments/split"))
+        c.expect(bool(((split >= 0) & (split < len(seg.splits))).all()), "segments/split: split index out of range")
     else:
         orphan = np.flatnonzero(~seg.split_mask.any(axis=1))
-        expect(len(orphan) == 0, f"segments/split_mask: {seg.describe(orphan[0]) if len(orphan) else ''} is in no split")
-        expect(len(seg.subset_splits) == len(seg.subsets) and set(seg.subset_splits) <= set(seg.splits),
-               f"segments: subset_splits {seg.subset_splits} must name one split of {seg.splits} per subset")
+        c.expect(len(orphan) == 0, f"segments/split_mask: {seg.describe(orphan[0]) if len(orphan) else ''} is in no split")
+        c.expect(len(seg.subset_splits) == len(seg.subsets) and set(seg.subset_splits) <= set(seg.splits),
+                 f"segments: subset_splits {seg.subset_splits} must name one split of {seg.splits} per subset")
         for q, (name, split) in enumerate(zip(seg.subsets, seg.subset_splits)):
             if split in seg.splits:
                 out = np.flatnonzero(seg.subset_mask[:, q] & ~seg.in_split(split))
-                expect(len(out) == 0, f"segments/subset_mask: {seg.describe(out[0]) if len(out) else ''} is in subset {name!r} but not in its split {split!r}")
-    fingerprint = uids_fingerprint(seg.uid) if v1 else segments_fingerprint(seg)
-    expect(store.manifest.get("segments_sha256") == fingerprint, "manifest segments_sha256 does not match the segment table")
-    for name in store.feature_sets():
-        g = f"video/{name}"
-        a, attrs = arrays[g], b.attrs(g)
-        off, ts = np.asarray(a["offsets"]), np.asarray(a["timestamps"])
-        expect(len(off) == len(attrs["videos"]) + 1, f"{g}/offsets: {len(off)} entries for {len(attrs['videos'])} videos")
-        expect(off[0] == 0 and off[-1] == len(a["features"]) and bool((np.diff(off) > 0).all()), f"{g}/offsets: not increasing from 0 to {len(a['features'])}")
-        expect(len(ts) == len(a["features"]), f"{g}/timestamps: {len(ts)} entries for {len(a['features'])} frames")
-        inside = np.ones(max(len(ts) - 1, 0), bool)
-        inside[off[1:-1] - 1] = False  # a video boundary may go back in time
-        expect(bool((np.diff(ts)[inside] > 0).all()), f"{g}/timestamps: not increasing within a video")
-        expect(attrs["dim"] == a["features"].shape[1], f"{g}: attribute dim {attrs['dim']}, features have {a['features'].shape[1]}")
-        if deep:
-            _scan_finite(a["features"], f"{g}/features", lambda i, v=attrs["videos"], o=off: f"video {v[np.searchsorted(o, i, 'right') - 1]!r}", problems, store.path)
-    for name in store.predictions():
-        g = f"teacher/{name}"
-        a, attrs = arrays[g], b.attrs(g)
-        uids = np.asarray(a["uids"])
-        P = len(uids)
-        expect(store.made_for_segments(attrs["segments_sha256"]),
-               f"{g}: made for other segments (other uids, ids, labels or splits: segments_sha256 differs)")
-        expect(len(np.unique(uids)) == P, f"{g}/uids: duplicate UIDs")
-        unknown = np.setdiff1d(uids, seg.uid)
-        expect(len(unknown) == 0, f"{g}/uids: UID {unknown[:1].tolist()} not in segments")
-        for key, arr in a.items():
-            expect(arr.shape[0] == P, f"{g}/{key}: {arr.shape[0]} rows, expected P={P}")
-        expect(a["topk_values"].shape[1] == attrs["topk"], f"{g}/topk_values: K={a['topk_values'].shape[1]}, attribute topk={attrs['topk']}")
-        expect(a["lse"].shape[1] == len(attrs["lse_temperatures"]), f"{g}/lse: {a['lse'].shape[1]} columns for {len(attrs['lse_temperatures'])} temperatures")
-        idx = np.asarray(a["topk_indices"])
-        expect(bool(((idx >= 0) & (idx < sym["A"])).all()), f"{g}/topk_indices: class index out of range")
-        if deep:
-            for key in ("logits", "topk_values", "lse", "features", "verb_logits", "noun_logits"):
-                if key in a:
-                    _scan_finite(a[key], f"{g}/{key}", lambda i, u=uids: seg.describe(seg.row_of([int(u[i])])[0]), problems, store.path)
-    return problems
+                c.expect(len(out) == 0, f"segments/subset_mask: {seg.describe(out[0]) if len(out) else ''} is in subset"
+                                        f" {name!r} but not in its split {split!r}")
+    fingerprint = uids_fingerprint(seg.uid) if c.v1 else segments_fingerprint(seg)
+    c.expect(c.store.manifest.get("segments_sha256") == fingerprint, "manifest segments_sha256 does not match the segment table")
+
+
+def _check_video(c: _Check, name: str, a: dict[str, np.ndarray]) -> None:
+    """A feature set: offsets from 0 to the frame count, timestamps increasing within each video."""
+    g = f"video/{name}"
+    attrs = c.store.backend.attrs(g)
+    off, ts, n = np.asarray(a["offsets"]), np.asarray(a["timestamps"]), len(a["features"])
+    c.expect(len(off) == len(attrs["videos"]) + 1, f"{g}/offsets: {len(off)} entries for {len(attrs['videos'])} videos")
+    c.expect(off[0] == 0 and off[-1] == n and bool((np.diff(off) > 0).all()), f"{g}/offsets: not increasing from 0 to {n}")
+    c.expect(len(ts) == n, f"{g}/timestamps: {len(ts)} entries for {n} frames")
+    inside = np.ones(max(len(ts) - 1, 0), bool)
+    inside[off[1:-1] - 1] = False  # a video boundary may go back in time
+    c.expect(bool((np.diff(ts)[inside] > 0).all()), f"{g}/timestamps: not increasing within a video")
+    c.expect(attrs["dim"] == a["features"].shape[1], f"{g}: attribute dim {attrs['dim']}, features have {a['features'].shape[1]}")
+    if "video_sources" in attrs:  # each video's source, by index into attribute sources
+        per_video, n = attrs["video_sources"], len(attrs.get("sources", []))
+        c.expect(sorted(per_video) == sorted(attrs["videos"]) and all(i < n for i in per_video.values()),
+                 f"{g}: attribute video_sources does not give one of its {n} sources for each of its videos")
+    if c.deep:
+        videos = attrs["videos"]
+        _scan_finite(a["features"], f"{g}/features", lambda i: f"video {videos[np.searchsorted(off, i, 'right') - 1]!r}",
+                     c.problems, c.store.path)
+
+
+def _check_predictions(c: _Check, name: str, a: dict[str, np.ndarray], seg) -> None:
+    """A prediction group: made for these segments, UIDs unique and known, row counts, top-K and LSE widths."""
+    g = f"teacher/{name}"
+    attrs = c.store.backend.attrs(g)
+    uids = np.asarray(a["uids"])
+    P = len(uids)
+    c.expect(c.store.made_for_segments(attrs["segments_sha256"]),
+             f"{g}: made for other segments (other uids, ids, labels or splits: segments_sha256 differs)")
+    c.expect(len(np.unique(uids)) == P, f"{g}/uids: duplicate UIDs")
+    unknown = np.setdiff1d(uids, seg.uid)
+    c.expect(len(unknown) == 0, f"{g}/uids: UID {unknown[:1].tolist()} not in segments")
+    for key, arr in a.items():
+        c.expect(arr.shape[0] == P, f"{g}/{key}: {arr.shape[0]} rows, expected P={P}")
+    c.expect(a["topk_values"].shape[1] == attrs["topk"], f"{g}/topk_values: K={a['topk_values'].shape[1]}, attribute topk={attrs['topk']}")
+    c.expect(a["lse"].shape[1] == len(attrs["lse_temperatures"]),
+             f"{g}/lse: {a['lse'].shape[1]} columns for {len(attrs['lse_temperatures'])} temperatures")
+    idx = np.asarray(a["topk_indices"])
+    c.expect(bool(((idx >= 0) & (idx < c.sym["A"])).all()), f"{g}/topk_indices: class index out of range")
+    if c.deep:
+        for key in ("logits", "topk_values", "lse", "features", "verb_logits", "noun_logits"):
+            if key in a:
+                _scan_finite(a[key], f"{g}/{key}", lambda i: seg.describe(seg.row_of([int(uids[i])])[0]), c.problems,
+                             c.store.path)
 
 
 def store_warnings(path: str | Path) -> list[str]:

@@ -170,7 +170,7 @@ def test_ingest_overwrite(data, tmp_path, record_property):
 def test_import_features(data, tmp_path, suffix, record_property):
     root, ann, stores, npy = data
     kill_everywhere(tmp_path, stores[suffix], lambda p: ["import-features", p, npy, "--name", "feat", "--native-fps", 2,
-                                                         "--no-progress"],
+                                                         "--no-progress", "--overwrite"],
                     lambda p: store_state(p, "video/feat"), "video/feat", True, record_property)
 
 
@@ -259,3 +259,105 @@ def test_export(data, tmp_path, fmt, record_property):
         assert cli(*args(work)).returncode == 0 and work.read_bytes() == ref.read_bytes(), point
     print(f"{len(picked)} kill points")
     record_property("kill_points", len(picked))
+
+
+# ---------------------------------------------------------------------------------------
+# a full disk at several points of each cheap writer, and links out of the store
+
+
+def full_everywhere(tmp: Path, base: Path | None, args: Callable[[Path], list], result: Callable[[Path], dict],
+                    target: str | None, suffix: str = "", levels: int = 4) -> None:
+    """Run ``kdstore ARGS`` on a small file system, then on one filled so that only a part
+    of the space the command needs is free (``levels`` parts between none and all): it
+    succeeds or ends in one line saying the disk is full; the store validates and reads as
+    before or as the reference; freed, the rerun completes to the reference, no leftovers."""
+    from fullfs import entries, fill, free_bytes, small_fs, unfill
+
+    suffix = base.suffix if base else suffix
+    with small_fs(tmp / "fs", mib=64) as fs:
+        ref = copy(base, fs / f"ref{suffix}")
+        free = free_bytes(fs)
+        r = cli(*args(ref))
+        assert r.returncode == 0, r.stderr[-3000:]
+        need, want = free - free_bytes(fs), result(ref)
+        before, after = (store_state(base), store_state(ref)) if base else (None, None)
+        shutil.rmtree(ref) if ref.is_dir() else ref.unlink()
+        for leave in np.linspace(0, need, levels + 2)[1:-1].astype(int):
+            work = copy(base, fs / f"w{suffix}")
+            fill(fs, leave)
+            r = cli(*args(work))
+            unfill(fs)
+            if r.returncode != 0:
+                lines = [line for line in r.stderr.splitlines() if line.strip()]
+                assert r.returncode == 2 and len(lines) == 1 and "no space left on the device" in lines[0], (leave, r.stderr[-3000:])
+            if base is None:
+                assert r.returncode == 0 or not work.exists(), leave
+            else:
+                assert validate_store(work) == [], leave
+                now = store_state(work)
+                assert_equal(part(now, target, False), part(before, target, False), str(leave))
+                mine = part(now, target, True)
+                assert equal(mine, part(before, target, True)) or equal(mine, part(after, target, True)), leave
+            r = cli(*args(work))
+            assert r.returncode == 0, (leave, r.stderr[-3000:])
+            assert_equal(result(work), want, str(leave))
+            assert validate_store(work) == [] and leftovers(work) == [], leave
+            shutil.rmtree(work) if work.is_dir() else work.unlink()
+            assert not [e for e in entries(fs) if e.endswith(".tmp") or "-" in e.split("/")[0]], entries(fs)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_ingest_on_a_full_disk(data, tmp_path, suffix):
+    root, ann, stores, _ = data
+    full_everywhere(tmp_path, None, lambda p: ["ingest", ann, p, "--fps", 24], store_state, None, suffix)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_import_features_on_a_full_disk(data, tmp_path, suffix):
+    root, ann, stores, npy = data
+    full_everywhere(tmp_path, stores[suffix], lambda p: ["import-features", p, npy, "--name", "feat", "--native-fps", 2,
+                                                         "--no-progress", "--overwrite"],
+                    lambda p: store_state(p, "video/feat"), "video/feat")
+
+
+def test_predict_on_a_full_disk(data, tmp_path):
+    root, ann, stores, _ = data
+    full_everywhere(tmp_path, stores[".zarr"], lambda p: ["predict", p, "--run", root / "run", "--name", "st", "--overwrite"],
+                    lambda p: store_state(p, "teacher/st"), "teacher/st", levels=2)
+
+
+LINKED = {  # a writer of the store at p, refused before it writes when the store holds a link
+    "ingest-overwrite": lambda d, p: ["ingest", d[1], p, "--fps", 24, "--overwrite"],
+    "import-features": lambda d, p: ["import-features", p, d[3], "--name", "feat2", "--native-fps", 2, "--no-progress"],
+    "evaluate-write": lambda d, p: ["evaluate", p, "--baseline", "ngram", "--order", 2, "--write", "ng", "--overwrite"],
+    "predict": lambda d, p: ["predict", p, "--run", d[0] / "run", "--name", "st", "--overwrite"],
+    "build-teacher": lambda d, p: ["build-teacher", p, "--name", "bt", "--preset", "tiny", "--folds", 1, "--epochs", 50],
+    "upgrade": lambda d, p: ["upgrade", p],
+    "gc": lambda d, p: ["gc", p],
+}
+
+
+@pytest.mark.parametrize("where", ["staging", "group"])
+@pytest.mark.parametrize("writer", list(LINKED))
+def test_writers_refuse_links_out_of_the_store(data, tmp_path, writer, where):
+    """A store whose staging folder, or one of whose groups, is a link out of it: every
+    writer refuses in one line naming the link, before it writes; nothing outside changes."""
+    work = copy(data[2][".zarr"], tmp_path / "s.zarr")
+    outside = tmp_path / "outside"
+    if where == "staging":
+        for d in ("tmp-precious", "trash-precious", "video-feat2"):
+            (outside / d).mkdir(parents=True)
+            (outside / d / "keep").write_text("mine")
+        link = work / ".staging"
+        shutil.rmtree(link, ignore_errors=True)
+    else:
+        shutil.copytree(work / "teacher" / "teacher", outside)
+        link = work / "teacher" / "ng"
+    link.symlink_to(outside)
+    before, files = store_state(work), {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    r = cli(*LINKED[writer](data, work))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and lines == [lines[0]] and lines[0].startswith(f"error: {link}: a symbolic link (to {outside})"), r.stderr[-3000:]
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == files
+    assert link.is_symlink() and not Path(f"{work}.teacher-work").exists()
+    assert_equal(store_state(work), before, writer)

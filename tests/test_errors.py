@@ -144,7 +144,7 @@ def test_two_imports_of_one_name_at_once(tmp_path, synthetic_tables):
     msg = one_line(cli("import-features", s.path, src, "--name", "imp", "--native-fps", 1, "--no-progress"))
     assert f"video/imp: in use by pid {os.getpid()} (" in msg
     w.commit()
-    assert cli("import-features", s.path, src, "--name", "imp", "--native-fps", 1, "--no-progress").returncode == 0
+    assert cli("import-features", s.path, src, "--name", "imp", "--native-fps", 1, "--no-progress", "--overwrite").returncode == 0
     assert (Store.open(s.path).video("imp").features[:] == 1).all()
 
 

@@ -572,8 +572,10 @@ def test_a_resumed_import_never_takes_videos_staged_from_another_source(tmp_path
     # a changed folder is another source too, and so is another selection of the same one
     assert import_killed("put", 2, **args, source=tmp_path / "B") == -signal.SIGKILL
     np.save(tmp_path / "B" / f"{names[0]}.npy", np.zeros((20, 8), np.float32))
-    with pytest.raises(ConfigError, match="a partial build with other settings is staged"):
+    with pytest.raises(ConfigError, match="holds features from arrays .*/B, this import reads arrays .*/B: pass --overwrite"):
         import_arrays(tmp_path / "s.zarr", tmp_path / "B", "f", native_fps=2.0, progress=False)
+    with pytest.raises(ConfigError, match="a partial build with other settings is staged"):
+        import_arrays(tmp_path / "s.zarr", tmp_path / "B", "f", native_fps=2.0, progress=False, mode="overwrite")
 
 
 def test_a_resumed_lmdb_import_never_takes_videos_of_another_lmdb(tmp_path):
@@ -594,7 +596,7 @@ def test_a_resumed_lmdb_import_never_takes_videos_of_another_lmdb(tmp_path):
         np.testing.assert_array_equal(fs.frames(v)[1], frames[v] / 30)
 
 
-def test_a_second_import_adds_videos_and_their_source_counts(tmp_path):
+def test_an_append_adds_videos_and_their_source_counts(tmp_path):
     from kdstore.inspect import summary
 
     for folder, videos in (("one", ("P01_01", "P01_02")), ("two", ("P01_03",))):
@@ -603,8 +605,9 @@ def test_a_second_import_adds_videos_and_their_source_counts(tmp_path):
             np.save(tmp_path / folder / f"{v}.npy", features(v, np.arange(40), 8))
     store = make_store(tmp_path / "s.zarr", {v: [30] for v in ("P01_01", "P01_02", "P01_03")})
     import_arrays(store, tmp_path / "one", "f", native_fps=4.0, fps=1.0, progress=False)
-    r = import_arrays(store, tmp_path / "two", "f", native_fps=4.0, fps=1.0, progress=False)
+    r = import_arrays(store, tmp_path / "two", "f", native_fps=4.0, fps=1.0, progress=False, mode="append")
     assert (r.source_frames, r.kept_frames) == (40, 11)  # this import's video: 0-9.75 s at 4 fps; grid 0, 1, .., 10 s
     fs = Store.open(tmp_path / "s.zarr").video("f")
     assert fs.videos == ["P01_01", "P01_02", "P01_03"] and fs.attrs["source_frames"] == {"P01_01": 40, "P01_02": 40, "P01_03": 40}
+    assert fs.attrs["video_sources"] == {"P01_01": 0, "P01_02": 0, "P01_03": 1}
     assert summary(Store.open(tmp_path / "s.zarr"))["video"]["f"]["kept"] == {"source_frames": 120, "fraction": 33 / 120}

@@ -368,8 +368,12 @@ def test_a_worker_that_dies_fails_its_video_only(long_dir):
     assert sorted(e.index for e in ends if isinstance(e, Finished)) == sorted(set(range(6)) - {killed})
 
 
+# The holder handles Ctrl-C as an interactive Python does even where it was started with
+# SIGINT ignored (a background job of a non-interactive shell passes SIG_IGN on, and Python
+# then installs no handler), and says so before it reports ready.
 _HOLDER = """
-import json, sys, time
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 from trainers.video.decode import DecodeOptions, find_videos
 from trainers.video.workers import DecodePool

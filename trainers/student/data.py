@@ -132,6 +132,9 @@ class StudentData(torch.utils.data.Dataset):
     def batch(self, ids: np.ndarray) -> Batch:
         """The batch of samples ``ids`` (positions in this split), as CPU tensors."""
         ids = np.asarray(ids)
+        if ids.size and not ((ids >= -len(self)) & (ids < len(self))).all():
+            bad = ids[(ids < -len(self)) | (ids >= len(self))].flat[0]
+            raise MissingError(f"sample {bad}: out of range for this split's {len(self)} samples")
         # torch casts float16 to float32 several times faster than numpy (a no-op on float32)
         frames = torch.from_numpy(self.features.gather(self.frame_idx[ids])).float()  # [B, T, D]
         b = Batch(
@@ -224,6 +227,10 @@ class WindowBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  rank: int = 0, world: int = 1):
+        if batch_size < 1:
+            raise ConfigError(f"WindowBatchSampler: batch_size must be >= 1, found {batch_size}")
+        if not 0 <= rank < world:
+            raise ConfigError(f"WindowBatchSampler: rank {rank} is not one of the {world} ranks (0..{world - 1})")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world, self.epoch = drop_last or world > 1, rank, world, 0
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from kdstore.atomic import replace_with, write_text
 from kdstore.errors import ConfigError, DataError, MissingError
 from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics
@@ -136,11 +137,9 @@ class RunDir:
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         text = json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1)
-        save_file(tensors, self.path / f".{CKPT}.tmp", metadata={"state": text})
-        (self.path / f".{STATE}.tmp").write_text(text)
-        os.replace(self.path / f".{CKPT}.tmp", self.path / CKPT)
+        replace_with(self.path / CKPT, lambda tmp: save_file(tensors, str(tmp), metadata={"state": text}))
         crash_point("student.checkpoint")
-        os.replace(self.path / f".{STATE}.tmp", self.path / STATE)
+        write_text(self.path / STATE, text)
 
     def log(self, entry: dict) -> None:
         with open(self.path / LOG, "a") as f:
@@ -154,8 +153,7 @@ class RunDir:
         lines = path.read_text().splitlines()
         keep = [line for line in lines if _epoch_of(line) <= epochs]
         if keep != lines:
-            (self.path / f".{LOG}.tmp").write_text("".join(line + "\n" for line in keep))
-            os.replace(self.path / f".{LOG}.tmp", path)
+            write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _restore(model, opt, tensors: dict[str, torch.Tensor], state: dict) -> None:

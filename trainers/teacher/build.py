@@ -52,6 +52,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from kdstore.atomic import replace_with
 from kdstore.text import action_text, action_words
 from kdstore.errors import ConfigError, DataError
 from kdstore.faults import crash_point
@@ -152,9 +153,8 @@ def run_stage(job: StageJob, device: str = "cpu", on_step=None, on_epoch=None) -
         preds[k] /= len(job.pred_ids)
     if job.export:
         model.save(job.export, tok, {"config": job.cfg})
-    tmp = job.sdir / ".predictions.tmp"
-    save_file({**preds, "index": job.pred_index.astype(np.int64)}, str(tmp))
-    tmp.replace(job.sdir / "predictions.safetensors")  # the stage counts as finished only once this exists
+    replace_with(job.sdir / "predictions.safetensors",  # the stage counts as finished only once this exists
+                 lambda tmp: save_file({**preds, "index": job.pred_index.astype(np.int64)}, str(tmp)))
     crash_point("teacher.stage")
     return {"stage": job.stage, "device": device, "pid": os.getpid()}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
+from kdstore.atomic import replace_with
 from kdstore.errors import ConfigError
 from kdstore.faults import crash_point
 
@@ -71,12 +71,6 @@ def num_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    tmp.replace(path)
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     """Write model, optimizer and ``state`` (JSON, must hold ``epoch``) for ``load_checkpoint``.
 
@@ -89,10 +83,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().reshape(-1).clone() for i, s in sd["state"].items() for k, v in s.items()}
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    _atomic(path / f"model-{tag}.safetensors", lambda p: save_model(model, str(p)))
-    _atomic(path / f"optimizer-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
+    replace_with(path / f"model-{tag}.safetensors", lambda p: save_model(model, str(p)))
+    replace_with(path / f"optimizer-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
     crash_point("teacher.checkpoint")
-    _atomic(path / "state.json", lambda p: p.write_text(json.dumps({**state, "tag": tag, "param_groups": groups}, indent=1)))
+    replace_with(path / "state.json", lambda p: p.write_text(json.dumps({**state, "tag": tag, "param_groups": groups}, indent=1)))
     for old in path.glob("*-e*.safetensors"):
         if not old.name.endswith(f"-{tag}.safetensors"):
             old.unlink()

@@ -16,7 +16,6 @@ autocast on CUDA).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 
+from kdstore.atomic import replace_folder
 from kdstore.errors import DataError
 from kdstore.faults import crash_point
 
@@ -126,12 +126,10 @@ def _pretrain(texts, out: Path, cfg: PretrainConfig, tok, on_step) -> dict:
         crash_point("teacher.pretrain")
     model.cpu()
     summary = {"config": cfg.__dict__, "lines": len(texts), "chunks": n, "vocab": len(tok), "device": device, "log": log}
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps(summary, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(summary, indent=1))
+
+    replace_folder(out, write, marker="pretrain.json")
     return summary

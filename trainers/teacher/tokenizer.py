@@ -79,6 +79,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     missing = [t for t in ("mask_token", "pad_token") if getattr(tok, t, None) is None]
     if missing:
         raise ConfigError(f"{path}: tokenizer has no {' or '.join(missing)}")
+    model = tok.backend_tokenizer.model  # a WordPiece model without its unknown token fails on the first unknown word
+    if type(model).__name__ == "WordPiece" and model.unk_token not in tok.backend_tokenizer.get_vocab(with_added_tokens=False):
+        raise ConfigError(f"{path}: the WordPiece vocabulary has no unknown token {model.unk_token!r} (add it to vocab.txt)")
     new = [t for t in ACTION_TOKENS if t not in tok.get_vocab()]
     if new:
         tok.add_tokens(new, special_tokens=True)
