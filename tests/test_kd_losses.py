@@ -129,7 +129,7 @@ def assert_same(a, b):
 
 @pytest.fixture(params=[False, True], ids=["reference", "kernel"])
 def kernel(request, monkeypatch):
-    """Run the KL of the ``std`` modes through the Triton kernel (interpreted) or its torch reference."""
+    """Run the KL of the ``std`` modes and DKD's NCKD through the Triton kernel (interpreted) or its torch reference."""
     if request.param:
         pytest.importorskip("triton")
         monkeypatch.setattr(topk_kl_module, "topk_kl", functools.partial(topk_kl_module.topk_kl, use_kernel=True))
@@ -174,7 +174,7 @@ def test_std_topk_standardises_over_the_teachers_top_k(kernel):
 
 
 @pytest.mark.parametrize(("alpha", "beta", "T"), [(1.0, 8.0, 4.0), (1.0, 0.5, 1.0), (0.0, 2.0, 3.0)])
-def test_dkd_matches_decoupled_kd(alpha, beta, T):
+def test_dkd_matches_decoupled_kd(alpha, beta, T, kernel):
     student, teacher, b = fixed_batch(seed=1)
     cfg = preset("egtea", distill_mode="dkd", dkd_alpha=alpha, dkd_beta=beta, temperature=T, distill=1.0,
                  distill_reduction="rows")

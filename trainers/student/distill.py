@@ -15,11 +15,13 @@ term is active. Two kinds of term:
   ``std`` and ``std_topk``, the KL of z-scored logits (Sun et al., "Logit Standardization in
   Knowledge Distillation", CVPR 2024), through the fused kernel; ``dkd``, decoupled KD (Zhao
   et al., CVPR 2022): ``dkd_alpha`` x the binary target / non-target KL (TCKD) + ``dkd_beta`` x
-  the KL among the non-target classes (NCKD); ``dist``, DIST (Huang et al., NeurIPS 2022):
+  the KL among the non-target classes (NCKD, the fused kernel's KL over those C - 1); ``dist``, DIST (Huang et al., NeurIPS 2022):
   ``dist_beta`` x (1 - Pearson correlation of each row's probabilities) + ``dist_gamma`` x
   (1 - Pearson correlation of each class's probabilities across the batch's rows). ``std``,
   ``dkd`` and ``dist`` read the teacher's full logits; ``std_topk`` only its stored top-K, and
-  standardises both models over those K classes (docs/distillation.md).
+  standardises both models over those K classes (docs/distillation.md). ``dkd`` takes
+  ``distill_reduction`` like the KL modes (its ``rows`` is the authors' sum over classes, mean
+  over rows); ``dist`` is a mean of correlations already and ignores it.
 * **Feature terms** (weights ``distill_feat``, ``distill_feat_mse``), on the student's future
   aggregate (projected to the teacher's width when the two differ) and the teacher's [CLS]
   feature: 1 - cosine similarity, mean over rows, and the MSE of the L2-normalised features,
@@ -132,22 +134,26 @@ def _reduce_rows(per_row: Tensor, batch: Batch, cfg: StudentConfig, width: int) 
 
 
 def _dkd(out: dict[str, Tensor], batch: Batch, cfg: StudentConfig) -> Tensor:
-    """T^2 (alpha TCKD + beta NCKD), in log space: the target class is masked out exactly."""
+    """T^2 (alpha TCKD + beta NCKD). TCKD in log space; NCKD, the KL of the two distributions
+    renormalised over the non-target classes, is the fused kernel's top-K KL over those C - 1."""
+    from trainers.kernels.topk_kl import topk_kl
+
     s, t = _full_pair(out, batch)
-    T = cfg.temperature
+    T, (B, C) = cfg.temperature, s.shape
     zs, zt = s.float() / T, t / T  # [B, A]
-    gt = F.one_hot(batch.action.clamp(min=0), zs.shape[1]).bool()  # [B, A]
+    gt = F.one_hot(batch.action.clamp(min=0), C).bool()  # [B, A]
     lse_s, lse_t = zs.logsumexp(-1), zt.logsumexp(-1)  # [B]
-    zs_nt, zt_nt = zs.masked_fill(gt, float("-inf")), zt.masked_fill(gt, float("-inf"))  # [B, A]
-    nt_s, nt_t = zs_nt.logsumexp(-1), zt_nt.logsumexp(-1)  # [B] log-sum-exp over the non-target classes
+    nt_s = zs.masked_fill(gt, float("-inf")).logsumexp(-1)  # [B] over the non-target classes
+    nt_t = zt.masked_fill(gt, float("-inf")).logsumexp(-1)
     # binary (target, non-target) log-probabilities [B, 2]
     bs = torch.stack([(zs * gt).sum(-1) - lse_s, nt_s - lse_s], -1)
     bt = torch.stack([(zt * gt).sum(-1) - lse_t, nt_t - lse_t], -1)
     tckd = (bt.exp() * (bt - bs)).sum(-1)  # [B]
-    log_qs, log_qt = zs_nt - nt_s[:, None], zt_nt - nt_t[:, None]  # [B, A], -inf at the target
-    nckd = (log_qt.exp() * (log_qt - log_qs).masked_fill(gt, 0.0)).sum(-1)  # [B]; the target adds 0
+    j = torch.arange(C - 1, device=s.device).expand(B, C - 1)  # [B, C-1]
+    idx = torch.where(j < batch.action.clamp(min=0)[:, None], j, j + 1)  # every class but the target
+    nckd = topk_kl(s, t.gather(1, idx), idx, T, mode="topk", mask=batch.teacher_mask) if C > 1 else tckd * 0  # [B]
     per_row = T * T * (cfg.dkd_alpha * tckd + cfg.dkd_beta * nckd)
-    return _reduce_rows(per_row, batch, cfg, zs.shape[1])
+    return _reduce_rows(per_row, batch, cfg, C)
 
 
 def _pearson_loss(a: Tensor, b: Tensor, dim: int, keep: Tensor) -> Tensor:
