@@ -55,6 +55,9 @@ SETTINGS = {
     # command), so 90 against our CE's 1; sum over classes, mean over rows.
     "std (Sun et al.): T2, rows, w90": {"distill_mode": "std", "temperature": 2.0, "distill": 90.0,
                                         "distill_reduction": "rows"},
+    # the same with their KD weight as it stands (9), our CE weight 1 instead of their 0.1
+    "std (Sun et al.): T2, rows, w9": {"distill_mode": "std", "temperature": 2.0, "distill": 9.0,
+                                       "distill_reduction": "rows"},
     # decoupled KD, mdistiller's defaults: alpha 1, beta 8, T 4, CE weight 1, mean over rows (no warm-up).
     "dkd (Zhao et al.): a1 b8 T4, rows": {"distill_mode": "dkd", "dkd_alpha": 1.0, "dkd_beta": 8.0, "temperature": 4.0,
                                          "distill": 1.0, "distill_reduction": "rows"},
