@@ -150,6 +150,39 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
     return path
 
 
+def _plot_oof_calibration(store: Store, teacher: str, path: Path) -> Path | None:
+    """Reliability diagram of the teacher's out-of-fold training predictions, before and (when
+    ``kdstore calibrate`` stored one) after its fitted temperature; None without such rows."""
+    import matplotlib.pyplot as plt
+
+    from .calibration import oof_logits, reliability
+    from .errors import DataError
+
+    g = store.teacher(teacher)
+    try:
+        logits, labels, split = oof_logits(store, g)
+    except (MissingError, DataError):
+        return None
+    if len(labels) == 0:
+        return None
+    T = g.attrs.get("calibration", {}).get("temperature")
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    for name, t, color in (("as stored", 1.0, "tab:orange"), (f"T = {T:.3g}" if T else "", T, "tab:blue")):
+        if t is None:
+            continue
+        c = reliability(logits, labels, temperature=t)
+        used = c["count"] > 0
+        ax.plot(c["confidence"][used], c["accuracy"][used], "o-", color=color, label=f"{name}: ECE {c['ece']:.3f}")
+    ax.set(title=f"teacher/{teacher}: out-of-fold {split} ({len(labels)} rows)", xlabel="top-1 confidence",
+           ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(
     store: Store | str | Path,
     out_dir: str | Path,
@@ -190,6 +223,8 @@ def write_report(
     if kd_student and plain_student:
         images.append(("Per-class recall: KD vs no KD", _plot_recall_diff(store, split, kd_student, plain_student, out / "recall_difference.png")))
     images.append(("Teacher calibration", _plot_calibration(store, split, teacher, out / "teacher_calibration.png")))
+    if (p := _plot_oof_calibration(store, teacher, out / "teacher_calibration_oof.png")) is not None:
+        images.append(("Teacher calibration on its out-of-fold training predictions", p))
     cols = table_columns(table, store.dataset)
     rows_html = "".join(
         "<tr><td>" + html.escape(r["name"]) + f"</td><td>{r['kind']}</td><td>{r['n']}</td>"

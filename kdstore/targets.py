@@ -38,16 +38,18 @@ class TeacherTargets:
         exact: return logits and verb/noun logits at their stored precision when it is
             above float32 (a float64 group's scores, which evaluate and export rank);
             otherwise every field has the dtype of :data:`FIELDS`.
+        calibrated: divide the logits (``logits``, ``topk_values``, and ``lse``'s) by the
+            temperature ``kdstore calibrate`` stored with the group (kdstore.calibration).
 
     Raises:
         ConfigError: an unknown field, ``lse`` without a temperature, ``k`` above the stored
             top-K, or a group whose class count differs from its store's.
-        MissingError: ``features`` of a group stored without them, or ``lse`` at a temperature
-            the group has no column for.
+        MissingError: ``features`` of a group stored without them, ``lse`` at a temperature
+            the group has no column for, or ``calibrated`` for a group without a fitted temperature.
     """
 
     def __init__(self, group: Predictions, fields: Iterable[str], temperature: float | None = None,
-                 k: int | None = None, exact: bool = False):
+                 k: int | None = None, exact: bool = False, calibrated: bool = False):
         self.group, self.fields = group, tuple(dict.fromkeys(fields))
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown:
@@ -62,16 +64,28 @@ class TeacherTargets:
         self._arrays: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self._lse_col = None
+        self.scale = 1.0  # logits are divided by it
+        if calibrated:
+            from .calibration import stored_temperature
+
+            self.scale = stored_temperature(group)
         for field in self.fields:
             if field == "lse":
                 if temperature is None:
                     raise ConfigError(f"teacher/{group.name}: 'lse' needs a temperature")
-                self._lse_col = group.lse_column(temperature)  # MissingError names the stored ones
-            a = getattr(group, field)
-            if a is None:
-                raise MissingError(f"teacher/{group.name}: stores no {field} (it was written without them)")
-            # memmaps opened once; an empty group gets one zero row for the masked-out reads
-            self._arrays[field] = a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype)
+                self._lse_t = temperature * self.scale
+                if not calibrated or any(abs(t - self._lse_t) < 1e-9 for t in group.lse_temperatures):
+                    self._lse_col = group.lse_column(self._lse_t)  # MissingError names the stored ones
+                else:  # no stored column at T x the fitted temperature: computed from the logits rows
+                    self._open("logits_for_lse", group.logits, exact=False)
+            self._open(field, getattr(group, field), exact=exact)
+
+    def _open(self, field: str, a: np.ndarray | None, exact: bool) -> None:
+        if a is None:
+            raise MissingError(f"teacher/{self.group.name}: stores no {field} (it was written without them)")
+        # memmaps opened once; an empty group gets one zero row for the masked-out reads
+        self._arrays[field] = a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype)
+        if field in FIELDS:
             exact_here = exact and field in _SCORES
             self._dtypes[field] = np.promote_types(a.dtype, FIELDS[field]) if exact_here else np.dtype(FIELDS[field])
 
@@ -88,12 +102,20 @@ class TeacherTargets:
         take = np.where(present, prow, 0)  # absent rows read row 0, then are zeroed
         out = {"present": present}
         for field, a in self._arrays.items():
-            if field == "lse":
+            if field == "logits_for_lse":
+                continue
+            if field == "lse" and self._lse_col is None:
+                z = self._arrays["logits_for_lse"][take].astype(np.float64) / self._lse_t  # [B, A]
+                m = z.max(1)
+                x = m + np.log(np.exp(z - m[:, None]).sum(1))  # [B]
+            elif field == "lse":
                 x = a[take, self._lse_col]  # [B]
             elif field in _TOPK:
                 x = a[take, : self.k]  # [B, k]
             else:
                 x = a[take]  # [B, A] or [B, H]
+            if self.scale != 1.0 and field in ("logits", "topk_values"):
+                x = x / np.float32(self.scale)
             mask = present if x.ndim == 1 else present[:, None]
             out[field] = np.where(mask, x, 0).astype(self._dtypes[field], copy=False)
         return out

@@ -44,7 +44,8 @@ RULES = Rules(choices={
 }, positive=("num_frames", "fps", "tau_a", "n_layer", "n_head", "inter_dim", "temperature", "topk", "lr", "epochs",
              "batch_size", "grad_clip"),
    non_negative=("past_cls", "feat", "verb_noun_weight", "distill", "distill_feat", "distill_feat_mse",
-                 "weight_decay", "momentum", "warmup_epochs", "label_smoothing"),
+                 "weight_decay", "momentum", "warmup_epochs", "label_smoothing",
+                 "dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"),
    fraction=("dropout", "block_dropout"))
 
 
@@ -80,6 +81,11 @@ class StudentConfig:
     topk: int = 50
     distill_feat: float = 0.0  # 1 - cos(student future aggregate, teacher [CLS] feature)
     distill_feat_mse: float = 0.0  # MSE of the two, L2-normalised
+    dkd_alpha: float = 1.0  # distill_mode dkd: weight of the target / non-target KL (TCKD)
+    dkd_beta: float = 8.0  # distill_mode dkd: weight of the KL among the non-target classes (NCKD)
+    dist_beta: float = 1.0  # distill_mode dist: weight of the inter-class relation (per row, across classes)
+    dist_gamma: float = 1.0  # distill_mode dist: weight of the intra-class relation (per class, across rows)
+    teacher_calibration: bool = False  # KD reads the teacher's logits divided by the temperature `kdstore calibrate` stored
     # Optimisation.
     optimizer: str = "sgd"
     lr: float = 1e-3
@@ -124,6 +130,12 @@ def _relations(c: StudentConfig) -> list[str]:
         out.append(f"inter_dim: {c.inter_dim} is not divisible by n_head={c.n_head}")
     if c.warmup_epochs >= c.epochs:
         out.append(f"warmup_epochs: {c.warmup_epochs} leaves no epoch of the {c.epochs} for the scheduler")
+    if c.distill > 0:
+        pairs = {"dkd": ("dkd_alpha", "dkd_beta"), "dist": ("dist_beta", "dist_gamma")}.get(c.distill_mode, ())
+        if pairs and not any(getattr(c, p) > 0 for p in pairs):
+            out.append(f"{', '.join(pairs)}: both 0 leave distill_mode={c.distill_mode!r} no term; set one > 0")
+        if c.distill_mode == "std_topk" and c.topk < 2:
+            out.append(f"topk: distill_mode 'std_topk' standardises over the teacher's top-K, needs >= 2, got {c.topk}")
     return out
 
 
