@@ -128,12 +128,11 @@ def fit_rows(store: Store, group: Predictions) -> tuple[np.ndarray, str]:
 
 
 def oof_logits(store: Store, group: Predictions) -> tuple[np.ndarray, np.ndarray, str]:
-    """(logits [n, A] float16 as stored, labels [n], split) of the rows ``fit_rows`` picks."""
+    """(logits [n, A] at their stored precision, labels [n], split) of the rows ``fit_rows`` picks."""
     rows, split = fit_rows(store, group)
-    parts = [present_logits(group, rows[lo: lo + BLOCK_ROWS])[0].astype(np.float16)
-             for lo in range(0, len(rows), BLOCK_ROWS)]
+    parts = [present_logits(group, rows[lo: lo + BLOCK_ROWS])[0] for lo in range(0, len(rows), BLOCK_ROWS)]
     A = group.attrs["num_classes"]
-    logits = np.concatenate(parts) if parts else np.zeros((0, A), np.float16)
+    logits = np.concatenate(parts) if parts else np.zeros((0, A), np.float32)
     return logits, store.segments.action[rows], split
 
 

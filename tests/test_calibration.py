@@ -82,7 +82,7 @@ def test_calibrate_fits_only_out_of_fold_training_rows(store):
     assert split == "training1" and set(rows) == set(seg.rows_in("training1", labelled=True))
     assert not set(rows) & set(seg.rows_in("validation1"))
     r = calibrate(store, "teacher", bins=10)
-    logits = np.asarray(g.logits, np.float32)[g.row_of_segment[rows]]  # stored (float16) values
+    logits = np.asarray(g.logits, np.float32)[g.row_of_segment[rows]]  # the stored values
     assert r["temperature"] == pytest.approx(fit_temperature(logits, seg.action[rows]), rel=1e-9)
     everything = seg.rows_in("training1") .tolist() + seg.rows_in("validation1").tolist()
     all_logits = np.asarray(g.logits, np.float32)[g.row_of_segment[everything]]

@@ -103,7 +103,8 @@ def fixed_batch(seed=0, mask=None):
     perm = torch.rand(B, K, generator=g).argsort(-1)  # nothing may rely on sorted top-K
     b = Batch(frames=torch.zeros(B, 2, 1), action=action, verb=action, noun=action, uids=torch.arange(B),
               teacher_mask=torch.ones(B, dtype=torch.bool) if mask is None else mask,
-              teacher_topk=topk.gather(1, perm), teacher_idx=idx.gather(1, perm), teacher_logits=teacher)
+              teacher_topk=topk.gather(1, perm), teacher_idx=idx.gather(1, perm), teacher_logits=teacher,
+              past_action=torch.full((B, 2), -1))  # no segment under the past frames
     return student, teacher, b
 
 
