@@ -156,6 +156,7 @@ def train_student(
     device: str | None = None,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    train_videos: list[str] | None = None,
 ) -> dict:
     """Train (or resume) a student in ``run_dir``; returns the final evaluation metrics.
 
@@ -166,6 +167,7 @@ def train_student(
     samples and gradients are averaged (DDP). A resume may raise ``cfg.epochs`` to extend a
     run; its remaining steps follow the cosine schedule of the new length, and it may change
     the execution fields (``data_on_device``, ``compile``, ``preread``), which do not change what a run computes.
+    ``train_videos`` trains on the training split's segments in these videos only (a hold-out).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, device = _dist(device)
@@ -175,13 +177,15 @@ def train_student(
     teacher = teacher if distills(cfg) else None
     # without a teacher the losses are the baseline's whatever the distillation terms say
     loss_cfg = cfg if teacher is not None else without_distillation(cfg)
-    train = StudentData(store, features, train_split, cfg, teacher)
+    train = StudentData(store, features, train_split, cfg, teacher, videos=train_videos)
     evaluate = StudentData(store, features, eval_split, cfg) if eval_split else None
     classes = store.classes
     identity = {"config": cfg.to_dict(), "features": features, "teacher": teacher, "train_split": train_split,
                 "feat_dim": train.dim, "teacher_dim": train.teacher_dim,
                 "classes": [classes.num_actions, classes.num_verbs, classes.num_nouns],
                 "store_segments": store.manifest["segments_sha256"]}
+    if train_videos is not None:
+        identity["train_videos"] = sorted(train_videos)
 
     torch.manual_seed(cfg.seed)
     model = AVTHead(train.dim, classes.num_actions, classes.num_verbs, classes.num_nouns, cfg,
