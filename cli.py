@@ -467,15 +467,17 @@ def demo(
     annotations: Optional[Path] = typer.Option(None, help="A RULSTM annotation folder (e.g. ../shared/data/egtea) instead of the synthetic data."),
     split: int = typer.Option(1, help="With --annotations: use training<split>/validation<split>."),
     fps: Optional[float] = typer.Option(None, help="With --annotations: their frame rate (default: by dataset)."),
-    seeds: int = typer.Option(3, help="Student seeds per variant (with and without KD)."),
+    seeds: int = typer.Option(3, help="Student seeds per variant (no KD, the paper's KD, the tuned KD)."),
+    overrides: list[str] = typer.Option([], "--set", help="StudentConfig field key=value of every student (repeatable), e.g. --set epochs=8."),
 ) -> None:
     """Run the whole pipeline on a small dataset and print the comparison table."""
     from trainers.demo import DemoConfig, run_demo, summary_text
 
     if fps is not None and annotations is None:
         raise typer.BadParameter("--fps is the frame rate of --annotations; the synthetic data has its own")
+    students = {**DemoConfig().student_overrides, **parse_set(StudentConfig, overrides)}
     cfg = DemoConfig(annotations=str(annotations) if annotations else None, split=split, fps=fps,
-                     seeds=tuple(range(seeds)))
+                     seeds=tuple(range(seeds)), student_overrides=students)
     print(summary_text(run_demo(out_dir, cfg, console=console)))
 
 
