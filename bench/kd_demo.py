@@ -39,9 +39,9 @@ METRICS = ("mean_top1_recall", "top1", "top5", "mean_top5_recall")
 EK100_SUBSETS = ("unseen_action_mean_top5_recall", "tail_action_mean_top5_recall")
 
 
-def _egtea(split: int) -> tuple[DemoConfig, str]:
+def _egtea(split: int, data: Path = DATA) -> tuple[DemoConfig, str]:
     over = {**DemoConfig().student_overrides, "epochs": 8}
-    return (DemoConfig(annotations=str(DATA / "egtea"), split=split, fps=30.0, student_overrides=over),
+    return (DemoConfig(annotations=str(data / "egtea"), split=split, fps=30.0, student_overrides=over),
             f"kdstore demo egtea{split} --annotations ../shared/data/egtea --fps 30 --split {split} --set epochs=8")
 
 
@@ -74,13 +74,16 @@ def rows_of(name: str, summary: dict, seconds: float, command: str, out_dir) -> 
     return rows
 
 
-def run(tiny: bool = False, out_dir=None, runs=None, work=None) -> list[dict]:
-    """Run the demos (``runs``: names of RUNS; tiny: one small synthetic demo); returns their rows."""
-    todo = {"tiny": (TINY, "(tiny)", None)} if tiny else {k: RUNS[k] for k in runs or RUNS}
+def run(tiny: bool = False, out_dir=None, runs=None, work=None, data: Path = DATA) -> list[dict]:
+    """Run the demos (``runs``: names of RUNS; tiny: one small synthetic demo) with the annotation
+    folders under ``data``; returns their rows."""
+    all_runs = {**RUNS, **{f"egtea-{k}": (*_egtea(k, Path(data)), "egtea") for k in (1, 2, 3)}}
+    todo = {"tiny": (TINY, "(tiny)", None)} if tiny else {k: all_runs[k] for k in runs or all_runs}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (cfg, command, needs) in todo.items():
-            if needs and not (DATA / needs).is_dir():
+            if needs and not (Path(data) / needs).is_dir():
+                print(f"{name}: skipped, no {Path(data) / needs}", file=sys.stderr)
                 continue
             t0 = time.perf_counter()
             summary = run_demo(Path(work or tmp) / name, cfg)
@@ -101,7 +104,8 @@ def run_section(rows: list[dict]) -> list[str]:
     c0 = _cfg(rows[0])
     students = [r for r in rows if _cfg(r)["variant"] != "grid"]
     keys = [k for k in (*METRICS, *EK100_SUBSETS) if k in students[0]]
-    out = [f"#### {c0['run']}", "", f"`OMP_NUM_THREADS=1 {c0['command']}` ({float(c0['demo_seconds']) / 60:.1f} min), "
+    out = [f"#### {c0['run']}", "", f"`OMP_NUM_THREADS=1 {c0['command']}` ({float(c0['demo_seconds']) / 60:.1f} min in the run "
+           "that wrote these rows; a resumed demo reuses what it had built), "
            f"{c0['eval_split']}, %, mean ± std over seeds:", "",
            "| student | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for variant in dict.fromkeys(_cfg(r)["variant"] for r in students):
@@ -147,6 +151,7 @@ if __name__ == "__main__":
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=None)
     ap.add_argument("--work", type=Path, default=None, help="folder of the demo directories (default: a temporary one)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--data", type=Path, default=DATA, help="folder of the annotation folders (default ../shared/data)")
     ap.add_argument("--docs", type=Path, default=None, help=f"file whose kd_demo section to rewrite (default {DOCS.relative_to(ROOT)})")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--from-json", type=Path, default=None, help="rewrite the docs section from this JSON, run nothing")
@@ -154,7 +159,11 @@ if __name__ == "__main__":
     if a.from_json:
         write_docs(a.docs or DOCS, json.loads(a.from_json.read_text()))
         sys.exit(0)
-    res = results_of(run(a.tiny, runs=a.runs, work=a.work), a.tiny)
+    rows = run(a.tiny, runs=a.runs, work=a.work, data=a.data)
+    if not a.tiny and SAVED.exists():  # keep the saved rows of the runs not run now
+        ran = {_cfg(r)["run"] for r in rows}
+        rows = [r for r in json.loads(SAVED.read_text())["rows"] if _cfg(r)["run"] not in ran] + rows
+    res = results_of(rows, a.tiny)
     if not a.tiny:
         SAVED.write_text(json.dumps(res, indent=1, default=str))
     if not a.no_docs and not (a.tiny and a.docs is None):

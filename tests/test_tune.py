@@ -97,6 +97,12 @@ def test_tune_kd_end_to_end_and_the_cli(tstore, tmp_path):
     group = Store.open(tstore).teacher("tuned")
     assert group.config["run_dir"] == str(tmp_path / "cli" / "final")
     assert group.metrics["validation1"]["mean_top1_recall"] == final["metrics"]["mean_top1_recall"]
+    # the report finds the grid through the final run's directory and draws it beside the choice
+    r = CliRunner().invoke(app, ["report", str(tstore), "--out", str(tmp_path / "rep"), "--teacher", "teacher"])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "kd_grid.png" in page and f"Chosen: <b>{chosen['cell']}</b>" in page and "evaluated once on validation1" in page
+    assert (tmp_path / "rep" / "kd_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_grid_resumes_without_retraining_finished_cells(tstore, tmp_path):
