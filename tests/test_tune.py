@@ -125,6 +125,14 @@ def test_a_killed_grid_resumes_without_retraining_finished_cells(tstore, tmp_pat
     assert resumed == run_grid(plan, tmp_path / "uninterrupted")  # the trainer's exact resume
 
 
+def test_cells_spread_over_processes_give_the_same_table(tstore, tmp_path):
+    store = Store.open(tstore)
+    plan = setup(store, config(overrides={**SMALL, "epochs": 1}))
+    alone = run_grid(plan, tmp_path / "one")
+    plan.cfg.devices = ["cpu", "cpu"]  # two spawned cell processes, one torch thread each here
+    assert run_grid(plan, tmp_path / "two") == alone
+
+
 @pytest.mark.parametrize("grid,match", [
     ([], "grid: empty"),
     (["distill="], "has no values"),

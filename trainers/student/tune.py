@@ -322,7 +322,7 @@ def train_final(plan: Plan, cell: Cell, out: Path, name: str | None = None, devi
     run = out / "final"
     teacher = plan.cfg.teacher if distills(cell.config) else None
     train_student(plan.store_path, plan.cfg.features, run, cell.config, teacher=teacher, train_split=plan.train_split,
-                  eval_split=None, device=device, progress=False)
+                  eval_split=None, device=device)
     group = name or f"tuned-{out.name}"
     metrics = predict_into_store(plan.store_path, run, group, [plan.train_split, plan.eval_split], overwrite=True)
     result = {"cell": cell.name, "group": group, "eval_split": plan.eval_split, "metrics": metrics[plan.eval_split]}
