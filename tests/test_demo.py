@@ -164,3 +164,14 @@ def test_demo_on_an_annotation_folder_uses_its_frame_rate(demo_dir, tmp_path):
     cfg = DemoConfig(**{**TINY.__dict__, "annotations": str(demo_dir / "annotations"), "fps": 30.0})
     run_demo(tmp_path / "d", cfg)
     assert Store.open(tmp_path / "d" / "store.zarr").segments.fps == 30.0
+
+
+def test_demo_on_an_epic100_layout_tunes_by_top5_recall_and_reports_the_subsets(tmp_path):
+    from kdstore.synthetic import generate_epic100
+
+    ann = generate_epic100(tmp_path / "ek100", SyntheticConfig(n_videos=24, seed=3, shared_stages=8))
+    cfg = DemoConfig(**{**TINY.__dict__, "annotations": str(ann), "fps": 30.0, "tune_grid": {"distill": [1.0]}})
+    summary = run_demo(tmp_path / "d", cfg)
+    assert summary["eval_split"] == "validation" and summary["tune"]["metric"] == "mean_top5_recall"
+    tuned = next(r for r in summary["table"] if r["name"] == "student-tuned-s0")
+    assert "unseen_action_mean_top5_recall" in tuned and "tail_action_mean_top5_recall" in tuned

@@ -40,7 +40,7 @@ class DemoConfig:
     # text corpus the teacher is pretrained on (kdstore.synthetic).
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(n_videos=120, shared_stages=24, corpus_size=2000))
     annotations: str | None = None  # a RULSTM folder instead of the synthetic data
-    split: int = 1  # with ``annotations``: training<split> / validation<split>
+    split: int = 1  # with ``annotations``: training<split> / validation<split> (EPIC's layout: training / validation)
     fps: float | None = None  # with ``annotations``: their frame rate (None: the dataset's default)
     feature_dim: int = 64
     feature_rate: float = 2.0
@@ -94,7 +94,10 @@ def _ingest(out: Path, cfg: DemoConfig, console: Console) -> tuple[Store, Path, 
     """1. annotations (the synthetic ones, written first, or ``cfg.annotations``) -> store."""
     store_path = out / "store.zarr"
     if cfg.annotations:
-        ann, splits, fps = Path(cfg.annotations), [f"training{cfg.split}", f"validation{cfg.split}"], cfg.fps
+        ann, fps = Path(cfg.annotations), cfg.fps
+        # EGTEA numbers its split schemes (training<split>.csv); EPIC's layout has one (training.csv)
+        epic = not (ann / f"training{cfg.split}.csv").exists() and (ann / "training.csv").exists()
+        splits = ["training", "validation"] if epic else [f"training{cfg.split}", f"validation{cfg.split}"]
     else:
         ann, splits, fps = out / "annotations", ["training1", "validation1"], 24.0
         if not (ann / "actions.csv").exists():

@@ -62,7 +62,7 @@ class TuneConfig:
     eval_split: str | None = None  # default: the store's evaluation split
     holdout: float = 0.2  # share of the training videos held out for choosing
     holdout_seed: int = 0
-    metric: str | None = None  # default: mean_top5_recall on EK100 stores, else mean_top1_recall
+    metric: str | None = None  # default: mean_top5_recall on EK100 stores (or with its subsets), else mean_top1_recall
     devices: list[str] | None = None  # one cell process per entry; default: each GPU, else `workers` CPU ones
     workers: int = 1
 
@@ -170,7 +170,8 @@ def setup(store: Store, cfg: TuneConfig) -> Plan:
     shared = np.flatnonzero(seg.in_split(train_split) & seg.in_split(eval_split))
     if len(shared):
         raise DataError(f"{seg.describe(shared[0])}: in both {train_split!r} and {eval_split!r}; the hold-out needs disjoint splits")
-    metric = cfg.metric or ("mean_top5_recall" if store.dataset == "ek100" else "mean_top1_recall")
+    # EK100's challenge ranks by class-mean top-5 recall; a store with its subsets is one
+    metric = cfg.metric or ("mean_top5_recall" if store.dataset == "ek100" or seg.subsets else "mean_top1_recall")
     if metric not in METRICS:
         raise ConfigError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
     check_teacher(store, cfg.teacher, train_split)
