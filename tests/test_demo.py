@@ -175,3 +175,16 @@ def test_demo_on_an_epic100_layout_tunes_by_top5_recall_and_reports_the_subsets(
     assert summary["eval_split"] == "validation" and summary["tune"]["metric"] == "mean_top5_recall"
     tuned = next(r for r in summary["table"] if r["name"] == "student-tuned-s0")
     assert "unseen_action_mean_top5_recall" in tuned and "tail_action_mean_top5_recall" in tuned
+
+
+def test_distillation_docs_section_is_the_saved_kd_demo_run():
+    """The kd_demo section of docs/distillation.md is what bench/kd_demo.py writes from bench/kd_demo.json."""
+    from pathlib import Path
+
+    from bench.kd_demo import BEGIN, END, SAVED, docs_section
+
+    if not SAVED.exists():
+        pytest.skip("no saved kd_demo run")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distillation.md").read_text()
+    saved = json.loads(SAVED.read_text())
+    assert text[text.index(BEGIN) + len(BEGIN): text.index(END)] == f"\n{docs_section(saved).rstrip()}\n"
