@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ class DemoConfig:
     tune_grid: dict = field(default_factory=lambda: {"distill_reduction": ["rows"], "distill": [1.0, 4.0],
                                                      "temperature": [1.0, 4.0]})
     holdout: float = 0.2  # share of the training videos held out for the choice
+    # Processes that train grid cells and students at once on the CPU, one torch thread each
+    # when the cores allow (on a GPU: one). Execution only: not part of the demo's settings.
+    workers: int = 2
 
 
 def _check_dir(out: Path) -> None:
@@ -77,7 +81,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     out = Path(out_dir)
     _check_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"config": dataclasses.asdict(cfg)}
+    settings = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}}
     marker = out / MARKER
     if marker.exists() and json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
         raise KDStoreError(f"{out}: holds a demo built with other settings; use a new directory")
@@ -155,29 +159,59 @@ def _features(store: Store, cfg: DemoConfig, console: Console) -> None:
     writer.commit(provenance_entry("synthetic_features", group=f"video/{FEATURES}"))
 
 
+def _workers(cfg: DemoConfig) -> int:
+    """Processes for the grid and the students: ``cfg.workers`` on the CPU (at most one a core), one on a GPU."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(cfg.workers, os.cpu_count() or 1))
+
+
+def _train(store_path: Path, run: Path, name: str, scfg, teacher: str | None, splits: tuple[str, str],
+           threads: int | None = None) -> str:
+    """Train one student and write its predictions into the store (in a pool process or this one)."""
+    from trainers.student.train import predict_into_store, train_student
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    train_student(store_path, FEATURES, run, scfg, teacher=teacher, train_split=splits[0], eval_split=splits[1],
+                  progress=threads is None)
+    predict_into_store(store_path, run, name, list(splits), overwrite=True)
+    return name
+
+
 def _students(out: Path, cfg: DemoConfig, chosen, train_split: str, eval_split: str, console: Console) -> dict:
-    """4b. every variant (no KD, the paper's setting, the chosen one) for every seed; returns
-    ``{variant: setting}`` (None: no KD)."""
+    """4b. every variant (no KD, the paper's setting, the chosen one) for every seed, in
+    ``cfg.workers`` processes on the CPU; returns ``{variant: setting}`` (None: no KD)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     from trainers.student.config import preset as student_preset
     from trainers.student.distill import without_distillation
-    from trainers.student.train import predict_into_store, train_student
     from trainers.student.tune import NO_KD
 
     store_path = out / "store.zarr"
     variants = {"no-kd": None, "kd": {}, "tuned": chosen.setting if chosen.name != NO_KD else None}
+    done, jobs = Store.open(store_path).predictions(), []
     for seed in cfg.seeds:
         for variant, setting in variants.items():
             name = f"student-{variant}-s{seed}"
-            if name in Store.open(store_path).predictions():
-                continue
             scfg = student_preset(cfg.student_preset, **{**cfg.student_overrides, **(setting or {}), "seed": seed})
-            if setting is None:
-                scfg = without_distillation(scfg)
-            console.print(f"[bold]4/5[/bold] train {name}")
-            run = out / "runs" / name
-            train_student(store_path, FEATURES, run, scfg, teacher="teacher" if setting is not None else None,
-                          train_split=train_split, eval_split=eval_split)
-            predict_into_store(store_path, run, name, [train_split, eval_split], overwrite=True)
+            if name not in done:
+                jobs.append((store_path, out / "runs" / name, name, without_distillation(scfg) if setting is None else scfg,
+                             "teacher" if setting is not None else None, (train_split, eval_split)))
+    workers = min(_workers(cfg), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            console.print(f"[bold]4/5[/bold] train {job[2]}")
+            _train(*job)
+        return variants
+    console.print(f"[bold]4/5[/bold] train {len(jobs)} students in {workers} processes")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for f in as_completed([pool.submit(_train, *job, threads) for job in jobs]):
+            console.print(f"  trained {f.result()}", highlight=False)
     return variants
 
 
@@ -215,7 +249,7 @@ def _tune(store: Store, out: Path, cfg: DemoConfig, train_split: str, eval_split
 
     tcfg = TuneConfig(features=FEATURES, teacher="teacher", grid=cfg.tune_grid, preset=cfg.student_preset,
                       overrides={**cfg.student_overrides, "seed": cfg.seeds[0]}, train_split=train_split,
-                      eval_split=eval_split, holdout=cfg.holdout)
+                      eval_split=eval_split, holdout=cfg.holdout, workers=_workers(cfg))
     plan = setup(store, tcfg)
     console.print(f"[bold]4/5[/bold] tune KD: {len(plan.cells)} settings on {len(plan.fit_videos)} training videos, "
                   f"chosen by {plan.metric} on {len(plan.held_videos)} held-out ones")
