@@ -100,13 +100,11 @@ def _stat(values: list[float]) -> str:
 
 
 def run_section(rows: list[dict]) -> list[str]:
-    """Markdown of one run: its command and time, the students' means over seeds, the grid."""
+    """Markdown of one run: its command, the students' means over seeds, the grid."""
     c0 = _cfg(rows[0])
     students = [r for r in rows if _cfg(r)["variant"] != "grid"]
     keys = [k for k in (*METRICS, *EK100_SUBSETS) if k in students[0]]
-    out = [f"#### {c0['run']}", "", f"`OMP_NUM_THREADS=1 {c0['command']}` ({float(c0['demo_seconds']) / 60:.1f} min in the run "
-           "that wrote these rows; a resumed demo reuses what it had built), "
-           f"{c0['eval_split']}, %, mean ± std over seeds:", "",
+    out = [f"#### {c0['run']}", "", f"`OMP_NUM_THREADS=1 {c0['command']}`, {c0['eval_split']}, %, mean ± std over seeds:", "",
            "| student | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for variant in dict.fromkeys(_cfg(r)["variant"] for r in students):
         rs = [r for r in students if _cfg(r)["variant"] == variant]

@@ -92,6 +92,7 @@ class Plan:
     fit_videos: list[str]
     held_videos: list[str]
     cells: list[Cell]
+    segments_sha256: str = ""  # the store's segments: a moved store still resumes, another one does not
 
 
 def parse_grid(pairs: list[str]) -> dict[str, list]:
@@ -177,7 +178,7 @@ def setup(store: Store, cfg: TuneConfig) -> Plan:
     check_teacher(store, cfg.teacher, train_split)
     fit, held = split_videos(store, train_split, cfg.holdout, cfg.holdout_seed)
     cells = make_cells(cfg.grid, cfg.preset, cfg.overrides)
-    return Plan(str(store.path), cfg, train_split, eval_split, metric, fit, held, cells)
+    return Plan(str(store.path), cfg, train_split, eval_split, metric, fit, held, cells, store.manifest["segments_sha256"])
 
 
 def _write(path: Path, text: str) -> None:
@@ -188,7 +189,7 @@ def _write(path: Path, text: str) -> None:
 
 def _check_resume(out: Path, plan: Plan) -> None:
     """Write ``tune.json``, refusing a directory tuned with other settings (cells may be added)."""
-    settings = {"store": plan.store_path, "features": plan.cfg.features, "teacher": plan.cfg.teacher,
+    settings = {"segments_sha256": plan.segments_sha256, "features": plan.cfg.features, "teacher": plan.cfg.teacher,
                 "train_split": plan.train_split, "eval_split": plan.eval_split, "metric": plan.metric,
                 "held_videos": plan.held_videos}
     path = out / "tune.json"
