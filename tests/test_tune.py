@@ -169,3 +169,16 @@ def test_a_resume_with_another_hold_out_is_refused(tstore, tmp_path):
     run_grid(plan, out)
     with pytest.raises(KDStoreError, match="other settings \\(held_videos\\)"):
         run_grid(setup(store, config(grid=parse_grid(["distill=1"]), overrides={**SMALL, "epochs": 1}, holdout_seed=1)), out)
+
+
+def test_a_moved_store_and_tuning_directory_resume(tstore, tmp_path):
+    import shutil
+
+    shutil.copytree(tstore, tmp_path / "a" / "store.zarr")
+    cfg = config(grid=parse_grid(["distill=1"]), overrides={**SMALL, "epochs": 1})
+    first = run_grid(setup(Store.open(tmp_path / "a" / "store.zarr"), cfg), tmp_path / "a" / "tune")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    logs = sorted((tmp_path / "b" / "tune" / "cells").glob("*/log.jsonl"))
+    before = [p.stat().st_mtime_ns for p in logs]
+    assert run_grid(setup(Store.open(tmp_path / "b" / "store.zarr"), cfg), tmp_path / "b" / "tune") == first
+    assert [p.stat().st_mtime_ns for p in logs] == before  # nothing retrained
