@@ -460,6 +460,41 @@ def predict(
     metrics = predict_into_store(store, run_dir, name, splits, overwrite=overwrite)
     console.print(json.dumps(metrics, indent=1))
 
+@app.command("tune-kd")
+def tune_kd(
+    store: Path,
+    features: str = typer.Option(..., "--features", "-f", help="video/<name> feature set to train on."),
+    teacher: str = typer.Option(..., "--teacher", "-t", help="Teacher group (out-of-fold on the training split)."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for the grid's runs and tables (resumed if it exists)."),
+    grid: list[str] = typer.Option([], "--grid", help="StudentConfig field=v1,v2,... (repeatable; cells: the product, plus no KD)."),
+    preset: str = typer.Option("egtea", help="Student config preset: egtea or ek55."),
+    overrides: list[str] = typer.Option([], "--set", help="StudentConfig field key=value for every cell (repeatable)."),
+    train_split: Optional[str] = typer.Option(None, help="Split to tune and train on (default: the store's training split)."),
+    eval_split: Optional[str] = typer.Option(None, help="Split the chosen setting is evaluated on, once (default: the store's)."),
+    holdout: float = typer.Option(0.2, help="Share of the training videos held out for choosing."),
+    holdout_seed: int = typer.Option(0, help="Seed of the hold-out."),
+    metric: Optional[str] = typer.Option(None, help="Held-out metric to maximise (default: mean_top1_recall; EK100: mean_top5_recall)."),
+    device: list[str] = typer.Option([], "--device", help="One cell process per entry, e.g. cuda:0 (repeatable; default: each GPU)."),
+    workers: int = typer.Option(1, help="CPU cell processes when no GPU is used."),
+    name: Optional[str] = typer.Option(None, help="Prediction group of the final run (default: tuned-<out dir name>)."),
+) -> None:
+    """Choose a KD setting on held-out training videos, train it on the whole training split and
+    evaluate it once on the evaluation split."""
+    from kdstore.store import Store
+    from trainers.student.tune import TuneConfig, parse_grid, tune_kd as run
+
+    cfg = TuneConfig(features=features, teacher=teacher, grid=parse_grid(grid), preset=preset,
+                     overrides=parse_set(StudentConfig, overrides), train_split=train_split, eval_split=eval_split,
+                     holdout=holdout, holdout_seed=holdout_seed, metric=metric, devices=device or None, workers=workers)
+
+    def progress(r: dict, done: int, total: int) -> None:
+        console.print(f"cell {done}/{total} {r['cell']}: held-out " + ", ".join(f"{k} {r[k]:.2f}" for k in ("mean_top1_recall", "mean_top5_recall")), highlight=False)
+
+    summary = run(Store.open(store), cfg, out_dir, name=name, on_result=progress)
+    console.print(f"chosen on {summary['held_videos']} held-out videos by {summary['metric']}: {summary['chosen']}", highlight=False)
+    print(json.dumps(summary["final"], indent=1))
+
+
 # --- demo and report commands -----------------------------------------------------------
 
 
@@ -469,15 +504,17 @@ def demo(
     annotations: Optional[Path] = typer.Option(None, help="A RULSTM annotation folder (e.g. ../shared/data/egtea) instead of the synthetic data."),
     split: int = typer.Option(1, help="With --annotations: use training<split>/validation<split>."),
     fps: Optional[float] = typer.Option(None, help="With --annotations: their frame rate (default: by dataset)."),
-    seeds: int = typer.Option(3, help="Student seeds per variant (with and without KD)."),
+    seeds: int = typer.Option(3, help="Student seeds per variant (no KD, the paper's KD, the tuned KD)."),
+    overrides: list[str] = typer.Option([], "--set", help="StudentConfig field key=value of every student (repeatable), e.g. --set epochs=8."),
 ) -> None:
     """Run the whole pipeline on a small dataset and print the comparison table."""
     from trainers.demo import DemoConfig, run_demo, summary_text
 
     if fps is not None and annotations is None:
         raise typer.BadParameter("--fps is the frame rate of --annotations; the synthetic data has its own")
+    students = {**DemoConfig().student_overrides, **parse_set(StudentConfig, overrides)}
     cfg = DemoConfig(annotations=str(annotations) if annotations else None, split=split, fps=fps,
-                     seeds=tuple(range(seeds)))
+                     seeds=tuple(range(seeds)), student_overrides=students)
     print(summary_text(run_demo(out_dir, cfg, console=console)))
 
 
@@ -516,6 +553,7 @@ def report(
     teacher: Optional[str] = typer.Option(None, help="Teacher group (default: the first)."),
     kd: Optional[str] = typer.Option(None, help="Distilled student group (default: the first that distils)."),
     plain: Optional[str] = typer.Option(None, help="Student trained without KD (default: the first)."),
+    tune: Optional[Path] = typer.Option(None, help="A tune-kd output directory to show (default: the one a student's run lies in)."),
 ) -> None:
     """Write an HTML report with plots for a store with a teacher and students."""
     from kdstore.report import format_table, metrics_table, write_report
@@ -523,7 +561,7 @@ def report(
 
     s = Store.open(store)
     split = split or s.default_splits()[1]
-    path = write_report(s, out_dir, split, teacher=teacher, kd_student=kd, plain_student=plain)
+    path = write_report(s, out_dir, split, teacher=teacher, kd_student=kd, plain_student=plain, tune_dir=tune)
     print(format_table(metrics_table(s, split), s.dataset))
     console.print(f"wrote {escape(str(path))}")
 

@@ -31,7 +31,7 @@ from bench.common import machine  # noqa: E402
 DOCS = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 BENCHES = ["store_read", "student_step", "topk_kl", "attention", "video_features", "teacher_build", "epic", "epic_scale",
-           "preread"]
+           "preread", "kd_demo"]
 # the columns worth a glance in the markdown table, when a row has them
 KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", "peak_rss_mib", "gbps",
               "samples_per_s", "frames_per_s", "sampled_frames_per_s", "mb_written_per_s", "vs_ceiling",
@@ -42,9 +42,10 @@ KEY_FIELDS = ["variant", "stage", "median_s", "p20_s", "p80_s", "peak_mem_mib", 
 
 
 def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...] = (), out_dir: Path | None = None,
-            docs: Path | None = None) -> dict:
+            docs: Path | None = None, kd_docs: Path | None = None) -> dict:
     """Run the benchmarks and return ``{"machine": ..., "benches": {name: rows}}``; with
-    ``docs``, also rewrite that file's marked section (``write_docs``)."""
+    ``docs``, also rewrite that file's marked section (``write_docs``), and with ``kd_docs``
+    the kd_demo section of that file (docs/distillation.md) from the kd_demo rows."""
     out_dir = Path(out_dir or ROOT / "bench")
     results: dict = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "tiny": tiny,
                      "device": device, "skip": list(skip), "load_start": os.getloadavg()[0], "benches": {}}
@@ -67,7 +68,18 @@ def run_all(tiny: bool = False, device: str | None = None, skip: tuple[str, ...]
     (out_dir / "results.md").write_text(markdown(results))
     if docs is not None:
         write_docs(Path(docs), results)
+    if kd_docs is not None and "kd_demo" in results["benches"]:
+        write_kd_docs(Path(kd_docs), results, out_dir)
     return results
+
+
+def write_kd_docs(path: Path, results: dict, out_dir: Path | None = None) -> None:
+    """The kd_demo section of ``path`` from this run's kd_demo rows (saved to ``kd_demo.json`` beside results.json)."""
+    from bench import kd_demo
+
+    kd = {**results, "rows": results["benches"]["kd_demo"]["rows"]}
+    (Path(out_dir or ROOT / "bench") / "kd_demo.json").write_text(json.dumps(kd, indent=1, default=str))
+    kd_demo.write_docs(path, kd)
 
 
 def markdown(results: dict) -> str:
@@ -101,17 +113,17 @@ def docs_section(results: dict) -> str:
             f"this section.\n\n{markdown(results)}")
 
 
-def write_docs(path: Path, results: dict) -> None:
-    """Replace what lies between the ``BEGIN`` and ``END`` marker lines of ``path`` with
-    ``docs_section(results)``; every byte outside them stays as it is."""
+def write_docs(path: Path, results: dict, begin: str = BEGIN, end: str = END, section=None) -> None:
+    """Replace what lies between the ``begin`` and ``end`` marker lines of ``path`` with
+    ``section(results)`` (default ``docs_section``); every byte outside them stays as it is."""
     text = path.read_text()
-    nb, ne = text.count(BEGIN), text.count(END)
-    if nb != 1 or ne != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{path}: expected one {BEGIN!r} before one {END!r}, found {nb} begin and {ne} end markers"
+    nb, ne = text.count(begin), text.count(end)
+    if nb != 1 or ne != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{path}: expected one {begin!r} before one {end!r}, found {nb} begin and {ne} end markers"
                          + (" in the wrong order" if nb == ne == 1 else ""))
-    head, tail = text[: text.index(BEGIN) + len(BEGIN)], text[text.index(END):]
+    head, tail = text[: text.index(begin) + len(begin)], text[text.index(end):]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}\n{docs_section(results).rstrip()}\n{tail}")
+    tmp.write_text(f"{head}\n{(section or docs_section)(results).rstrip()}\n{tail}")
     os.replace(tmp, path)  # a crash leaves the old file or the new one
 
 
@@ -122,6 +134,7 @@ if __name__ == "__main__":
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--docs", type=Path, default=None, help=f"file whose marked section to rewrite (default {DOCS.relative_to(ROOT)}, not with --tiny)")
     ap.add_argument("--no-docs", action="store_true", help="write no docs file")
+    ap.add_argument("--kd-docs", type=Path, default=None, help="file whose kd_demo section to rewrite (default docs/distillation.md, not with --tiny)")
     ap.add_argument("--from-json", type=Path, default=None, help="rewrite the docs section from this results.json, run nothing")
     a = ap.parse_args()
     if a.from_json and a.no_docs:
@@ -130,4 +143,5 @@ if __name__ == "__main__":
     if a.from_json:
         write_docs(a.docs or DOCS, json.loads(a.from_json.read_text()))
     else:
-        print(markdown(run_all(a.tiny, a.device, tuple(a.skip), docs=docs)))
+        kd_docs = None if a.no_docs else a.kd_docs or (None if a.tiny else ROOT / "docs" / "distillation.md")
+        print(markdown(run_all(a.tiny, a.device, tuple(a.skip), docs=docs, kd_docs=kd_docs)))

@@ -183,6 +183,68 @@ def _plot_oof_calibration(store: Store, teacher: str, path: Path) -> Path | None
     return path
 
 
+def _tune_dir_of(store: Store, group: str) -> Path | None:
+    """The ``tune-kd`` directory whose final run wrote ``group``, when it still exists."""
+    run = store.teacher(group).config.get("run_dir")
+    return Path(run).parent if run and (Path(run).parent / "grid.json").is_file() else None
+
+
+def _plot_tune_grid(cells: list[dict], metric: str, path: Path) -> Path:
+    """One heatmap per (KD mode, reduction) of the held-out ``metric``: weight x temperature
+    (the best cell where other fields vary); the no-KD value in the title."""
+    import matplotlib.pyplot as plt
+
+    kd = [c for c in cells if c.get("distils")]
+    plain = [c[metric] for c in cells if not c.get("distils")]
+    panels = sorted({(c["distill_mode"], c["distill_reduction"]) for c in kd})
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.8), squeeze=False)
+    for ax, (mode, red) in zip(axes[0], panels):
+        mine = [c for c in kd if (c["distill_mode"], c["distill_reduction"]) == (mode, red)]
+        ws, ts = sorted({c["distill"] for c in mine}), sorted({c["temperature"] for c in mine})
+        grid = np.full((len(ws), len(ts)), np.nan)
+        for c in mine:
+            i, j = ws.index(c["distill"]), ts.index(c["temperature"])
+            grid[i, j] = np.fmax(grid[i, j], c[metric])
+        im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w")
+        ax.set_xticks(range(len(ts)), [f"{t:g}" for t in ts])
+        ax.set_yticks(range(len(ws)), [f"{w:g}" for w in ws])
+        ax.set_xlabel("temperature")
+        ax.set_ylabel("KD weight")
+        ax.set_title(f"{mode}, {red}" + (f" (no KD {plain[0]:.1f})" if plain else ""), fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"held-out {metric} (%)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def tune_section(tune_dir: Path, out: Path) -> str:
+    """HTML: the grid of a ``tune-kd`` directory as a heatmap beside the chosen setting (its
+    held-out figure and, when trained, its evaluation-split figures)."""
+    import json
+
+    grid = json.loads((tune_dir / "grid.json").read_text())
+    metric, cells = grid["metric"], grid["cells"]
+    img = _plot_tune_grid(cells, metric, out / "kd_grid.png")
+    chosen = json.loads((tune_dir / "chosen.json").read_text()) if (tune_dir / "chosen.json").exists() else None
+    final = json.loads((tune_dir / "final.json").read_text()) if (tune_dir / "final.json").exists() else None
+    side = "<p>No setting chosen yet.</p>"
+    if chosen:
+        side = (f"<p>Chosen: <b>{html.escape(chosen['cell'])}</b>, held-out {metric} {chosen['held_out'][metric]:.2f} "
+                f"(no KD {next(c[metric] for c in cells if not c.get('distils')):.2f}).</p>")
+    if final:
+        m = final["metrics"]
+        side += (f"<p>Trained on the whole training split, evaluated once on {html.escape(final['eval_split'])}: "
+                 + ", ".join(f"{k} {m[k]:.2f}" for k in ("top1", "top5", "mean_top1_recall", "mean_top5_recall") if k in m)
+                 + f" (group <code>{html.escape(final['group'])}</code>).</p>")
+    return (f"<h2>KD settings chosen on held-out training videos</h2><div style='display:flex;gap:1em;align-items:center'>"
+            f"<img src='{img.name}' alt='KD grid' style='max-width:65%'><div>{side}</div></div>")
+
+
 def write_report(
     store: Store | str | Path,
     out_dir: str | Path,
@@ -191,12 +253,14 @@ def write_report(
     kd_student: str | None = None,
     plain_student: str | None = None,
     extra_html: str = "",
+    tune_dir: str | Path | None = None,
 ) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir``; returns the HTML path.
 
     ``split`` defaults to the store's evaluation split. Without explicit names the first
     teacher is used, and the student pair is the first student whose config distils and
-    the first whose config does not.
+    the first whose config does not. ``tune_dir``, a ``tune-kd`` output directory (default:
+    the one a student group's run directory lies in, if any), adds its grid as a heatmap.
     """
     import matplotlib
 
@@ -225,6 +289,9 @@ def write_report(
     images.append(("Teacher calibration", _plot_calibration(store, split, teacher, out / "teacher_calibration.png")))
     if (p := _plot_oof_calibration(store, teacher, out / "teacher_calibration_oof.png")) is not None:
         images.append(("Teacher calibration on its out-of-fold training predictions", p))
+    tune_dir = tune_dir or next((d for s in students if (d := _tune_dir_of(store, s)) is not None), None)
+    if tune_dir is not None:
+        extra_html += tune_section(Path(tune_dir), out)
     cols = table_columns(table, store.dataset)
     rows_html = "".join(
         "<tr><td>" + html.escape(r["name"]) + f"</td><td>{r['kind']}</td><td>{r['n']}</td>"

@@ -16,7 +16,7 @@ def test_run_all_tiny(tmp_path):
     docs = tmp_path / "docs-results.md"
     shutil.copy(ROOT / "docs" / "results.md", docs)
     before = docs.read_text()
-    res = run_all(tiny=True, skip=("student_step", "video_features", "teacher_build", "epic", "epic_scale", "preread"),
+    res = run_all(tiny=True, skip=("student_step", "video_features", "teacher_build", "epic", "epic_scale", "preread", "kd_demo"),
                   out_dir=tmp_path, docs=docs)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["benches"]) == {"store_read", "topk_kl", "attention"}

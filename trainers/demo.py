@@ -1,4 +1,8 @@
-"""The end-to-end demo: ingest -> teacher -> video features -> students with and without KD -> report.
+"""The end-to-end demo: ingest -> teacher -> video features -> KD tuning -> students -> report.
+
+The students are trained for several seeds in three variants: without KD, with the paper's
+setting (the preset's) and with the setting ``tune-kd`` chose on held-out training videos
+(trainers.student.tune; a small grid, the evaluation split never read for the choice).
 
 Every stage writes into one directory and is skipped when its output already exists, so
 an interrupted demo resumes and a second run reuses what is built. The default data is
@@ -9,7 +13,9 @@ folder (e.g. EGTEA) with synthetic frame features made from its labels.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +41,7 @@ class DemoConfig:
     # text corpus the teacher is pretrained on (kdstore.synthetic).
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(n_videos=120, shared_stages=24, corpus_size=2000))
     annotations: str | None = None  # a RULSTM folder instead of the synthetic data
-    split: int = 1  # with ``annotations``: training<split> / validation<split>
+    split: int = 1  # with ``annotations``: training<split> / validation<split> (EPIC's layout: training / validation)
     fps: float | None = None  # with ``annotations``: their frame rate (None: the dataset's default)
     feature_dim: int = 64
     feature_rate: float = 2.0
@@ -53,6 +59,14 @@ class DemoConfig:
     student_preset: str = "egtea"
     student_overrides: dict = field(default_factory=lambda: {"inter_dim": 256, "n_head": 4, "epochs": 15, "lr": 1e-2})
     seeds: tuple[int, ...] = (0, 1, 2)
+    # The KD grid tried on held-out training videos (seed of the first student seed); its cells are
+    # the product plus no KD. The full grid of docs/distillation.md is a ``tune-kd`` command away.
+    tune_grid: dict = field(default_factory=lambda: {"distill_reduction": ["rows"], "distill": [1.0, 4.0],
+                                                     "temperature": [1.0, 4.0]})
+    holdout: float = 0.2  # share of the training videos held out for the choice
+    # Processes that train grid cells and students at once on the CPU, one torch thread each
+    # when the cores allow (on a GPU: one). Execution only: not part of the demo's settings.
+    workers: int = 2
 
 
 def _check_dir(out: Path) -> None:
@@ -63,43 +77,55 @@ def _check_dir(out: Path) -> None:
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Console | None = None) -> dict:
     """Run (or resume) the demo in ``out_dir``; returns the summary written to ``summary.json``."""
-    from trainers.student.config import preset as student_preset
-    from trainers.student.distill import without_distillation
-    from trainers.student.train import predict_into_store, train_student
-    from trainers.teacher.build import build_teacher
-    from trainers.teacher.corpus import corpus_sequences, read_corpus
-    from trainers.teacher.config import preset as teacher_preset
-    from trainers.teacher.ngram import ngram_baseline
-
     console = console or Console(stderr=True)
     out = Path(out_dir)
     _check_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"config": dataclasses.asdict(cfg)}
+    settings = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}}
     marker = out / MARKER
     if marker.exists() and json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
         raise KDStoreError(f"{out}: holds a demo built with other settings; use a new directory")
     marker.write_text(json.dumps(settings, indent=1))
+    store, ann, (train_split, eval_split) = _ingest(out, cfg, console)
+    baselines = _teacher(store, ann, cfg, train_split, eval_split, console)
+    _features(store, cfg, console)
+    chosen = _tune(store, out, cfg, train_split, eval_split, console)
+    variants = _students(out, cfg, chosen, train_split, eval_split, console)
+    return _report(Store.open(store.path), out, cfg, baselines, variants, chosen, eval_split, console)
 
-    # 1. annotations -> store
+
+def _ingest(out: Path, cfg: DemoConfig, console: Console) -> tuple[Store, Path, list[str]]:
+    """1. annotations (the synthetic ones, written first, or ``cfg.annotations``) -> store."""
     store_path = out / "store.zarr"
     if cfg.annotations:
-        ann, splits, fps = Path(cfg.annotations), [f"training{cfg.split}", f"validation{cfg.split}"], cfg.fps
+        ann, fps = Path(cfg.annotations), cfg.fps
+        # EGTEA numbers its split schemes (training<split>.csv); EPIC's layout has one (training.csv)
+        epic = not (ann / f"training{cfg.split}.csv").exists() and (ann / "training.csv").exists()
+        splits = ["training", "validation"] if epic else [f"training{cfg.split}", f"validation{cfg.split}"]
     else:
         ann, splits, fps = out / "annotations", ["training1", "validation1"], 24.0
         if not (ann / "actions.csv").exists():
             generate_annotations(ann, cfg.synthetic)
-    train_split, eval_split = splits
     try:
         store = Store.open(store_path)
     except KDStoreError:
         console.print(f"[bold]1/5[/bold] ingest {ann}")
         store = ingest(ann, store_path, splits=splits, fps=fps, overwrite=store_path.exists())
-    seg, classes = store.segments, store.classes
-    console.print(f"store: {len(seg)} segments, {len(seg.videos)} videos, {classes.num_actions} actions")
+    seg = store.segments
+    console.print(f"store: {len(seg)} segments, {len(seg.videos)} videos, {store.classes.num_actions} actions")
+    return store, ann, splits
 
-    # 2. teacher and n-gram baselines (the standard one on the training labels; with a recipe
-    # corpus also one on training labels + corpus, to tell the corpus's share from the model's)
+
+def _teacher(store: Store, ann: Path, cfg: DemoConfig, train_split: str, eval_split: str, console: Console) -> list[str]:
+    """2. the text teacher and n-gram baselines (the standard one on the training labels; with a
+    recipe corpus also one on training labels + corpus, to tell the corpus's share from the
+    model's); returns the baselines' group names."""
+    from trainers.teacher.build import build_teacher
+    from trainers.teacher.config import preset as teacher_preset
+    from trainers.teacher.corpus import corpus_sequences, read_corpus
+    from trainers.teacher.ngram import ngram_baseline
+
+    seg, classes = store.segments, store.classes
     corpus = read_corpus(ann / CORPUS_FILE) if (ann / CORPUS_FILE).exists() else []
     if "teacher" not in store.predictions():
         console.print("[bold]2/5[/bold] build the text teacher (MLM pretraining, fine-tuning, 5-fold out-of-fold)"
@@ -116,54 +142,124 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
             store.write_predictions(name, seg.uid[rows], np.log(probs + 1e-9), kind="baseline",
                                     config={"model": "interpolated 3-gram", "train_split": train_split,
                                             "corpus_lines": len(extra) if extra is not None else 0})
+    return list(baselines)
 
-    # 3. video features (simulated from the labels: action embedding + noise)
-    if FEATURES not in store.feature_sets():
-        console.print(f"[bold]3/5[/bold] simulate frame features ({cfg.feature_dim}-d at {cfg.feature_rate} fps, noise {cfg.feature_noise})")
-        writer = store.video_writer(FEATURES, cfg.feature_dim, "float16", cfg.feature_rate,
-                                    attrs={"backbone": {"name": "synthetic", "noise": cfg.feature_noise}})
-        for video, (f, t) in synthetic_features(classes, seg, cfg.feature_dim, cfg.feature_rate, cfg.feature_noise).items():
-            if not writer.done(video):
-                writer.put(video, f, t)
-        writer.commit(provenance_entry("synthetic_features", group=f"video/{FEATURES}"))
 
-    # 4. students with and without distillation, several seeds
-    variants = ("no-kd", "kd")
+def _features(store: Store, cfg: DemoConfig, console: Console) -> None:
+    """3. video features, simulated from the labels (action embedding + noise)."""
+    if FEATURES in store.feature_sets():
+        return
+    console.print(f"[bold]3/5[/bold] simulate frame features ({cfg.feature_dim}-d at {cfg.feature_rate} fps, noise {cfg.feature_noise})")
+    writer = store.video_writer(FEATURES, cfg.feature_dim, "float16", cfg.feature_rate,
+                                attrs={"backbone": {"name": "synthetic", "noise": cfg.feature_noise}})
+    for video, (f, t) in synthetic_features(store.classes, store.segments, cfg.feature_dim, cfg.feature_rate,
+                                            cfg.feature_noise).items():
+        if not writer.done(video):
+            writer.put(video, f, t)
+    writer.commit(provenance_entry("synthetic_features", group=f"video/{FEATURES}"))
+
+
+def _workers(cfg: DemoConfig) -> int:
+    """Processes for the grid and the students: ``cfg.workers`` on the CPU (at most one a core), one on a GPU."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(cfg.workers, os.cpu_count() or 1))
+
+
+def _train(store_path: Path, run: Path, name: str, scfg, teacher: str | None, splits: tuple[str, str],
+           threads: int | None = None) -> str:
+    """Train one student and write its predictions into the store (in a pool process or this one)."""
+    from trainers.student.train import predict_into_store, train_student
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    train_student(store_path, FEATURES, run, scfg, teacher=teacher, train_split=splits[0], eval_split=splits[1],
+                  progress=threads is None)
+    predict_into_store(store_path, run, name, list(splits), overwrite=True)
+    return name
+
+
+def _students(out: Path, cfg: DemoConfig, chosen, train_split: str, eval_split: str, console: Console) -> dict:
+    """4b. every variant (no KD, the paper's setting, the chosen one) for every seed, in
+    ``cfg.workers`` processes on the CPU; returns ``{variant: setting}`` (None: no KD)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from trainers.student.config import preset as student_preset
+    from trainers.student.distill import without_distillation
+    from trainers.student.tune import NO_KD
+
+    store_path = out / "store.zarr"
+    variants = {"no-kd": None, "kd": {}, "tuned": chosen.setting if chosen.name != NO_KD else None}
+    done, jobs = Store.open(store_path).predictions(), []
     for seed in cfg.seeds:
-        for variant in variants:
+        for variant, setting in variants.items():
             name = f"student-{variant}-s{seed}"
-            if name not in store.predictions():
-                scfg = student_preset(cfg.student_preset, **{**cfg.student_overrides, "seed": seed})
-                if variant == "no-kd":
-                    scfg = without_distillation(scfg)
-                console.print(f"[bold]4/5[/bold] train {name}")
-                run = out / "runs" / name
-                train_student(store_path, FEATURES, run, scfg, teacher="teacher" if variant == "kd" else None,
-                              train_split=train_split, eval_split=eval_split)
-                predict_into_store(store_path, run, name, [train_split, eval_split], overwrite=True)
-                store = Store.open(store_path)
+            scfg = student_preset(cfg.student_preset, **{**cfg.student_overrides, **(setting or {}), "seed": seed})
+            if name not in done:
+                jobs.append((store_path, out / "runs" / name, name, without_distillation(scfg) if setting is None else scfg,
+                             "teacher" if setting is not None else None, (train_split, eval_split)))
+    workers = min(_workers(cfg), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            console.print(f"[bold]4/5[/bold] train {job[2]}")
+            _train(*job)
+        return variants
+    console.print(f"[bold]4/5[/bold] train {len(jobs)} students in {workers} processes")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for f in as_completed([pool.submit(_train, *job, threads) for job in jobs]):
+            console.print(f"  trained {f.result()}", highlight=False)
+    return variants
 
-    # 5. table and report
+
+def _report(store: Store, out: Path, cfg: DemoConfig, baselines: list[str], variants: dict, chosen, eval_split: str,
+            console: Console) -> dict:
+    """5. the table, the seed means and the report; writes ``summary.json``."""
     console.print("[bold]5/5[/bold] evaluate and report")
     students = {v: [f"student-{v}-s{s}" for s in cfg.seeds] for v in variants}
-    table = metrics_table(store, eval_split, ["teacher", *baselines, *students["no-kd"], *students["kd"]])
+    table = metrics_table(store, eval_split, ["teacher", *baselines, *(n for v in variants for n in students[v])])
     by_name = {r["name"]: r for r in table}
     spread = {}
     for variant, names in students.items():
         rows = [by_name[n] for n in names]
         spread[variant] = {k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows))
-                           for k in ("top1", "top5", "mean_top1_recall") if rows[0].get(k) is not None}
+                           for k in ("top1", "top5", "mean_top1_recall", "mean_top5_recall") if rows[0].get(k) is not None}
     seed_rows = "".join(
-        f"<tr><td>student {v}</td>" + "".join(f"<td>{m:.2f} &plusmn; {s:.2f}</td>" for m, s in spread[v].values()) + "</tr>"
+        f"<tr><td>student {v}{' (' + html.escape(chosen.name) + ')' if v == 'tuned' else ''}</td>"
+        + "".join(f"<td>{m:.2f} &plusmn; {s:.2f}</td>" for m, s in spread[v].values()) + "</tr>"
         for v in variants
     )
     extra = (f"<h2>Students over {len(cfg.seeds)} seeds (mean &plusmn; std)</h2><table><tr><th>model</th>"
              + "".join(f"<th>{k} (%)</th>" for k in spread["kd"]) + f"</tr>{seed_rows}</table>")
     report = write_report(store, out, eval_split, teacher="teacher", kd_student=f"student-kd-s{cfg.seeds[0]}",
-                          plain_student=f"student-no-kd-s{cfg.seeds[0]}", extra_html=extra)
-    summary = {"store": str(store_path), "eval_split": eval_split, "table": table, "students": spread, "report": str(report)}
+                          plain_student=f"student-no-kd-s{cfg.seeds[0]}", extra_html=extra, tune_dir=out / "tune")
+    grid = json.loads((out / "tune" / "grid.json").read_text())
+    summary = {"store": str(store.path), "eval_split": eval_split, "table": table, "students": spread,
+               "tune": {"metric": grid["metric"], "chosen": chosen.name, "grid": grid["cells"]}, "report": str(report)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _tune(store: Store, out: Path, cfg: DemoConfig, train_split: str, eval_split: str, console: Console):
+    """4a. the grid on held-out training videos (resumed), and the cell it chose."""
+    from trainers.student.tune import TuneConfig, choose, run_grid, setup
+
+    tcfg = TuneConfig(features=FEATURES, teacher="teacher", grid=cfg.tune_grid, preset=cfg.student_preset,
+                      overrides={**cfg.student_overrides, "seed": cfg.seeds[0]}, train_split=train_split,
+                      eval_split=eval_split, holdout=cfg.holdout, workers=_workers(cfg))
+    plan = setup(store, tcfg)
+    console.print(f"[bold]4/5[/bold] tune KD: {len(plan.cells)} settings on {len(plan.fit_videos)} training videos, "
+                  f"chosen by {plan.metric} on {len(plan.held_videos)} held-out ones")
+
+    def show(r: dict, done: int, total: int) -> None:
+        console.print(f"  cell {done}/{total} {r['cell']}: held-out {plan.metric} {r[plan.metric]:.2f}", highlight=False)
+
+    cell = choose(plan, run_grid(plan, out / "tune", show), out / "tune")
+    console.print(f"  chosen: {cell.name}", highlight=False)
+    return cell
 
 
 def summary_text(summary: dict) -> str:
@@ -171,5 +267,7 @@ def summary_text(summary: dict) -> str:
     lines = [format_table(summary["table"]), "", f"students, mean ± std over seeds ({summary['eval_split']}):"]
     for variant, stats in summary["students"].items():
         lines.append(f"  {variant:<6}" + "".join(f"  {k} {m:6.2f} ± {s:4.2f}" for k, (m, s) in stats.items()))
+    tune = summary["tune"]
+    lines.append(f"tuned: {tune['chosen']} (chosen by held-out {tune['metric']} on training videos)")
     lines.append(f"report: {summary['report']}")
     return "\n".join(lines)

@@ -78,14 +78,18 @@ class StudentData(torch.utils.data.Dataset):
         teacher: a prediction group to read targets from (None: no teacher fields).
         fields: prediction-group fields to read instead of the config's (kdstore.targets.FIELDS),
             e.g. ``("logits", "features")``.
+        videos: keep only the split's segments in these videos (None: all), e.g. a hold-out.
     """
 
     def __init__(self, store: Store, features: str, split: str, cfg: StudentConfig, teacher: str | None = None,
-                 fields: Iterable[str] | None = None):
+                 fields: Iterable[str] | None = None, videos: Iterable[str] | None = None):
         seg, classes = store.segments, store.classes
         self.rows = seg.rows_in(split)  # [N] segment rows
+        if videos is not None:
+            wanted = set(videos)
+            self.rows = self.rows[np.isin(seg.video[self.rows], [i for i, v in enumerate(seg.videos) if v in wanted])]
         if len(self.rows) == 0:
-            raise MissingError(f"{store.path}: split {split!r} has no segments")
+            raise MissingError(f"{store.path}: split {split!r} has no segments" + (" in the given videos" if videos is not None else ""))
         self.features = store.video(features)
         check_selection(self.features, cfg)
         vidx = self.features.video_index(seg.videos)[seg.video[self.rows]]  # [N]

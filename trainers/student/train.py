@@ -277,8 +277,9 @@ class StudentRecipe:
     """One student run (see :func:`train_student` for the arguments): ``setup()``, then ``train()``."""
 
     def __init__(self, store_path: str | Path | Store, features: str, run_dir: str | Path, cfg: StudentConfig,
-                 teacher: str | None, train_split: str, eval_split: str | None, device: str | None, progress: bool):
-        self.store_path, self.features, self.cfg = store_path, features, cfg
+                 teacher: str | None, train_split: str, eval_split: str | None, device: str | None, progress: bool,
+                 train_videos: list[str] | None = None):
+        self.store_path, self.features, self.cfg, self.train_videos = store_path, features, cfg, train_videos
         self.run = RunDir(run_dir)
         self.train_split, self.eval_split, self.progress = train_split, eval_split, progress
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -297,7 +298,7 @@ class StudentRecipe:
 
     def _setup_data(self) -> None:
         cfg, store = self.cfg, self.store
-        self.train_data = StudentData(store, self.features, self.train_split, cfg, self.teacher)
+        self.train_data = StudentData(store, self.features, self.train_split, cfg, self.teacher, videos=self.train_videos)
         self.eval_data = StudentData(store, self.features, self.eval_split, inference_config(cfg)) if self.eval_split else None
         classes = store.classes
         self.classes = classes
@@ -308,6 +309,8 @@ class StudentRecipe:
                          "train_split": self.train_split, "feat_dim": self.train_data.dim, "teacher_dim": self.teacher_dim,
                          "classes": [classes.num_actions, classes.num_verbs, classes.num_nouns],
                          "store_segments": store.manifest["segments_sha256"]}
+        if self.train_videos is not None:  # a hold-out run; absent otherwise, so older checkpoints resume
+            self.identity["train_videos"] = sorted(self.train_videos)
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -413,6 +416,7 @@ def train_student(
     device: str | None = None,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    train_videos: list[str] | None = None,
 ) -> dict:
     """Train (or resume) a student in ``run_dir`` on the store at ``store_path`` (or an open
     ``Store``); returns the final evaluation metrics.
@@ -424,8 +428,10 @@ def train_student(
     samples and gradients are averaged (DDP). A resume may raise ``cfg.epochs`` to extend a
     run; its remaining steps follow the cosine schedule of the new length, and it may change
     the execution fields (``data_on_device``, ``compile``, ``preread``), which do not change what a run computes.
+    ``train_videos`` trains on the training split's segments in these videos only (a hold-out).
     """
-    recipe = StudentRecipe(store_path, features, run_dir, cfg, teacher, train_split, eval_split, device, progress)
+    recipe = StudentRecipe(store_path, features, run_dir, cfg, teacher, train_split, eval_split, device, progress,
+                           train_videos)
     recipe.setup()
     return recipe.train(stop_after_epochs)
 
