@@ -234,6 +234,7 @@ def build_teacher_cmd(
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus
     from trainers.teacher.evaluate import metrics_table
+    from trainers.teacher.fit_check import fit_warning
 
     cfg = make_preset(preset, **{**parse_set(TeacherConfig, overrides), **options})
     r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
@@ -241,6 +242,13 @@ def build_teacher_cmd(
                       overwrite=overwrite, fresh=fresh)
     Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
     console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
+    _print_fit_warning(fit_warning(r.fit_check, name))
+
+
+def _print_fit_warning(message: Optional[str]) -> None:
+    """A collapsed teacher's warning (``trainers.teacher.fit_check``), on stderr."""
+    if message:
+        Console(stderr=True).print(f"[bold yellow]warning:[/] {message}", highlight=False)
 
 
 @app.command()
@@ -273,6 +281,10 @@ def evaluate(
     else:
         label = write or f"{order}-gram"
         m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite)
+    if predictions:
+        from trainers.teacher.fit_check import group_fit_warning
+
+        _print_fit_warning(group_fit_warning(s, predictions))
     if as_json:
         print(json.dumps(m, indent=1))
         return
@@ -404,6 +416,11 @@ def train_student(
         cfg = without_distillation(cfg)
     if distills(cfg) and teacher is None:
         raise typer.BadParameter("--teacher is required unless --no-distill")
+    if distills(cfg):
+        from kdstore.store import Store
+        from trainers.teacher.fit_check import group_fit_warning
+
+        _print_fit_warning(group_fit_warning(Store.open(store), teacher))
     metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
                   device=device)
     console.print(json.dumps(metrics, indent=1))

@@ -1,0 +1,81 @@
+"""The collapse guard: a teacher whose fit on its own training rows is not clearly above the
+class prior is flagged (warned, recorded in its group, shown by ``evaluate``); a healthy one is not."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import annotation_store as new_store
+from typer.testing import CliRunner
+
+from kdstore.store import Store
+from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
+from trainers.teacher.config import preset
+from trainers.teacher.fit_check import fit_check, group_fit_warning, ngram_top1, prior_top1
+from trainers.teacher.ngram import NGram, action_histories
+
+SPLITS = dict(train_split="training1", eval_splits=("validation1",), show_progress=False)
+
+
+def test_prior_and_bigram_yardsticks_by_hand():
+    train = np.array([2, 2, 2, 1, 0])
+    assert prior_top1(train, np.array([2, 1, 2, 2])) == 75.0  # class 2, the most frequent
+    assert prior_top1(train, np.array([0, 1])) == 0.0
+
+
+def test_scores_of_the_prior_are_flagged_and_the_bigrams_are_not(teacher_ann):
+    """On the synthetic histories (whose next action depends on the last one), scores equal to the
+    training log prior for every row are flagged; the bigram's own log-probabilities are not."""
+    store = new_store(teacher_ann.parent / "fc.zarr", teacher_ann)
+    seg, A = store.segments, store.classes.num_actions
+    rows = seg.rows_in("training1", labelled=True)
+    log_prior = np.log(np.bincount(seg.action[rows], minlength=A) + 1.0)  # [A]
+    prior_scores = np.broadcast_to(log_prior, (len(rows), A))  # [n, A]: one ranking for every row
+    flat = fit_check(prior_scores, seg, A, "training1", rows, "in-sample")
+    assert flat["collapsed"] and flat["top1"] == flat["prior_top1"] < flat["bigram_top1"]
+    bigram = NGram(A, 2).fit(action_histories(seg, rows, 1, "gappy", "training1"), seg.action[rows])
+    scores = np.log(bigram.predict(action_histories(seg, rows, 1, "gappy", "training1")))
+    good = fit_check(scores, seg, A, "training1", rows, "in-sample")
+    assert not good["collapsed"] and good["top1"] == pytest.approx(good["bigram_top1"])
+    assert good["bigram_top1"] == round(ngram_top1(seg, A, "training1", rows, "training1", block=7), 2)  # blocks change nothing
+    assert good["bar"] == pytest.approx(good["prior_top1"] + 0.5 * (good["bigram_top1"] - good["prior_top1"]), abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def two_teachers(tmp_path_factory, teacher_ann):
+    """One real tiny-BERT build that barely moved from its initialisation (lr 1e-6, one epoch) and
+    one trained as the tiny preset trains, on the same synthetic store."""
+    store = new_store(tmp_path_factory.mktemp("fc") / "s.zarr", teacher_ann)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flat = build_teacher(store, "flat", preset("tiny", folds=1, epochs=1, lr=1e-6, threads=1), **SPLITS)
+    with warnings.catch_warnings(record=True) as caught_ok:
+        warnings.simplefilter("always")
+        good = build_teacher(store, "good", preset("tiny", folds=1, epochs=6, threads=1), **SPLITS)
+    return store, flat, good, caught, caught_ok
+
+
+def test_a_collapsed_teacher_is_flagged_recorded_and_shown(two_teachers):
+    store, flat, good, caught, caught_ok = two_teachers
+    assert flat.fit_check["collapsed"] and flat.fit_check["predictions"] == "in-sample"
+    assert any(issubclass(w.category, CollapsedTeacherWarning) and "teacher/flat" in str(w.message) for w in caught)
+    assert Store.open(store.path).teacher("flat").config["fit_check"] == flat.fit_check  # in the group's attributes
+    assert "teacher/flat barely fits" in group_fit_warning(store, "flat")
+    from cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(store.path), "-p", "flat", "--json"])
+    assert res.exit_code == 0 and "teacher/flat barely fits its own training rows" in res.stderr
+    json.loads(res.stdout)  # the JSON stays clean
+
+
+def test_a_healthy_teacher_is_not_flagged(two_teachers):
+    store, flat, good, caught, caught_ok = two_teachers
+    check = good.fit_check
+    assert not check["collapsed"] and check["top1"] >= check["bar"] > check["prior_top1"]
+    assert not any(issubclass(w.category, CollapsedTeacherWarning) for w in caught_ok)
+    assert group_fit_warning(store, "good") is None
+    from cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(store.path), "-p", "good"])
+    assert res.exit_code == 0 and "barely fits" not in res.output
