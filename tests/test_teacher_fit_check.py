@@ -79,3 +79,13 @@ def test_a_healthy_teacher_is_not_flagged(two_teachers):
 
     res = CliRunner().invoke(app, ["evaluate", str(store.path), "-p", "good"])
     assert res.exit_code == 0 and "barely fits" not in res.output
+
+
+def test_bench_teacher_fit_tiny(tmp_path):
+    """bench/teacher_fit.py scores the training and eval rows as the steps go by, beside the yardsticks."""
+    from bench.teacher_fit import main
+
+    rows = main(["--tiny", "--out-dir", str(tmp_path)])
+    assert len(rows) >= 2 and rows[-1]["step"] == rows[-1]["steps"]
+    assert all(0 <= float(r["train_top1"]) <= 100 and float(r["bigram_train"]) > float(r["prior_train"]) for r in rows)
+    assert (tmp_path / "teacher_fit.csv").read_text().count("\n") == len(rows) + 1
