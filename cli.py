@@ -214,7 +214,7 @@ def pretrain_lm(
 def build_teacher_cmd(
     store: Path,
     name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind teacher)."),
-    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo or tiny."),
+    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, epic-cpu, demo or tiny."),
     train_split: str = typer.Option("training1", help="Split the teacher learns from (out-of-fold predictions)."),
     eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
     pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),

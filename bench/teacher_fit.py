@@ -57,10 +57,11 @@ def run(store: Store, cfg: TeacherConfig, train_split: str, eval_split: str, eve
              "eval": n_train + rng.choice(len(plan.all_rows) - n_train, min(sample, len(plan.all_rows) - n_train),
                                           replace=False)}
     labels = {k: seg.action[plan.all_rows[v]] for k, v in picks.items()}
-    train_labels = seg.action[plan.rows[train_split]]
+    train_rows, A = plan.rows[train_split], store.classes.num_actions
+    train_labels = seg.action[train_rows]
     base = {"prior_train": prior_top1(train_labels, labels["train"]), "prior_eval": prior_top1(train_labels, labels["eval"]),
-            "bigram_train": ngram_top1(seg, store.classes.num_actions, train_split, plan.all_rows[picks["train"]], train_split),
-            "bigram_eval": ngram_top1(seg, store.classes.num_actions, train_split, plan.all_rows[picks["eval"]], eval_split)}
+            "bigram_train": ngram_top1(seg, A, train_rows, train_split, plan.all_rows[picks["train"]], train_split),
+            "bigram_eval": ngram_top1(seg, A, train_rows, train_split, plan.all_rows[picks["eval"]], eval_split)}
     data = stage_examples(plan, tok, plan.encode(tok), np.arange(n_train))
     model = make_model(cfg, tok, None, plan.nums, cfg.seed)
     rows, t0 = [], time.perf_counter()

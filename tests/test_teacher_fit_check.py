@@ -3,6 +3,7 @@ class prior is flagged (warned, recorded in its group, shown by ``evaluate``); a
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import annotation_store as new_store
 from typer.testing import CliRunner
 
 from kdstore.store import Store
-from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
+from trainers.teacher.build import CollapsedTeacherWarning, assign_folds, build_teacher
 from trainers.teacher.config import preset
 from trainers.teacher.fit_check import fit_check, group_fit_warning, ngram_top1, prior_top1
 from trainers.teacher.ngram import NGram, action_histories
@@ -32,14 +33,20 @@ def test_scores_of_the_prior_are_flagged_and_the_bigrams_are_not(teacher_ann):
     rows = seg.rows_in("training1", labelled=True)
     log_prior = np.log(np.bincount(seg.action[rows], minlength=A) + 1.0)  # [A]
     prior_scores = np.broadcast_to(log_prior, (len(rows), A))  # [n, A]: one ranking for every row
-    flat = fit_check(prior_scores, seg, A, "training1", rows, "in-sample")
+    flat = fit_check(prior_scores, seg, A, "training1", rows)
     assert flat["collapsed"] and flat["top1"] == flat["prior_top1"] < flat["bigram_top1"]
     bigram = NGram(A, 2).fit(action_histories(seg, rows, 1, "gappy", "training1"), seg.action[rows])
     scores = np.log(bigram.predict(action_histories(seg, rows, 1, "gappy", "training1")))
-    good = fit_check(scores, seg, A, "training1", rows, "in-sample")
+    good = fit_check(scores, seg, A, "training1", rows)
     assert not good["collapsed"] and good["top1"] == pytest.approx(good["bigram_top1"])
-    assert good["bigram_top1"] == round(ngram_top1(seg, A, "training1", rows, "training1", block=7), 2)  # blocks change nothing
+    assert good["bigram_top1"] == round(ngram_top1(seg, A, rows, "training1", rows, "training1", block=7), 2)  # blocks change nothing
     assert good["bar"] == pytest.approx(good["prior_top1"] + 0.5 * (good["bigram_top1"] - good["prior_top1"]), abs=0.01)
+    # out-of-fold scores meet an out-of-fold bigram: fitted without each fold's videos, scored on them
+    folds = assign_folds(seg.video[rows], 2, 0)
+    oof = fit_check(scores, seg, A, "training1", rows, folds)
+    by_hand = sum(ngram_top1(seg, A, rows[folds != k], "training1", rows[folds == k], "training1") * (folds == k).sum()
+                  for k in (0, 1)) / len(rows)
+    assert oof["predictions"] == "out-of-fold" and oof["bigram_top1"] == round(by_hand, 2) < good["bigram_top1"]
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +96,30 @@ def test_bench_teacher_fit_tiny(tmp_path):
     assert len(rows) >= 2 and rows[-1]["step"] == rows[-1]["steps"]
     assert all(0 <= float(r["train_top1"]) <= 100 and float(r["bigram_train"]) > float(r["prior_train"]) for r in rows)
     assert (tmp_path / "teacher_fit.csv").read_text().count("\n") == len(rows) + 1
+
+
+EK55_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/ek55"  # ../shared/data from the repo root
+
+
+def test_epic_preset_is_ek100_cpu_with_mean_pooling_and_a_vocabulary_for_ek55():
+    epic, ek100 = preset("epic-cpu").to_dict(), preset("ek100-cpu").to_dict()
+    assert {k for k in epic if epic[k] != ek100[k]} == {"pooling", "vocab_size"}
+    assert (epic["pooling"], epic["vocab_size"], epic["hist_len"], epic["topk"]) == ("mean", 1024, 5, 50)
+
+
+@pytest.mark.skipif(not EK55_DIR.exists(), reason=f"real EK55 annotations not found at {EK55_DIR}")
+def test_epic_preset_keeps_every_ek55_history_word_whole(tmp_path):
+    """EK55 names its actions by 721 surface words; ek100-cpu's 512-token vocabulary spells the
+    rarer ones out in characters, epic-cpu's keeps each a single token."""
+    from kdstore.annotations import load_annotations
+    from trainers.teacher.build import plan_build
+
+    store = Store.create(tmp_path / "ek55.zarr", *load_annotations(EK55_DIR, ["training", "validation"], fps=30.0))
+    pieces = {}
+    for name in ("ek100-cpu", "epic-cpu"):
+        plan = plan_build(store, preset(name), "training", ("validation",), work_dir=tmp_path / name)
+        tok = plan.tokenizer()
+        words = {w for t in plan.texts[5][: plan.n_train] for w in t.replace("<v>", " ").replace("<a>", " ").split()}
+        pieces[name] = sum(len(tok.tokenize(w)) > len(tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(w))
+                           for w in words)
+    assert pieces["ek100-cpu"] > 200 and pieces["epic-cpu"] == 0

@@ -26,6 +26,12 @@ pretrains on recipe text; with ``corpus_examples`` it also gives that many (hist
 action) fine-tuning examples to every stage (lines whose actions are all store classes;
 no video's labels, so out-of-fold predictions stay honest).
 
+In code, ``plan_build`` reads and checks everything a build decides before training (the
+rows of each split, every row's history text, the folds, the settings a resume must share:
+a ``BuildPlan``); ``build_teacher`` then runs small stages on it: tokenizer, work dir,
+pretraining, the fine-tuning jobs, gathering, the collapse guard (``fit_check``), the prior
+correction, metrics and the store write.
+
 Every segment of the requested splits gets a prediction. The input of a segment is its
 history text; a segment without earlier actions (first in its video) reads just the
 special tokens, ``[CLS] [SEP]``. Only segments with a non-empty history are training
@@ -475,7 +481,7 @@ def _fit_check(plan: BuildPlan, out: dict[str, np.ndarray]) -> dict:
     """The collapse guard on the training rows' predictions (before any prior correction); warns."""
     seg = plan.store.segments
     check = fit_check(out["action"][_spans(plan)[plan.train_split]], seg, plan.nums[0], plan.train_split,
-                      plan.rows[plan.train_split], _kind(plan))
+                      plan.rows[plan.train_split], plan.folds)
     message = fit_warning(check, plan.name)
     if message:
         warnings.warn(message, CollapsedTeacherWarning, stacklevel=3)
