@@ -123,3 +123,14 @@ def test_epic_preset_keeps_every_ek55_history_word_whole(tmp_path):
         pieces[name] = sum(len(tok.tokenize(w)) > len(tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(w))
                            for w in words)
     assert pieces["ek100-cpu"] > 200 and pieces["epic-cpu"] == 0
+
+
+def test_train_student_warns_about_a_collapsed_teacher(two_teachers, tmp_path):
+    """The warning comes before training (here the store has no features, which fails next)."""
+    from cli import app
+
+    store = two_teachers[0]
+    for name, warned in (("flat", True), ("good", False)):
+        res = CliRunner().invoke(app, ["train-student", str(store.path), "--features", "none", "--run",
+                                       str(tmp_path / name), "--teacher", name])
+        assert res.exit_code != 0 and ("teacher/flat barely fits" in res.stderr) == warned, res.output
