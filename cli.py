@@ -230,16 +230,20 @@ def build_teacher_cmd(
     TeacherConfig field is an option (--folds 1, --init-from DIR) and a --set key; the preset
     gives the rest."""
     from kdstore.store import Store
-    from trainers.teacher.build import build_teacher
+    import warnings
+
+    from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus
     from trainers.teacher.evaluate import metrics_table
     from trainers.teacher.fit_check import fit_warning
 
     cfg = make_preset(preset, **{**parse_set(TeacherConfig, overrides), **options})
-    r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
-                      pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
-                      overwrite=overwrite, fresh=fresh)
+    with warnings.catch_warnings():  # printed once, after the table
+        warnings.simplefilter("ignore", CollapsedTeacherWarning)
+        r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
+                          pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
+                          overwrite=overwrite, fresh=fresh)
     Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
     console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
     _print_fit_warning(fit_warning(r.fit_check, name))

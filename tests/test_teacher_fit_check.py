@@ -134,3 +134,14 @@ def test_train_student_warns_about_a_collapsed_teacher(two_teachers, tmp_path):
         res = CliRunner().invoke(app, ["train-student", str(store.path), "--features", "none", "--run",
                                        str(tmp_path / name), "--teacher", name])
         assert res.exit_code != 0 and ("teacher/flat barely fits" in res.stderr) == warned, res.output
+
+
+def test_cli_build_teacher_prints_the_collapse_warning_once(tmp_path, teacher_ann):
+    from cli import app
+
+    store = new_store(tmp_path / "s.zarr", teacher_ann)
+    res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "flat", "--preset", "tiny", "--folds", "1",
+                                   "--epochs", "1", "--lr", "1e-6", "--set", "threads=1"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("teacher/flat barely fits its own training rows") == 1
+    assert Store.open(store.path).teacher("flat").config["fit_check"]["collapsed"]
