@@ -229,9 +229,9 @@ def build_teacher_cmd(
     """Train a text teacher on the histories and write its per-UID predictions. Every
     TeacherConfig field is an option (--folds 1, --init-from DIR) and a --set key; the preset
     gives the rest."""
-    from kdstore.store import Store
     import warnings
 
+    from kdstore.store import Store
     from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus

@@ -81,7 +81,7 @@ def test_a_healthy_teacher_is_not_flagged(two_teachers):
     check = good.fit_check
     assert not check["collapsed"] and check["top1"] >= check["bar"] > check["prior_top1"]
     assert not any(issubclass(w.category, CollapsedTeacherWarning) for w in caught_ok)
-    assert group_fit_warning(store, "good") is None
+    assert group_fit_warning(store, "good") is None and group_fit_warning(store, "absent") is None
     from cli import app
 
     res = CliRunner().invoke(app, ["evaluate", str(store.path), "-p", "good"])

@@ -83,5 +83,8 @@ def fit_warning(record: dict | None, name: str) -> str | None:
 
 def group_fit_warning(store, name: str) -> str | None:
     """``fit_warning`` of prediction group ``name``'s recorded ``fit_check`` (None for a healthy
-    teacher, or a group without the record: students, baselines, older builds)."""
+    teacher, a group without the record: students, baselines, older builds, or no such group,
+    which the caller's own read reports)."""
+    if name not in store.predictions():
+        return None
     return fit_warning((store.teacher(name).config or {}).get("fit_check"), name)
