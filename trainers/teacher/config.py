@@ -37,7 +37,7 @@ tiny BERT at lr 3e-3 needs many optimizer steps before [CLS] carries the history
 warmup, a tenth of the steps, reaches the peak lr after 436 steps on EK55 (1,261 on
 EK100): three epochs of EK55 left it at 10 % top-1 on its own training rows (the bigram:
 29 %), while the mean of the token states carries the last action from the first step.
-The vocabulary of 512 split 287 of EK55's rarer words into characters (4 of EK100's).
+With 512 tokens, 287 of EK55's words came out as several tokens, the rarer ones in characters.
 docs/results.md has the probes (``bench/teacher_fit.py``) and the figures on both.
 ``demo`` is a quick variant for the synthetic demo; ``tiny`` is for tests.
 """
