@@ -224,7 +224,7 @@ def pretrain_lm(
 def build_teacher_cmd(
     store: Path,
     name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>, kind teacher)."),
-    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo or tiny."),
+    preset: str = typer.Option("egtea", help="egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, epic-cpu, demo or tiny."),
     train_split: str = typer.Option("training1", help="Split the teacher learns from (out-of-fold predictions)."),
     eval_splits: list[str] = typer.Option(["validation1"], "--eval-split", help="Split predicted by the full model (repeatable)."),
     pretrained: Optional[Path] = typer.Option(None, help="Checkpoint dir (pretrain-lm output or a teacher export) to fine-tune."),
@@ -239,18 +239,30 @@ def build_teacher_cmd(
     """Train a text teacher on the histories and write its per-UID predictions. Every
     TeacherConfig field is an option (--folds 1, --init-from DIR) and a --set key; the preset
     gives the rest."""
+    import warnings
+
     from kdstore.store import Store
-    from trainers.teacher.build import build_teacher
+    from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus
     from trainers.teacher.evaluate import metrics_table
+    from trainers.teacher.fit_check import fit_warning
 
     cfg = _config(TeacherConfig, overrides, options, make_preset, preset)
-    r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
-                      pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
-                      overwrite=overwrite, fresh=fresh)
+    with warnings.catch_warnings():  # printed once, after the table
+        warnings.simplefilter("ignore", CollapsedTeacherWarning)
+        r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
+                          pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
+                          overwrite=overwrite, fresh=fresh)
     Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
     console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
+    _print_fit_warning(fit_warning(r.fit_check, name))
+
+
+def _print_fit_warning(message: Optional[str]) -> None:
+    """A collapsed teacher's warning (``trainers.teacher.fit_check``), on stderr."""
+    if message:
+        Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 @app.command()
@@ -288,6 +300,10 @@ def evaluate(
     else:
         label = write or f"{order}-gram"
         m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite, marginals=marginals)
+    if predictions:
+        from trainers.teacher.fit_check import group_fit_warning
+
+        _print_fit_warning(group_fit_warning(s, predictions))
     if as_json:
         print(json.dumps(m, indent=1))
         return
@@ -426,6 +442,11 @@ def train_student(
         cfg = without_distillation(cfg)
     if distills(cfg) and teacher is None:
         raise typer.BadParameter("--teacher is required unless --no-distill")
+    if distills(cfg):
+        from kdstore.store import Store
+        from trainers.teacher.fit_check import group_fit_warning
+
+        _print_fit_warning(group_fit_warning(Store.open(store), teacher))
     metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
                   device=device)
     console.print(json.dumps(metrics, indent=1))

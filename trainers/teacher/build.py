@@ -26,6 +26,12 @@ pretrains on recipe text; with ``corpus_examples`` it also gives that many (hist
 action) fine-tuning examples to every stage (lines whose actions are all store classes;
 no video's labels, so out-of-fold predictions stay honest).
 
+In code, ``plan_build`` reads and checks everything a build decides before training (the
+rows of each split, every row's history text, the folds, the settings a resume must share:
+a ``BuildPlan``); ``build_teacher`` then runs small stages on it: tokenizer, work dir,
+pretraining, the fine-tuning jobs, gathering, the collapse guard (``fit_check``), the prior
+correction, metrics and the store write.
+
 Every segment of the requested splits gets a prediction. The input of a segment is its
 history text; a segment without earlier actions (first in its video) reads just the
 special tokens, ``[CLS] [SEP]``. Only segments with a non-empty history are training
@@ -41,6 +47,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +70,7 @@ from .config import PretrainConfig, TeacherConfig
 from .corpus import corpus_sequences, history_corpus, history_texts
 from .device import stage_devices
 from .finetune import Examples, Thinning, finetune, predict
+from .fit_check import fit_check, fit_warning
 from .models import TeacherModel, check_checkpoint, pretrained_teacher, scratch_teacher
 from .ngram import action_histories
 from .optim import checked_read, num_threads, read_json
@@ -75,8 +83,9 @@ PRED_KEYS = ("action", "verb", "noun", "features")
 
 @dataclass
 class BuildResult:
-    """What a build wrote: the group name, its UIDs, metrics per split, the log, the timing, and
-    where this run's fine-tuning stages ran (stage, device, process id)."""
+    """What a build wrote: the group name, its UIDs, metrics per split, the log, the timing,
+    where this run's fine-tuning stages ran (stage, device, process id), and the collapse
+    guard's record (``fit_check.fit_check``)."""
 
     name: str
     uids: np.ndarray
@@ -85,6 +94,11 @@ class BuildResult:
     seconds: float
     work_dir: Path
     stages: list[dict]
+    fit_check: dict | None = None
+
+
+class CollapsedTeacherWarning(UserWarning):
+    """A teacher's fit on its own training rows is not clearly above the class prior."""
 
 
 def work_dir_for(store: Store, name: str) -> Path:
@@ -225,157 +239,291 @@ def build_teacher(
     after each fine-tuning epoch's checkpoint (only when the stages run in this process).
     ``devices`` (default ``stage_devices(cfg.device, cfg.workers)``) lists one device per
     stage process, e.g. ``["cuda:2", "cuda:3"]``.
+
+    A teacher whose fit on its own training rows is not clearly above the class prior
+    (``fit_check``) is built and written all the same, with a warning, and its group's
+    config records ``fit_check`` with ``collapsed`` true.
     """
-    with num_threads(cfg.threads):
-        return _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh,
-                      show_progress, on_epoch, devices)
-
-
-def _build(store, name, cfg, train_split, eval_splits, pretrained, corpus, work_dir, overwrite, fresh, show_progress,
-           on_epoch, devices) -> BuildResult:
     t0 = time.perf_counter()
-    seg, classes = store.segments, store.classes
-    nums = (classes.num_actions, classes.num_verbs, classes.num_nouns)
-    _check_name(name)
-    if name in store.predictions() and not overwrite:
-        raise DataError(f"{store.path}: predictions {name!r} already exist (pass overwrite to replace them)")
-    store.check_writable()  # a read-only or busy store fails now, not after training
+    with num_threads(cfg.threads):
+        _check_target(store, name, overwrite)
+        plan = plan_build(store, cfg, train_split, eval_splits, pretrained, corpus, work_dir, name)
+        devices = devices or stage_devices(cfg.device, cfg.workers)
+        if not fresh:
+            _check_resume(plan.work, plan.settings)
+        tok = plan.tokenizer(fresh)
+        ids = plan.encode(tok)
+        _check_inputs(plan, tok, ids)
+        _setup_work_dir(plan, tok, fresh)
+        with progress(show_progress) as task:
+            model_base, tok_dir, log = _pretrain(plan, tok, task)
+            jobs = _stage_jobs(plan, tok, ids, tok_dir, model_base)
+            ran = run_stages(jobs, devices, task, on_epoch)
+        for j in jobs:
+            log += [{"stage": j.stage, **r} for r in read_json(j.sdir / "state.json", ("log",))["log"]]
+        out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(plan.all_rows))
+        check = _fit_check(plan, out)
+        _adjust_scores(plan, out)
+        metrics = _metrics(plan, out)
+        uids = _write(plan, out, metrics, log, len(tok), check, overwrite)
+    return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, plan.work, ran, check)
+
+
+@dataclass
+class BuildPlan:
+    """What a build reads and decides before any training: rows, history texts, folds, settings."""
+
+    store: Store
+    name: str
+    cfg: TeacherConfig
+    train_split: str
+    eval_splits: tuple[str, ...]
+    rows: dict[str, np.ndarray]  # split -> labelled segment rows, the training split first
+    texts: dict[int, list[str]]  # history length -> the text of every row of ``all_rows``
+    folds: np.ndarray | None  # [n_train] fold of each training row (None: one model)
+    corpus: list[str]
+    base: Path | None  # the checkpoint fine-tuned (pretrained or init_from)
+    pretrained: str | Path | None
+    work: Path
+    settings: dict  # build.json: what a resume must share
+
+    @property
+    def nums(self) -> tuple[int, int, int]:
+        return _nums(self.store)
+
+    @property
+    def all_rows(self) -> np.ndarray:
+        return np.concatenate(list(self.rows.values()))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.rows[self.train_split])
+
+    def tokenizer(self, fresh: bool = False):
+        """The checkpoint's tokenizer, the work dir's, or one trained on the training histories."""
+        tok_dir = self.base or self.work / "tokenizer"
+        if self.base or (tok_dir.exists() and not fresh):
+            return load_tokenizer(tok_dir)
+        classes, cfg = self.store.classes, self.cfg
+        vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
+        return train_tokenizer([t for t in self.texts[max(cfg.hist_lens)][: self.n_train] if t] + self.corpus + vocab_lines,
+                               cfg.vocab_size)
+
+    def encode(self, tok) -> dict[int, Tokens]:
+        """History length -> the token ids of every row's history."""
+        return {L: encode(tok, self.texts[L], self.cfg.max_len, self.cfg.recent_first) for L in self.cfg.hist_lens}
+
+
+def plan_build(store: Store, cfg: TeacherConfig, train_split: str, eval_splits: tuple[str, ...] = (),
+               pretrained: str | Path | None = None, corpus: list[str] | None = None, work_dir: str | Path | None = None,
+               name: str = "teacher") -> BuildPlan:
+    """The build's rows, texts, folds and settings; a KDStoreError for an empty split, an unusable
+    checkpoint, histories that are all empty, too few videos for the folds or a missing corpus."""
+    seg = store.segments
     eval_splits = tuple(s for s in dict.fromkeys(eval_splits) if s != train_split)
     rows = {s: seg.rows_in(s, labelled=True) for s in (train_split, *eval_splits)}  # the teacher reads labels
     for s, r in rows.items():
         if len(r) == 0:
             raise DataError(f"{store.path}: no labelled segments in split {s!r} ({len(seg.rows_in(s))} unlabelled);"
                             " the teacher predicts labelled segments only")
-    devices = devices or stage_devices(cfg.device, cfg.workers)
     if pretrained and cfg.init_from:
         raise ConfigError("give a pretrained checkpoint or init_from, not both")
     base = Path(pretrained or cfg.init_from) if (pretrained or cfg.init_from) else None
     if base:
         check_checkpoint(base)
-    all_rows = np.concatenate(list(rows.values()))
-    n_train = len(rows[train_split])
-    texts = {L: [t for s, r in rows.items() for t in history_texts(classes, seg, r, L, cfg.history, cfg.colon, split=s,
-                                                                      recent_first=cfg.recent_first)]
+    texts = {L: [t for s, r in rows.items() for t in history_texts(store.classes, seg, r, L, cfg.history, cfg.colon,
+                                                                      split=s, recent_first=cfg.recent_first)]
              for L in cfg.hist_lens}
+    n_train = len(rows[train_split])
     if not any(t for L in cfg.hist_lens for t in texts[L][:n_train]):
         raise DataError(f"split {train_split!r}: every history is empty (no segment has an earlier action in its video)")
     folds = assign_folds(seg.video[rows[train_split]], cfg.folds, cfg.seed) if cfg.folds > 1 else None
     corpus = list(corpus or [])
     if cfg.corpus_examples and not corpus:
         raise ConfigError("corpus_examples needs a corpus")
-
-    work = Path(work_dir) if work_dir else work_dir_for(store, name)
     settings = {"config": _result_config(cfg.to_dict()), "train_split": train_split, "eval_splits": list(eval_splits),
                 "pretrained": str(pretrained) if pretrained else None,
                 "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest() if corpus else None,
-                "segments_sha256": store.manifest["segments_sha256"], "classes": list(nums)}
-    if not fresh:
-        _check_resume(work, settings)
-    tok_dir = base or work / "tokenizer"
-    if base or (tok_dir.exists() and not fresh):
-        tok = load_tokenizer(tok_dir)
-    else:
-        vocab_lines = [action_text(classes, [a], cfg.colon) for a in range(classes.num_actions)]
-        tok = train_tokenizer([t for t in texts[max(cfg.hist_lens)][:n_train] if t] + corpus + vocab_lines, cfg.vocab_size)
-    ids = {L: encode(tok, texts[L], cfg.max_len, cfg.recent_first) for L in cfg.hist_lens}
-    check_known(tok, Tokens.concat([ids[L].take(np.flatnonzero([bool(t) for t in texts[L][:n_train]]))
-                                    for L in cfg.hist_lens]), f"split {train_split!r} histories")
-    if base:
-        make_model(cfg, tok, base, nums, cfg.seed)  # a teacher checkpoint's class counts are checked before any write
+                "segments_sha256": store.manifest["segments_sha256"], "classes": list(_nums(store))}
+    work = Path(work_dir) if work_dir else work_dir_for(store, name)
+    return BuildPlan(store, name, cfg, train_split, eval_splits, rows, texts, folds, corpus, base, pretrained, work, settings)
 
+
+def _nums(store: Store) -> tuple[int, int, int]:
+    c = store.classes
+    return c.num_actions, c.num_verbs, c.num_nouns
+
+
+def _check_target(store: Store, name: str, overwrite: bool) -> None:
+    """A KDStoreError now, not after training, for a bad name, an existing group or an unwritable store."""
+    _check_name(name)
+    if name in store.predictions() and not overwrite:
+        raise DataError(f"{store.path}: predictions {name!r} already exist (pass overwrite to replace them)")
+    store.check_writable()
+
+
+def _check_inputs(plan: BuildPlan, tok, ids: dict[int, Tokens]) -> None:
+    """DataError if no training history has a known token; a teacher checkpoint's class counts are
+    checked too, both before any write."""
+    cfg, n = plan.cfg, plan.n_train
+    check_known(tok, Tokens.concat([ids[L].take(np.flatnonzero([bool(t) for t in plan.texts[L][:n]]))
+                                    for L in cfg.hist_lens]), f"split {plan.train_split!r} histories")
+    if plan.base:
+        make_model(cfg, tok, plan.base, plan.nums, cfg.seed)
+
+
+def _setup_work_dir(plan: BuildPlan, tok, fresh: bool) -> None:
+    """The work dir with build.json and, without a checkpoint, the tokenizer."""
     if fresh:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "build.json").write_text(json.dumps(settings, indent=1))
+        shutil.rmtree(plan.work, ignore_errors=True)
+    plan.work.mkdir(parents=True, exist_ok=True)
+    (plan.work / "build.json").write_text(json.dumps(plan.settings, indent=1))
+    tok_dir = plan.base or plan.work / "tokenizer"
     if not tok_dir.exists():
         tok.save_pretrained(tok_dir)
-    log: list[dict] = []
-    with progress(show_progress) as task:
-        model_base = base
-        if cfg.pretrain_epochs:
-            model_base = tok_dir = work / "pretrained"
-            if not (model_base / "pretrain.json").exists():
-                lines = history_corpus(classes, seg, train_split, cfg.pretrain_window, cfg.colon) + corpus
-                pcfg = PretrainConfig(family=cfg.family, size=cfg.size, init_from=str(base) if base else None,
-                                      max_len=cfg.max_len, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
-                                      batch_size=cfg.pretrain_batch_size, weight_decay=cfg.weight_decay,
-                                      warmup=cfg.warmup, mask_prob=cfg.mask_prob, dropout=cfg.dropout, seed=cfg.seed,
-                                      threads=cfg.threads, device=cfg.device)
-                pretrain_mlm(lines, model_base, pcfg, tok=tok, on_step=task("pretrain"))
-            log += [{"stage": "pretrain", **r} for r in read_json(model_base / "pretrain.json", ("log",))["log"]]
 
-        long = None
-        if cfg.history_dropout:  # the actions a thinned history draws from
-            long = action_histories(seg, rows[train_split], 4 * max(cfg.hist_lens), cfg.history, train_split)  # [n_train, W]
-            words = [action_words(classes, a, cfg.colon) for a in range(classes.num_actions)]
 
-        extra = _corpus_examples(classes, corpus, cfg, tok) if cfg.corpus_examples else None
+def _pretrain(plan: BuildPlan, tok, task) -> tuple[Path | None, Path, list[dict]]:
+    """Masked-LM pretraining (``pretrain_epochs``; skipped when finished); returns the model base,
+    the tokenizer dir the stages load, and the pretraining log."""
+    cfg, tok_dir = plan.cfg, plan.base or plan.work / "tokenizer"
+    if not cfg.pretrain_epochs:
+        return plan.base, tok_dir, []
+    out = plan.work / "pretrained"
+    if not (out / "pretrain.json").exists():
+        store = plan.store
+        lines = history_corpus(store.classes, store.segments, plan.train_split, cfg.pretrain_window, cfg.colon) + plan.corpus
+        pcfg = PretrainConfig(family=cfg.family, size=cfg.size, init_from=str(plan.base) if plan.base else None,
+                              max_len=cfg.max_len, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
+                              batch_size=cfg.pretrain_batch_size, weight_decay=cfg.weight_decay,
+                              warmup=cfg.warmup, mask_prob=cfg.mask_prob, dropout=cfg.dropout, seed=cfg.seed,
+                              threads=cfg.threads, device=cfg.device)
+        pretrain_mlm(lines, out, pcfg, tok=tok, on_step=task("pretrain"))
+    return out, out, [{"stage": "pretrain", **r} for r in read_json(out / "pretrain.json", ("log",))["log"]]
 
-        def examples(idx: np.ndarray) -> Examples:
-            """One example per (row, distinct non-empty history text); ``idx`` are train-split positions
-            (plus the corpus examples)."""
-            at, lens = [], []
-            for i in idx:
-                seen = set()
-                for L in cfg.hist_lens:
-                    if texts[L][i] and texts[L][i] not in seen:
-                        seen.add(texts[L][i])
-                        at.append(i)
-                        lens.append(L)
-            at = np.asarray(at, dtype=np.int64)
-            picked = Tokens(np.empty((len(at), cfg.max_len), np.int32), np.empty(len(at), np.int32), tok.pad_token_id)
-            for L in cfg.hist_lens:
-                sel = np.asarray(lens) == L
-                picked.ids[sel], picked.lens[sel] = ids[L].ids[at[sel]], ids[L].lens[at[sel]]
-            lab = all_rows[at]
-            action, verb, noun = seg.action[lab], seg.verb[lab], seg.noun[lab]
-            hist = long[at] if long is not None else None
-            if extra is not None:
-                picked, lens = Tokens.concat([picked, extra["ids"]]), lens + extra["lens"]
-                a = extra["action"]
-                action, verb, noun = (np.concatenate([x, y.astype(x.dtype)]) for x, y in
-                                      ((action, a), (verb, classes.action_verb[a]), (noun, classes.action_noun[a])))
-                if hist is not None:
-                    hist = np.concatenate([hist, _left_pad(extra["hist"], hist.shape[1])])
-            thin = (Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len, cfg.recent_first).prepare(tok, picked)
-                    if long is not None else None)
-            return Examples(picked, action, verb, noun, thin)
 
-        def job(stage: str, seed: int, train_idx: np.ndarray, pred_idx: np.ndarray) -> StageJob:
-            return StageJob(stage, work / stage, cfg.to_dict(), tok_dir, model_base, nums, seed, examples(train_idx),
-                            [ids[L].take(pred_idx) for L in cfg.hist_lens], pred_idx,
-                            work / "teacher" if stage == "full" else None)
+def _stage_jobs(plan: BuildPlan, tok, ids: dict[int, Tokens], tok_dir: Path, model_base: Path | None) -> list[StageJob]:
+    """The full model's stage (it predicts the eval splits, and every split without folds) and one
+    stage per fold (it predicts that fold's training rows)."""
+    cfg, work = plan.cfg, plan.work
+    long = _long_histories(plan)
+    extra = _corpus_examples(plan.store.classes, plan.corpus, cfg, tok) if cfg.corpus_examples else None
 
-        train_idx, everything = np.arange(n_train), np.arange(len(all_rows))
-        jobs = [job("full", cfg.seed, train_idx, everything[n_train:] if folds is not None else everything)]
-        if folds is not None:
-            jobs += [job(f"fold{k}", cfg.seed + 101 * (k + 1), train_idx[folds != k], train_idx[folds == k])
-                     for k in range(cfg.folds)]
-        ran = run_stages(jobs, devices, task, on_epoch)
-    for j in jobs:
-        log += [{"stage": j.stage, **r} for r in read_json(j.sdir / "state.json", ("log",))["log"]]
-    out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(all_rows))
+    def job(stage: str, seed: int, train_idx: np.ndarray, pred_idx: np.ndarray) -> StageJob:
+        data = stage_examples(plan, tok, ids, train_idx, long, extra)
+        return StageJob(stage, work / stage, cfg.to_dict(), tok_dir, model_base, plan.nums, seed, data,
+                        [ids[L].take(pred_idx) for L in cfg.hist_lens], pred_idx,
+                        work / "teacher" if stage == "full" else None)
 
+    train_idx, everything, folds = np.arange(plan.n_train), np.arange(len(plan.all_rows)), plan.folds
+    jobs = [job("full", cfg.seed, train_idx, everything[plan.n_train:] if folds is not None else everything)]
+    if folds is not None:
+        jobs += [job(f"fold{k}", cfg.seed + 101 * (k + 1), train_idx[folds != k], train_idx[folds == k])
+                 for k in range(cfg.folds)]
+    return jobs
+
+
+def _long_histories(plan: BuildPlan) -> np.ndarray | None:
+    """[n_train, W] the actions a thinned history draws from (``history_dropout``), else None."""
+    cfg = plan.cfg
+    if not cfg.history_dropout:
+        return None
+    return action_histories(plan.store.segments, plan.rows[plan.train_split], 4 * max(cfg.hist_lens), cfg.history,
+                            plan.train_split)
+
+
+def stage_examples(plan: BuildPlan, tok, ids: dict[int, Tokens], idx: np.ndarray, long: np.ndarray | None = None,
+                   extra: dict | None = None) -> Examples:
+    """One example per (row, distinct non-empty history text); ``idx`` are train-split positions
+    (plus the corpus examples ``extra``); ``long`` the thinning's histories (``_long_histories``)."""
+    cfg, seg, classes = plan.cfg, plan.store.segments, plan.store.classes
+    at, lens = [], []
+    for i in idx:
+        seen = set()
+        for L in cfg.hist_lens:
+            if plan.texts[L][i] and plan.texts[L][i] not in seen:
+                seen.add(plan.texts[L][i])
+                at.append(i)
+                lens.append(L)
+    at = np.asarray(at, dtype=np.int64)
+    picked = Tokens(np.empty((len(at), cfg.max_len), np.int32), np.empty(len(at), np.int32), tok.pad_token_id)
+    for L in cfg.hist_lens:
+        sel = np.asarray(lens) == L
+        picked.ids[sel], picked.lens[sel] = ids[L].ids[at[sel]], ids[L].lens[at[sel]]
+    lab = plan.all_rows[at]
+    action, verb, noun = seg.action[lab], seg.verb[lab], seg.noun[lab]
+    hist = long[at] if long is not None else None
+    if extra is not None:
+        picked, lens = Tokens.concat([picked, extra["ids"]]), lens + extra["lens"]
+        a = extra["action"]
+        action, verb, noun = (np.concatenate([x, y.astype(x.dtype)]) for x, y in
+                              ((action, a), (verb, classes.action_verb[a]), (noun, classes.action_noun[a])))
+        if hist is not None:
+            hist = np.concatenate([hist, _left_pad(extra["hist"], hist.shape[1])])
+    thin = None
+    if long is not None:
+        words = [action_words(classes, a, cfg.colon) for a in range(classes.num_actions)]
+        thin = Thinning(hist, np.asarray(lens), words, cfg.history_dropout, cfg.max_len, cfg.recent_first).prepare(tok, picked)
+    return Examples(picked, action, verb, noun, thin)
+
+
+def _spans(plan: BuildPlan) -> dict[str, slice]:
+    """Split -> its rows' positions in the build's row order."""
+    start = np.cumsum([0, *(len(r) for r in plan.rows.values())])
+    return {s: slice(start[i], start[i + 1]) for i, s in enumerate(plan.rows)}
+
+
+def _kind(plan: BuildPlan) -> str:
+    return "out-of-fold" if plan.folds is not None else "in-sample"
+
+
+def _fit_check(plan: BuildPlan, out: dict[str, np.ndarray]) -> dict:
+    """The collapse guard on the training rows' predictions (before any prior correction); warns."""
+    seg = plan.store.segments
+    check = fit_check(out["action"][_spans(plan)[plan.train_split]], seg, plan.nums[0], plan.train_split,
+                      plan.rows[plan.train_split], plan.folds)
+    message = fit_warning(check, plan.name)
+    if message:
+        warnings.warn(message, CollapsedTeacherWarning, stacklevel=3)
+    return check
+
+
+def _adjust_scores(plan: BuildPlan, out: dict[str, np.ndarray]) -> None:
+    """In place: the prior correction of every head, and without multi-task heads the verb and noun
+    marginals of the action scores."""
+    cfg, seg, nums = plan.cfg, plan.store.segments, plan.nums
     if cfg.prior_correction:  # applied after the stages: a resume with another value reuses them
-        lab = rows[train_split]
+        lab = plan.rows[plan.train_split]
         for key, labels, n in (("action", seg.action, nums[0]), ("verb", seg.verb, nums[1]), ("noun", seg.noun, nums[2])):
             out[key] -= cfg.prior_correction * _log_prior(labels[lab], n)  # [n, C] - [C]
     if not cfg.multi_task:  # untrained heads: store the action model's own verb/noun marginals
-        out["verb"], out["noun"] = _marginal_logits(out["action"], classes)
-    labels, start = seg.action[all_rows], np.cumsum([0, *(len(r) for r in rows.values())])
-    span = {s: slice(start[i], start[i + 1]) for i, s in enumerate(rows)}
-    metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in eval_splits}
-    kind = "out-of-fold" if folds is not None else "in-sample"
-    metrics[f"{train_split} ({kind})"] = compute_metrics(out["action"][span[train_split]], labels[span[train_split]], classes)
-    uids = seg.uid[all_rows]
-    config = {**cfg.to_dict(), "train_split": train_split, "eval_splits": list(eval_splits),
-              "pretrained": str(pretrained) if pretrained else None, "vocab": len(tok), "work_dir": str(work)}
-    store.write_predictions(
+        out["verb"], out["noun"] = _marginal_logits(out["action"], plan.store.classes)
+
+
+def _metrics(plan: BuildPlan, out: dict[str, np.ndarray]) -> dict:
+    """Metrics of each eval split, and of the training split (out-of-fold or in-sample)."""
+    seg, classes, span = plan.store.segments, plan.store.classes, _spans(plan)
+    labels = seg.action[plan.all_rows]
+    metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in plan.eval_splits}
+    s = plan.train_split
+    metrics[f"{s} ({_kind(plan)})"] = compute_metrics(out["action"][span[s]], labels[span[s]], classes)
+    return metrics
+
+
+def _write(plan: BuildPlan, out: dict[str, np.ndarray], metrics: dict, log: list, vocab: int, check: dict,
+           overwrite: bool) -> np.ndarray:
+    """Write the group; returns its UIDs."""
+    cfg, name = plan.cfg, plan.name
+    uids = plan.store.segments.uid[plan.all_rows]
+    config = {**cfg.to_dict(), "train_split": plan.train_split, "eval_splits": list(plan.eval_splits),
+              "pretrained": str(plan.pretrained) if plan.pretrained else None, "vocab": vocab, "work_dir": str(plan.work),
+              "fit_check": check}
+    plan.store.write_predictions(
         name, uids, out["action"], features=out["features"], verb_logits=out["verb"], noun_logits=out["noun"],
         topk=cfg.topk, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
-        provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=train_split),
+        provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=plan.train_split),
     )
-    return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, work, ran)
+    return uids
 
 
 def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:

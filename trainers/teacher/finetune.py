@@ -185,21 +185,10 @@ def finetune(
         t0, sums = time.perf_counter(), torch.zeros(1 + len(heads), device=device)  # loss, then each head's
         for b in range(per_epoch):
             idx = perm[b * bs : (b + 1) * bs]  # [B]
-            x, mask = ids.batch(idx, device)  # [B, T]
-            at = torch.from_numpy(idx).to(device, non_blocking=True)  # [B]
-            with autocast(device):
-                out = model(x, mask)
-            losses = {h: F.cross_entropy(out[h].float(), labels[h][at], weight=weights[h],
-                                         label_smoothing=cfg.label_smoothing) for h in heads}
-            loss = sum(LOSS_WEIGHTS[h] * losses[h] for h in heads) if cfg.multi_task else losses["action"]
             set_lr(opt, lr_at(step, total, cfg.lr, cfg.warmup))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            sums += _step(model, opt, cfg, ids.batch(idx, device), torch.from_numpy(idx).to(device, non_blocking=True),
+                          labels, weights)
             step += 1
-            sums += torch.stack([loss, *losses.values()]).detach()
             if on_step:
                 on_step(step, total)
         means = (sums / per_epoch).tolist()
@@ -212,6 +201,24 @@ def finetune(
         if on_epoch:
             on_epoch(epoch + 1, row)
     return log
+
+
+def _step(model: TeacherModel, opt: torch.optim.Optimizer, cfg: TeacherConfig, batch: tuple[torch.Tensor, torch.Tensor],
+          at: torch.Tensor, labels: dict[str, torch.Tensor], weights: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """One optimizer step on the examples ``at`` [B] whose inputs are ``batch`` (ids, mask [B, T]);
+    returns the detached [1 + heads] losses (the weighted sum, then each head's)."""
+    x, mask = batch
+    with autocast(x.device):
+        out = model(x, mask)
+    losses = {h: F.cross_entropy(out[h].float(), labels[h][at], weight=weights[h], label_smoothing=cfg.label_smoothing)
+              for h in labels}
+    loss = sum(LOSS_WEIGHTS[h] * losses[h] for h in labels) if cfg.multi_task else losses["action"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return torch.stack([loss, *losses.values()]).detach()
 
 
 @torch.no_grad()
