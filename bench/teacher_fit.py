@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench.common import append_row  # noqa: E402
-from kdstore.annotations import load_annotations  # noqa: E402
+from kdstore.rulstm import load_annotations  # noqa: E402
 from kdstore.store import Store  # noqa: E402
 from kdstore.synthetic import SyntheticConfig, generate_annotations  # noqa: E402
 from trainers.config import parse_set  # noqa: E402

@@ -152,11 +152,3 @@ def calibrate(store: Store, name: str, bins: int = BINS) -> dict:
         store.backend.set_attrs(group.key, {**attrs, "calibration": result})
         store.add_provenance(provenance_entry("calibrate", group=group.key, temperature=T, split=split))
     return result
-
-
-def stored_temperature(group: Predictions) -> float:
-    """The temperature ``calibrate`` stored with ``group``; MissingError naming the command when none."""
-    cal = group.attrs.get("calibration")
-    if not cal:
-        raise MissingError(f"teacher/{group.name}: no fitted temperature; run `kdstore calibrate STORE -p {group.name}` first")
-    return float(cal["temperature"])

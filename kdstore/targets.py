@@ -66,8 +66,6 @@ class TeacherTargets:
         self._lse_col = None
         self.scale = 1.0  # logits are divided by it
         if calibrated:
-            from .calibration import stored_temperature
-
             self.scale = stored_temperature(group)
         for field in self.fields:
             if field == "lse":
@@ -139,3 +137,11 @@ def _present(group: Predictions, segment_rows: np.ndarray, fields: tuple[str, ..
     g = TeacherTargets(group, fields, exact=True).gather(rows)
     keep = g["present"]
     return {f: g[f][keep] if f in g else None for f in ("logits", *HEADS)}, rows[keep]
+
+
+def stored_temperature(group: Predictions) -> float:
+    """The temperature ``calibrate`` stored with ``group``; MissingError naming the command when none."""
+    cal = group.attrs.get("calibration")
+    if not cal:
+        raise MissingError(f"teacher/{group.name}: no fitted temperature; run `kdstore calibrate STORE -p {group.name}` first")
+    return float(cal["temperature"])

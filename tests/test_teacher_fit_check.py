@@ -111,7 +111,7 @@ def test_epic_preset_is_ek100_cpu_with_mean_pooling_and_a_vocabulary_for_ek55():
 def test_epic_preset_keeps_every_ek55_history_word_whole(tmp_path):
     """EK55 names its actions by 721 surface words; ek100-cpu's 512-token vocabulary spells the
     rarer ones out in characters, epic-cpu's keeps each a single token."""
-    from kdstore.annotations import load_annotations
+    from kdstore.rulstm import load_annotations
     from trainers.teacher.build import plan_build
 
     store = Store.create(tmp_path / "ek55.zarr", *load_annotations(EK55_DIR, ["training", "validation"], fps=30.0))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdstore.annotations import SegmentTable
+from kdstore.tables import SegmentTable
 
 from .ngram import NGram, action_histories
 
