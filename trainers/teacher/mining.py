@@ -184,13 +184,11 @@ def mine_step(step: str, lex: Lexicon, verbs_any: frozenset[str] = COMMON_VERBS)
     for s in sentences(step):
         out.sentences += 1
         for c in parse_sentence(s, lex, verbs_any):
-            if c.verb is None:
-                if c.verb_word[:1].isalpha() and c.verb_word not in DETERMINERS | PRONOUNS:
-                    out.unmapped_verbs[c.verb_word] += 1
-                continue
+            if c.verb is None and c.verb_word[:1].isalpha() and c.verb_word not in DETERMINERS | PRONOUNS:
+                out.unmapped_verbs[c.verb_word] += 1
             for noun, word in c.objects:
                 if noun is None:
                     out.unmapped_nouns[word] += 1
-                else:
+                elif c.verb is not None:
                     out.pairs.append((c.verb, noun))
     return out
