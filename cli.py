@@ -231,8 +231,8 @@ def corpus(
                         borrow=Store.open(borrow) if borrow else None, limit=limit, on_step=task("mining"))
     top = lambda d: ", ".join(f"{w} {n}" for w, n in list(d.items())[:10])  # noqa: E731
     console.print(f"{out}: {r['lines']} lines from {r['recipes']} recipes; {r['sentences']} sentences, {r['steps']} steps, "
-                  f"{r['step_share']:.1%} with an action; {r['actions_kept']} actions kept ({r['actions_covered']} of "
-                  f"{r['store_actions']} classes), {r['not_in_table']} pairs not in the action table", highlight=False)
+                  f"{r['step_share']:.1%} with an action; {r['actions_kept']} actions kept ({r['distinct_actions']} distinct; the "
+                  f"store has {r['store_actions']}), {r['not_in_table']} pairs not in the action table", highlight=False)
     console.print(f"unmapped verbs: {top(r['unmapped_verbs'])}", highlight=False)
     console.print(f"unmapped nouns: {top(r['unmapped_nouns'])}", highlight=False)
     console.print(f"report: {out.with_name(out.name + '.coverage.json')}", highlight=False)

@@ -34,7 +34,7 @@ LEAD_INS = frozenset("then now next first finally meanwhile also again afterward
                      "using with for to at before until lastly gently carefully slowly quickly".split())
 COORD = frozenset({",", "and", "or", "&"})
 #: Words after a verb that are no object ("mix well", "let it sit", "serve hot").
-NOT_OBJECTS = frozenset("well hot cold warm cool aside together again sit rest stand taste desired needed necessary "
+NOT_OBJECTS = frozenset("well dry hot cold warm cool aside together again sit rest stand taste desired needed necessary "
                         "minute minutes hour hours second seconds time done ready more less about also completely "
                         "thoroughly immediately evenly lightly gently slightly very too enough".split())
 MEASURES = frozenset("cup tablespoon teaspoon tbsp tsp g gram kg kilogram ml l liter litre pinch dash handful piece "

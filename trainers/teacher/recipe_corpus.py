@@ -40,7 +40,7 @@ class Coverage:
     sentences: int = 0
     pairs: int = 0  # verb and noun both store classes
     actions_kept: int = 0
-    not_in_table: int = 0  # pairs left out: no such action in the store
+    not_in_table: int = 0  # pairs that are no action of the store (left out unless any_pair)
     unmapped_verbs: Counter = field(default_factory=Counter)
     unmapped_nouns: Counter = field(default_factory=Counter)
     per_action: Counter = field(default_factory=Counter)
@@ -49,7 +49,7 @@ class Coverage:
         """The JSON report: counts, shares, the most frequent unmapped words, actions per class."""
         d = {k: v for k, v in asdict(self).items() if not isinstance(v, Counter)}
         d["step_share"] = self.steps_with_action / max(self.steps, 1)
-        d["actions_covered"] = len(self.per_action)
+        d["distinct_actions"] = len(self.per_action)
         d["store_actions"] = num_actions
         for key in ("unmapped_verbs", "unmapped_nouns"):
             d[key] = dict(_top(getattr(self, key), TOP_WORDS))
@@ -77,7 +77,7 @@ def recipe_actions(recipe: Recipe, lex: Lexicon, words: Callable[[int, int], str
         cov.unmapped_nouns.update(m.unmapped_nouns)
         kept = [w for w in (words(v, n) for v, n in m.pairs) if w is not None]
         cov.pairs += len(m.pairs)
-        cov.not_in_table += len(m.pairs) - len(kept)
+        cov.not_in_table += sum(p not in lex.actions for p in m.pairs)
         cov.steps_with_action += bool(kept)
         cov.per_action.update(kept)
         out += kept
