@@ -95,14 +95,15 @@ def variant_stages(variant: str, seed: int, store: str, corpus: str, work: Path,
 
 
 def run(variants=("scratch", "recipe"), seeds=(0,), split: int = 1, tiny: bool = False, borrow: bool = True,
-        out_dir=None, work_dir=None, show: bool = False) -> list[dict]:
-    """Run the stages; returns the rows appended."""
+        out_dir=None, work_dir=None, show: bool = False, data_dir: str | Path = DATA) -> list[dict]:
+    """Run the stages; returns the rows appended (``data_dir`` holds egtea/ and ek55/)."""
+    data = Path(data_dir)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         ann = generate_annotations(work / "ann", SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2))) \
-            if tiny else DATA / "egtea"
+            if tiny else data / "egtea"
         store, base = str(work / "egtea.zarr"), {"tiny": tiny, "split": 1 if tiny else split}
         split = base["split"]
         corpus = str(work / "recipes.txt")
@@ -110,7 +111,7 @@ def run(variants=("scratch", "recipe"), seeds=(0,), split: int = 1, tiny: bool =
         todo = [("ingest", ["ingest", str(ann), store, "--overwrite"] + (["--fps", "24"] if tiny else []))]
         corpus_args = ["corpus", store, source, "--out", corpus, "--no-progress"]
         if borrow and not tiny:
-            todo.append(("ingest", ["ingest", str(DATA / "ek55"), str(work / "ek55.zarr"), "--split", "training", "--overwrite"]))
+            todo.append(("ingest", ["ingest", str(data / "ek55"), str(work / "ek55.zarr"), "--split", "training", "--overwrite"]))
             corpus_args += ["--borrow", str(work / "ek55.zarr")]
         todo.append(("corpus", corpus_args))
         for v in variants:
@@ -131,11 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", type=int, default=1, help="EGTEA split (1, 2 or 3)")
     p.add_argument("--no-borrow", action="store_true", help="mine with EGTEA's own class names only")
     p.add_argument("--tiny", action="store_true", help="synthetic data and the tiny preset")
+    p.add_argument("--data-dir", default=str(DATA), help=f"folder of egtea/ and ek55/ (default {DATA})")
     p.add_argument("--work-dir", default=None, help="keep the stores, corpus and checkpoints here")
     p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
     rows = run(tuple(a.variant or ("scratch", "recipe")), tuple(a.seed or (0,)), a.split, a.tiny, not a.no_borrow,
-               a.out_dir, a.work_dir, show=True)
+               a.out_dir, a.work_dir, show=True, data_dir=a.data_dir)
     for r in rows:
         cfg = json.loads(r["config"])
         print(r["stage"], " ".join(cfg["args"][:4]), {k: r[k] for k in ("median_s", "cpu_s", "peak_rss_mib", *METRICS) if k in r})
