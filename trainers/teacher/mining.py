@@ -25,9 +25,9 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+|;\s*|\n+")
 _PARENS = re.compile(r"\([^()]*\)")
 DETERMINERS = frozenset("the a an some any all each every your its their this that these those another more few "
                         "half remaining rest other both".split())
-PRONOUNS = frozenset("it them everything this that these those all one ones mixture each".split()) - {"mixture"}
+PRONOUNS = frozenset("it them everything this that these those all one ones each".split())
 PREPOSITIONS = frozenset("in into on onto to with for from over under until at by about through across inside "
-                         "around along between after before during while when if as so than until till without "
+                         "around along between after before during while when if as so than till without "
                          "per using like off out up down away back then".split())
 PARTICLES = ("up", "out", "down", "off", "away", "back")
 LEAD_INS = frozenset("then now next first finally meanwhile also again afterwards after once when while if in on "
@@ -64,6 +64,7 @@ def sentences(step: str) -> list[str]:
 
 
 def tokens(sentence: str) -> list[str]:
+    """Lowercase words (hyphens split), numbers and the punctuation that separates clauses."""
     return _TOKEN.findall(sentence.lower().replace("’", "'").replace("-", " "))
 
 
