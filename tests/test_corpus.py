@@ -126,6 +126,10 @@ def test_cli_corpus_and_any_pair(store, tmp_path):
     assert r.exit_code == 0, r.output
     assert out.read_text() == "wash <v> tomato\n" and "1 pairs not in the action table" in r.output
     r = CliRunner().invoke(app, ["corpus", str(store.path), str(src), "--out", str(out), "--any-pair", "--no-progress"])
+    assert r.exit_code != 0 and "already exists" in str(r.exception)  # nothing replaced without --overwrite
+    assert out.read_text() == "wash <v> tomato\n"
+    r = CliRunner().invoke(app, ["corpus", str(store.path), str(src), "--out", str(out), "--any-pair", "--no-progress",
+                                 "--overwrite"])
     assert r.exit_code == 0, r.output
     assert out.read_text() == "mix <v> broccoli <a> wash <v> tomato\n"
 
@@ -144,7 +148,7 @@ def test_malformed_file_is_named_in_one_line(store, tmp_path, text, line, what):
     out = tmp_path / "c.txt"
     out.write_text("kept\n")
     with pytest.raises(DataError) as e:
-        mine_corpus(store, [bad], out)
+        mine_corpus(store, [bad], out, overwrite=True)
     msg = str(e.value)
     assert str(bad) in msg and what in msg and "\n" not in msg
     if line is not None:

@@ -100,11 +100,16 @@ def action_namer(store: Store, lex: Lexicon, colon: str, any_pair: bool) -> Call
 def mine_corpus(
     store: Store, sources: list[str | Path], out: str | Path, any_pair: bool = False, colon: str | None = None,
     class_lists: str | Path | None = None, borrow: Store | None = None, limit: int | None = None, on_step: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Mine ``sources`` into the corpus file ``out`` and return the coverage report
     (also written to ``<out>.coverage.json``). ``limit`` stops after that many recipes;
     ``on_step(bytes read, bytes in all)`` reports progress; ``borrow``: another store whose
-    same-named classes lend their surface words (``lexicon.borrowed``)."""
+    same-named classes lend their surface words (``lexicon.borrowed``); an existing ``out`` is
+    replaced only with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists (--overwrite replaces it)")
     colon = colon or default_colon(store)
     if colon not in ("keep", "reverse"):
         raise ConfigError(f"--colon {colon!r}: expected keep or reverse")
@@ -112,7 +117,6 @@ def mine_corpus(
     words = action_namer(store, lex, colon, any_pair)
     files = [f for s in sources for f in source_files(s)]
     total, base, cov = sum(f.stat().st_size for f in files), 0, Coverage()
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
