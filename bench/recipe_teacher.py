@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 from bench.common import append_row  # noqa: E402
 from bench.epic import run_stage  # noqa: E402
 from bench.teacher_build import minilm_checkpoint  # noqa: E402
-from kdstore.annotations import read_classes  # noqa: E402
+from kdstore.rulstm import read_classes  # noqa: E402
 from kdstore.synthetic import SyntheticConfig, generate_annotations  # noqa: E402
 
 DATA = ROOT.parent / "shared/data"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cli import app
-from kdstore.annotations import ClassTable
+from kdstore.tables import ClassTable
 from kdstore.errors import AnnotationError, DataError
 from kdstore.store import Store
 from trainers.teacher.corpus import corpus_sequences, read_corpus

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from kdstore.annotations import ClassTable
+from kdstore.tables import ClassTable
 from kdstore.errors import AnnotationError, DependencyError
 
 _SPLIT = re.compile(r"[\s_\-]+")

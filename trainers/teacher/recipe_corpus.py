@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kdstore.annotations import action_words, pair_words
+from kdstore.text import action_words, pair_words
 from kdstore.errors import ConfigError
 from kdstore.store import Store
 
