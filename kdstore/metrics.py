@@ -122,6 +122,22 @@ def compute_metrics(
     labelled row, a class-count mismatch, NaN or a label outside the class table.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    heads = {"verb": verb_scores, "noun": noun_scores}
+    keep = _labelled_rows(scores, labels, classes, heads, marginals)
+    if kind == "auto":
+        kind = "probs" if _all_probabilities(scores) else "logits"
+    y = {"action": labels[keep], "verb": classes.action_verb[labels[keep]], "noun": classes.action_noun[labels[keep]]}
+    rank = _task_label_ranks(scores, keep, y, classes, heads, kind, marginals)
+    out: dict = {"n": int(len(keep))}
+    if len(keep) < len(labels):
+        out["unlabelled"] = int(len(labels) - len(keep))
+    for task in TASKS:
+        out.update(_task_metrics(task, rank[task], y[task], classes, keep, subsets))
+    return out
+
+
+def _labelled_rows(scores, labels: np.ndarray, classes: ClassTable, heads: dict, marginals: str) -> np.ndarray:
+    """The rows of the labelled samples, after checking ``compute_metrics``' inputs."""
     A = classes.num_actions
     if marginals not in MARGINALS:
         raise ConfigError(f"metrics: marginals must be one of {MARGINALS}, found {marginals!r}")
@@ -134,7 +150,6 @@ def compute_metrics(
     keep = np.flatnonzero(labels >= 0)
     if len(keep) == 0:
         raise DataError(f"metrics: no labelled samples to evaluate ({len(labels)} unlabelled left out)")
-    heads = {"verb": verb_scores, "noun": noun_scores}
     nums = {"verb": classes.num_verbs, "noun": classes.num_nouns}
     for task, h in heads.items():
         if h is not None and np.shape(h) != (len(scores), nums[task]):
@@ -143,9 +158,13 @@ def compute_metrics(
         bad = _first_nonfinite_row(arr)
         if bad is not None:
             raise DataError(f"metrics: row {bad} has NaN or inf {what}scores")
-    if kind == "auto":
-        kind = "probs" if _all_probabilities(scores) else "logits"
-    y = {"action": labels[keep], "verb": classes.action_verb[labels[keep]], "noun": classes.action_noun[labels[keep]]}
+    return keep
+
+
+def _task_label_ranks(scores, keep: np.ndarray, y: dict, classes: ClassTable, heads: dict, kind: str,
+                      marginals: str) -> dict[str, np.ndarray]:
+    """Task -> the rank [len(keep)] of each kept row's label among that task's scores."""
+    nums = {"verb": classes.num_verbs, "noun": classes.num_nouns}
     rank = {t: np.empty(len(keep), np.int64) for t in TASKS}
     # in row blocks: a [N, A] float64 copy of EK100's 67k x 3806 scores alone would be 2 GB
     for lo in range(0, len(keep), BLOCK_ROWS):
@@ -156,25 +175,24 @@ def compute_metrics(
             h = heads[task]
             s = np.asarray(h[idx], np.float64) if h is not None else marginalise(probs, index, nums[task], marginals)  # [b, V|N]
             rank[task][sl] = label_ranks(s, y[task][sl])
-    many = {"action": classes.many_shot_actions, "verb": classes.many_shot_verbs, "noun": classes.many_shot_nouns}
-    out: dict = {"n": int(len(keep))}
-    if len(keep) < len(labels):
-        out["unlabelled"] = int(len(labels) - len(keep))
-    for task in TASKS:
-        p = "" if task == "action" else f"{task}_"
-        r = rank[task]
-        out[f"{p}top1"] = float(100.0 * (r < 1).mean())
-        out[f"{p}top5"] = float(100.0 * (r < 5).mean())
-        if task == "action":
-            out["mean_top1_recall"] = class_mean_recall(r < 1, y[task])
-        out[f"{p}mean_top5_recall"] = class_mean_recall(r < 5, y[task])
-        out[f"{p}many_shot_top5_recall"] = None if many[task] is None else class_mean_recall(r < 5, y[task], many[task])
-        for name, masks in (subsets or {}).items():
-            if task in masks:
-                m = np.asarray(masks[task], bool)[keep]
-                out[f"{name}_{task}_mean_top5_recall"] = class_mean_recall((r < 5)[m], y[task][m])
-    return out
+    return rank
 
+
+def _task_metrics(task: str, r: np.ndarray, y: np.ndarray, classes: ClassTable, keep: np.ndarray,
+                  subsets: dict[str, dict[str, np.ndarray]] | None) -> dict:
+    """One task's accuracies and class-mean recalls from its label ranks ``r`` and labels ``y``."""
+    many = {"action": classes.many_shot_actions, "verb": classes.many_shot_verbs, "noun": classes.many_shot_nouns}[task]
+    p = "" if task == "action" else f"{task}_"
+    out = {f"{p}top1": float(100.0 * (r < 1).mean()), f"{p}top5": float(100.0 * (r < 5).mean())}
+    if task == "action":
+        out["mean_top1_recall"] = class_mean_recall(r < 1, y)
+    out[f"{p}mean_top5_recall"] = class_mean_recall(r < 5, y)
+    out[f"{p}many_shot_top5_recall"] = None if many is None else class_mean_recall(r < 5, y, many)
+    for name, masks in (subsets or {}).items():
+        if task in masks:
+            m = np.asarray(masks[task], bool)[keep]
+            out[f"{name}_{task}_mean_top5_recall"] = class_mean_recall((r < 5)[m], y[m])
+    return out
 
 BLOCK_ROWS = 2048
 

@@ -274,13 +274,33 @@ def write_report(
     teacher = teacher or next(iter(store.teachers()), None)
     if teacher is None:
         raise MissingError(f"{store.path}: no teacher predictions to report on")
+    kd_student, plain_student = _student_pair(store, students, kd_student, plain_student)
+    table = metrics_table(store, split)
+    images = _report_images(store, split, teacher, students, kd_student, plain_student, out)
+    tune_dir = tune_dir or next((d for s in students if (d := _tune_dir_of(store, s)) is not None), None)
+    if tune_dir is not None:
+        extra_html += tune_section(Path(tune_dir), out)
+    page = _report_page(store, split, table, images, extra_html)
+    path = out / "report.html"
+    write_text(path, page)
+    return path
+
+
+def _student_pair(store: Store, students: list[str], kd_student: str | None,
+                  plain_student: str | None) -> tuple[str | None, str | None]:
+    """The students to compare: those named, else the first that distils and the first that does not."""
 
     def distils(name: str) -> bool:  # a student trained with a teacher (predict_into_store records it)
         return store.teacher(name).config.get("teacher") is not None
 
     kd_student = kd_student or next((s for s in students if distils(s)), None)
     plain_student = plain_student or next((s for s in students if not distils(s)), None)
-    table = metrics_table(store, split)
+    return kd_student, plain_student
+
+
+def _report_images(store: Store, split: str, teacher: str, students: list[str], kd_student: str | None,
+                   plain_student: str | None, out: Path) -> list[tuple[str, Path]]:
+    """(title, PNG) of each plot the report shows, written into ``out``."""
     images = []
     if (p := _plot_curves(store, students, out / "training_curves.png")) is not None:
         images.append(("Training curves", p))
@@ -289,9 +309,11 @@ def write_report(
     images.append(("Teacher calibration", _plot_calibration(store, split, teacher, out / "teacher_calibration.png")))
     if (p := _plot_oof_calibration(store, teacher, out / "teacher_calibration_oof.png")) is not None:
         images.append(("Teacher calibration on its out-of-fold training predictions", p))
-    tune_dir = tune_dir or next((d for s in students if (d := _tune_dir_of(store, s)) is not None), None)
-    if tune_dir is not None:
-        extra_html += tune_section(Path(tune_dir), out)
+    return images
+
+
+def _report_page(store: Store, split: str, table: list[dict], images: list[tuple[str, Path]], extra_html: str) -> str:
+    """The report's HTML: the metrics table, ``extra_html`` and the plots."""
     cols = table_columns(table, store.dataset)
     rows_html = "".join(
         "<tr><td>" + html.escape(r["name"]) + f"</td><td>{r['kind']}</td><td>{r['n']}</td>"
@@ -299,12 +321,9 @@ def write_report(
         for r in table
     )
     figs = "".join(f"<h2>{html.escape(t)}</h2><img src='{p.name}' alt='{html.escape(t)}'>" for t, p in images)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>kdstore report</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>kdstore report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
 </head><body><h1>kdstore report</h1><p>Store <code>{html.escape(str(store.path))}</code>, split <b>{html.escape(split)}</b>.</p>
 <table><tr><th>model</th><th>kind</th><th>n</th>{''.join(f'<th>{h} (%)</th>' for _, h in cols)}</tr>{rows_html}</table>
 {extra_html}{figs}</body></html>"""
-    path = out / "report.html"
-    write_text(path, page)
-    return path

@@ -313,23 +313,12 @@ class Store:
         return Predictions(self, name)
 
     def write_predictions(
-        self,
-        name: str,
-        uids: Sequence[int | str] | np.ndarray,
-        logits: np.ndarray,
-        *,
-        features: np.ndarray | None = None,
-        verb_logits: np.ndarray | None = None,
-        noun_logits: np.ndarray | None = None,
-        topk: int = 50,
-        lse_temperatures: Sequence[float] = DEFAULT_LSE_TEMPERATURES,
-        kind: str = "teacher",
-        config: dict | None = None,
-        metrics: dict | None = None,
-        log: list | None = None,
-        overwrite: bool = False,
-        provenance: dict | None = None,
-        block_rows: int = WRITE_BLOCK_ROWS,
+        self, name: str, uids: Sequence[int | str] | np.ndarray, logits: np.ndarray, *,
+        features: np.ndarray | None = None, verb_logits: np.ndarray | None = None,
+        noun_logits: np.ndarray | None = None, topk: int = 50,
+        lse_temperatures: Sequence[float] = DEFAULT_LSE_TEMPERATURES, kind: str = "teacher",
+        config: dict | None = None, metrics: dict | None = None, log: list | None = None,
+        overwrite: bool = False, provenance: dict | None = None, block_rows: int = WRITE_BLOCK_ROWS,
         scores_dtype: str = "float32",
     ) -> "Predictions":
         """Check and atomically write per-UID predictions as ``teacher/<name>``.
@@ -349,12 +338,33 @@ class Store:
         in float64 (the n-gram) keeps its ranking only in float64. Top-K values and LSE
         are float32 either way (what the KD kernel reads), taken from the stored logits.
         """
-        if scores_dtype not in ("float32", "float64"):
-            raise DataError(f"predictions {name!r}: scores_dtype must be 'float32' or 'float64', found {scores_dtype!r}")
-        dtypes = {**PREDICTION_DTYPES, "logits": np.dtype(scores_dtype), "verb_logits": np.dtype(scores_dtype),
-                  "noun_logits": np.dtype(scores_dtype)}
-        if kind not in PREDICTION_KINDS:
-            raise DataError(f"predictions {name!r}: kind must be one of {PREDICTION_KINDS}, found {kind!r}")
+        dtypes = _prediction_dtypes(name, scores_dtype, kind)
+        rows, uids, inputs = self._checked_prediction_inputs(
+            name, uids, logits, verb_logits, noun_logits, features, dtypes, block_rows)
+        A = self.classes.num_actions
+        k = min(int(topk), A)
+        if k < 1:
+            raise DataError(f"predictions {name!r}: topk must be >= 1, found {topk}")
+        order = np.argsort(rows, kind="stable")  # keep groups in segment-table order
+        temps = [float(t) for t in lse_temperatures]
+        vals, idx, lse = _topk_and_lse(inputs["logits"], order, k, temps, dtypes["logits"], block_rows)
+        # top-K values and LSE are taken from the logits stored (float32: they agree to the bit)
+        arrays = {"uids": uids[order], "logits": _Reordered(inputs["logits"], order, dtypes["logits"], block_rows),
+                  "topk_values": vals, "topk_indices": idx, "lse": lse}
+        for key in ("features", "verb_logits", "noun_logits"):
+            if key in inputs:
+                arrays[key] = _Reordered(inputs[key], order, dtypes[key], block_rows)
+        attrs = self._prediction_attrs(kind, A, k, temps, config, metrics, log)
+        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite,
+                                 provenance=provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
+        return Predictions(self, name)
+
+    def _checked_prediction_inputs(
+        self, name: str, uids, logits, verb_logits, noun_logits, features, dtypes: dict, block_rows: int,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(segment rows, uids, input arrays by key, logits first) of ``write_predictions``,
+        checked: a valid name, known and distinct UIDs, each array's shape, finite values
+        within the range of the dtype it is stored in."""
         _check_name(name)
         seg = self.segments
         rows = seg.row_of(np.asarray(uids).tolist())  # uids or the dataset's ids; MissingError names an unknown one
@@ -374,39 +384,16 @@ class Store:
         if features is not None:
             expect["features"] = (np.asarray(features), None)
         for key, (arr, width) in expect.items():
-            if arr.ndim != 2 or arr.shape[0] != len(uids) or (width is not None and arr.shape[1] != width):
-                want = f"[{len(uids)}, {width if width is not None else 'H'}]"
-                raise DataError(f"predictions {name!r}: {key} has shape {list(arr.shape)}, expected {want} (store has {A} actions)")
-            for lo in range(0, len(arr), block_rows):
-                sl = slice(lo, lo + block_rows)
-                _check_finite(arr[sl], uids[sl], f"predictions {name!r}: {key}")
-                # a larger finite value would be read back as inf
-                _check_range(arr[sl], uids[sl], f"predictions {name!r}: {key}", dtypes[key])
-        k = min(int(topk), A)
-        if k < 1:
-            raise DataError(f"predictions {name!r}: topk must be >= 1, found {topk}")
-        order = np.argsort(rows, kind="stable")  # keep groups in segment-table order
-        uids = uids[order]
-        temps = [float(t) for t in lse_temperatures]
-        vals, idx = np.empty((len(uids), k), np.float32), np.empty((len(uids), k), np.int32)
-        lse = np.empty((len(uids), len(temps)), np.float32)
-        # row blocks: every temporary is [block_rows, A], whatever the number of rows
-        for lo in range(0, len(uids), block_rows):
-            x = logits[order[lo : lo + block_rows]].astype(dtypes["logits"])  # [b, A], as stored
-            bi = rank_order(x, k)  # [b, k] the ranking rule of evaluate and export
-            idx[lo : lo + len(x)], vals[lo : lo + len(x)] = bi, np.take_along_axis(x, bi, axis=1)  # values to float32
-            for j, t in enumerate(temps):
-                lse[lo : lo + len(x), j] = _logsumexp(x / t)
-        # top-K values and LSE are taken from the logits stored (float32: they agree to the bit)
-        arrays = {"uids": uids, "logits": _Reordered(logits, order, dtypes["logits"], block_rows),
-                  "topk_values": vals, "topk_indices": idx, "lse": lse}
-        for key in ("features", "verb_logits", "noun_logits"):
-            if key in expect:
-                arrays[key] = _Reordered(expect[key][0], order, dtypes[key], block_rows)
-        attrs = {
+            _check_prediction_array(f"predictions {name!r}: {key}", arr, width, uids, A, dtypes[key], block_rows)
+        return rows, uids, {key: arr for key, (arr, _) in expect.items()}
+
+    def _prediction_attrs(self, kind: str, num_classes: int, k: int, temps: list[float], config: dict | None,
+                          metrics: dict | None, log: list | None) -> dict:
+        """The attributes of a prediction group."""
+        return {
             "kind": kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "num_classes": A,
+            "num_classes": num_classes,
             "topk": k,
             "lse_temperatures": temps,
             "segments_sha256": self.manifest["segments_sha256"],
@@ -414,9 +401,6 @@ class Store:
             "metrics": metrics or {},
             "log": log or [],
         }
-        self.backend.write_group(f"teacher/{name}", arrays, attrs, overwrite=overwrite,
-                                 provenance=provenance or provenance_entry("write_predictions", group=f"teacher/{name}"))
-        return Predictions(self, name)
 
     def delete_predictions(self, name: str) -> None:
         self.teacher(name)
@@ -567,6 +551,48 @@ class _Reordered:
     def blocks(self):
         for lo in range(0, len(self.order), self.block_rows):
             yield self.array[self.order[lo : lo + self.block_rows]].astype(self.dtype)
+
+
+def _prediction_dtypes(name: str, scores_dtype: str, kind: str) -> dict:
+    """The stored dtype of each prediction array, after checking ``scores_dtype`` and ``kind``."""
+    if scores_dtype not in ("float32", "float64"):
+        raise DataError(f"predictions {name!r}: scores_dtype must be 'float32' or 'float64', found {scores_dtype!r}")
+    dtypes = {**PREDICTION_DTYPES, "logits": np.dtype(scores_dtype), "verb_logits": np.dtype(scores_dtype),
+              "noun_logits": np.dtype(scores_dtype)}
+    if kind not in PREDICTION_KINDS:
+        raise DataError(f"predictions {name!r}: kind must be one of {PREDICTION_KINDS}, found {kind!r}")
+    return dtypes
+
+
+def _check_prediction_array(what: str, arr: np.ndarray, width: int | None, uids: np.ndarray, num_actions: int,
+                            dtype, block_rows: int) -> None:
+    """Raise DataError unless ``arr`` is [len(uids), width] (width None: any) with finite values
+    that ``dtype`` holds, checked ``block_rows`` rows at a time."""
+    if arr.ndim != 2 or arr.shape[0] != len(uids) or (width is not None and arr.shape[1] != width):
+        want = f"[{len(uids)}, {width if width is not None else 'H'}]"
+        raise DataError(f"{what} has shape {list(arr.shape)}, expected {want} (store has {num_actions} actions)")
+    for lo in range(0, len(arr), block_rows):
+        sl = slice(lo, lo + block_rows)
+        _check_finite(arr[sl], uids[sl], what)
+        # a larger finite value would be read back as inf
+        _check_range(arr[sl], uids[sl], what, dtype)
+
+
+def _topk_and_lse(logits: np.ndarray, order: np.ndarray, k: int, temps: list[float], dtype,
+                  block_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``k`` values [N, k] float32 and class indices [N, k] int32 of ``logits[order]`` cast
+    to ``dtype`` (as stored), ranked as evaluate and export rank, and its log-sum-exp at each
+    temperature [N, len(temps)] float32."""
+    vals, idx = np.empty((len(order), k), np.float32), np.empty((len(order), k), np.int32)
+    lse = np.empty((len(order), len(temps)), np.float32)
+    # row blocks: every temporary is [block_rows, A], whatever the number of rows
+    for lo in range(0, len(order), block_rows):
+        x = logits[order[lo : lo + block_rows]].astype(dtype)  # [b, A], as stored
+        bi = rank_order(x, k)  # [b, k] the ranking rule of evaluate and export
+        idx[lo : lo + len(x)], vals[lo : lo + len(x)] = bi, np.take_along_axis(x, bi, axis=1)  # values to float32
+        for j, t in enumerate(temps):
+            lse[lo : lo + len(x), j] = _logsumexp(x / t)
+    return vals, idx, lse
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

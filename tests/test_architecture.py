@@ -16,9 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kdstore", "trainers")
-# The longest function today (lines from ``def`` to its last line, decorators excluded); the
-# house style is 60: lower this as the functions above it are cut into stages.
-MAX_FUNCTION_LINES = 151
+# The house style: no function outside a Triton kernel longer than this (lines from ``def`` to
+# its last line, decorators excluded).
+MAX_FUNCTION_LINES = 60
 
 
 def _module_name(path: Path) -> str:
