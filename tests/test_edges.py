@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,29 +14,14 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import SUFFIXES, build_store
 from fullfs import entries, fill, small_fs, unfill
-from kdstore.errors import ConfigError, KDStoreError, MissingError, StoreFormatError
+from kdstore.errors import ConfigError, MissingError, StoreFormatError
 from kdstore.store import Store
 from kdstore.validate import leftovers, validate_store
 from processes import cli
+from test_errors import one_line, raised
 from test_store import assert_same, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def raised(args: list) -> KDStoreError:
-    """The KDStoreError the CLI command ``args`` ends with (in this process), one line."""
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert isinstance(r.exception, KDStoreError), (r.exception, r.output)
-    assert "\n" not in str(r.exception)
-    return r.exception
-
-
-def one_line(r: subprocess.CompletedProcess) -> str:
-    """The CLI's error: exit 2 and a single line on stderr."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
-    return lines[0]
 
 
 def tree(path) -> dict:
