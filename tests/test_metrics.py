@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from bench.official_scores import rulstm_softmax, rulstm_topk_accuracy, rulstm_topk_recall
 from kdstore.tables import ClassTable
 from kdstore.errors import DataError
 from kdstore.metrics import as_probabilities, compute_metrics, marginalise, topk_hits
@@ -100,26 +101,7 @@ def test_bad_input():
 
 # ---------------------------------------------------------------------------------------
 # RULSTM's formulas, re-implemented as written in fpv-iplab/rulstm RULSTM/utils.py and main.py
-
-
-def rulstm_softmax(x):
-    e_x = np.exp(x - np.max(x, 1).reshape(-1, 1))
-    return e_x / e_x.sum(axis=1).reshape(-1, 1)
-
-
-def rulstm_topk_accuracy(scores, labels, ks, selected_class=None):
-    if selected_class is not None:
-        idx = labels == selected_class
-        scores, labels = scores[idx], labels[idx]
-    rankings = scores.argsort()[:, ::-1]
-    tp = rankings[:, : np.max(ks)] == labels.reshape(-1, 1)
-    return [tp[:, :k].max(1).mean() for k in ks]
-
-
-def rulstm_topk_recall(scores, labels, k=5, classes=None):
-    unique = np.unique(labels)
-    classes = unique if classes is None else np.intersect1d(classes, unique)
-    return sum(rulstm_topk_accuracy(scores, labels, (k,), selected_class=c)[0] for c in classes) / len(classes)
+# (softmax, topk_accuracy and topk_recall: the transcription in bench/official_scores.py)
 
 
 def rulstm_mean_topk_recall_meter(scores, labels, num_classes, k=5):
