@@ -139,10 +139,10 @@ def query(
     s = Store.open(store)
     if predictions is not None and not predictions.strip():
         raise typer.BadParameter("--teacher: give a prediction group name (or leave the option out for the first teacher)")
-    name = predictions or (s.teachers() or s.predictions() or [None])[0]
+    name = predictions or (s.groups("teacher") or s.groups() or [None])[0]
     if name is None:
         raise typer.BadParameter(f"{store}: holds no predictions")
-    group = s.teacher(name)
+    group = s.group(name)
     results = [group.predict(key, k=k) for key in keys]
     if as_json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=1))

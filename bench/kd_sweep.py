@@ -110,7 +110,7 @@ def calibrated_teacher(store: Path) -> None:
     from kdstore.store import Store
 
     s = Store.open(store)
-    if "calibration" not in s.teacher("teacher").attrs:
+    if "calibration" not in s.group("teacher").attrs:
         r = calibrate(s, "teacher")
         print(f"teacher calibrated: T {r['temperature']:.4f}, out-of-fold ECE {r['ece_before']:.4f} -> "
               f"{r['ece_after']:.4f} ({r['rows']} rows of {r['split']})", flush=True)

@@ -177,7 +177,7 @@ def run(store_path: str, group: str, split: str = "validation", out_dir: Path = 
         official = score_export(store, group, split, Path(tmp) / "export.json")
     gap = max(abs(official[k] - ours[v]) for k, v in KDSTORE_KEYS.items())
     row = {**machine(), "store": str(store_path), "group": group, "split": split,
-           "logits_dtype": store.teacher(group).logits.dtype.name, "max_abs_gap": gap,
+           "logits_dtype": store.group(group).logits.dtype.name, "max_abs_gap": gap,
            **{f"official_{k}": v for k, v in official.items()},
            **{f"kdstore_{k}": ours[v] for k, v in KDSTORE_KEYS.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)

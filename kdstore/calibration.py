@@ -139,7 +139,7 @@ def oof_logits(store: Store, group: Predictions) -> tuple[np.ndarray, np.ndarray
 def calibrate(store: Store, name: str, bins: int = BINS) -> dict:
     """Fit ``teacher/<name>``'s temperature on its out-of-fold training rows, store it as the
     group's ``calibration`` attribute (with the ECE and NLL before and after) and return that."""
-    group = store.teacher(name)
+    group = store.group(name)
     logits, labels, split = oof_logits(store, group)
     if len(labels) == 0:
         raise DataError(f"teacher/{name}: no labelled out-of-fold row of split {split!r} to fit a temperature on")

@@ -61,7 +61,7 @@ def write_ensemble(store: Store, members: Sequence[str], name: str, weights: Seq
         raise ConfigError(f"ensemble {name!r}: expected {len(members)} positive finite weights (one per group), got "
                           f"{list(weights) if weights is not None else None}")
     w = w / w.sum()
-    groups = [store.teacher(m) for m in members]  # refuses groups made for other segments
+    groups = [store.group(m) for m in members]  # refuses groups made for other segments
     readers = [TeacherTargets(g, ("logits",), exact=True) for g in groups]  # refuses another class count
     uids = groups[0].uids
     for g in groups[1:]:

@@ -64,8 +64,8 @@ def summary(store: Store) -> dict:
             "selection": fs.attrs.get("selection"),
             "kept": _kept(fs),
         }
-    for name in store.predictions():
-        p = store.teacher(name)
+    for name in store.groups():
+        p = store.group(name)
         out["predictions"][name] = {
             "kind": p.kind, "uids": len(p), "topk": p.topk, "scores_dtype": p.logits.dtype.name,
             "features": None if p.features is None else p.features.shape[1],
@@ -85,7 +85,7 @@ def export_predictions(store: Store, name: str, out: str | Path, fmt: str | None
         raise DataError(f"{out}: unknown export format {fmt!r} (jsonl, npz or epic)")
     if not out.parent.is_dir():
         raise ConfigError(f"{out}: the folder {out.parent} does not exist")
-    p = store.teacher(name)
+    p = store.group(name)
     if fmt == "npz":
         arrays = {"uids": p.uids, "logits": np.asarray(p.logits), "topk_values": np.asarray(p.topk_values),
                   "topk_indices": np.asarray(p.topk_indices)}

@@ -27,8 +27,8 @@ def metrics_table(store: Store, split: str | None = None, names: list[str] | Non
     split = split or store.default_splits()[1]
     rows = seg.rows_in(split, labelled=True)
     table = []
-    for name in names or store.predictions():
-        g = store.teacher(name)
+    for name in names or store.groups():
+        g = store.group(name)
         scores, kept = present_scores(g, rows)
         if len(kept) == 0:
             continue
@@ -72,7 +72,7 @@ def _plot_curves(store: Store, students: list[str], path: Path) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     drew = False
     for name in students:
-        log = store.teacher(name).attrs.get("log", [])
+        log = store.group(name).attrs.get("log", [])
         if not log:
             continue
         ep = [e["epoch"] for e in log]
@@ -99,7 +99,7 @@ def _plot_recall_diff(store: Store, split: str, kd: str, plain: str, path: Path)
     rows = seg.rows_in(split, labelled=True)
     r = {}
     for name in (kd, plain):
-        logits, kept = present_logits(store.teacher(name), rows)
+        logits, kept = present_logits(store.group(name), rows)
         r[name] = per_class_recall(logits, seg.action[kept], classes.num_actions)
     diff = (r[kd] - r[plain]) * 100
     present = np.flatnonzero(~np.isnan(diff))
@@ -133,7 +133,7 @@ def _plot_calibration(store: Store, split: str, teacher: str, path: Path) -> Pat
     import matplotlib.pyplot as plt
 
     seg = store.segments
-    logits, kept = present_logits(store.teacher(teacher), seg.rows_in(split, labelled=True))
+    logits, kept = present_logits(store.group(teacher), seg.rows_in(split, labelled=True))
     c = calibration(logits, seg.action[kept])
     centers = (c["edges"][:-1] + c["edges"][1:]) / 2
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
@@ -158,7 +158,7 @@ def _plot_oof_calibration(store: Store, teacher: str, path: Path) -> Path | None
     from .calibration import oof_logits, reliability
     from .errors import DataError
 
-    g = store.teacher(teacher)
+    g = store.group(teacher)
     try:
         logits, labels, split = oof_logits(store, g)
     except (MissingError, DataError):
@@ -185,7 +185,7 @@ def _plot_oof_calibration(store: Store, teacher: str, path: Path) -> Path | None
 
 def _tune_dir_of(store: Store, group: str) -> Path | None:
     """The ``tune-kd`` directory whose final run wrote ``group``, when it still exists."""
-    run = store.teacher(group).config.get("run_dir")
+    run = store.group(group).config.get("run_dir")
     return Path(run).parent if run and (Path(run).parent / "grid.json").is_file() else None
 
 
@@ -270,8 +270,8 @@ def write_report(
     out = Path(out_dir)
     with os_errors(out, unknown=True):
         out.mkdir(parents=True, exist_ok=True)
-    students = store.predictions("student")
-    teacher = teacher or next(iter(store.teachers()), None)
+    students = store.groups("student")
+    teacher = teacher or next(iter(store.groups("teacher")), None)
     if teacher is None:
         raise MissingError(f"{store.path}: no teacher predictions to report on")
     kd_student, plain_student = _student_pair(store, students, kd_student, plain_student)
@@ -291,7 +291,7 @@ def _student_pair(store: Store, students: list[str], kd_student: str | None,
     """The students to compare: those named, else the first that distils and the first that does not."""
 
     def distils(name: str) -> bool:  # a student trained with a teacher (predict_into_store records it)
-        return store.teacher(name).config.get("teacher") is not None
+        return store.group(name).config.get("teacher") is not None
 
     kd_student = kd_student or next((s for s in students if distils(s)), None)
     plain_student = plain_student or next((s for s in students if not distils(s)), None)

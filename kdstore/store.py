@@ -295,21 +295,18 @@ class Store:
 
     # -- predictions (teachers, students) -------------------------------------------
 
-    def predictions(self, kind: str | None = None) -> list[str]:
-        """Names of the complete prediction groups (optionally of one kind)."""
+    def groups(self, kind: str | None = None) -> list[str]:
+        """Names of the complete prediction groups, of one kind (teacher, student, baseline, ensemble) or all."""
         names = self.backend.children("teacher")
         if kind is None:
             return names
         return [n for n in names if self.backend.attrs(f"teacher/{n}").get("kind") == kind]
 
-    def teachers(self) -> list[str]:
-        return self.predictions("teacher")
-
-    def teacher(self, name: str) -> "Predictions":
-        """The prediction group ``teacher/<name>`` (a teacher's or a student's)."""
+    def group(self, name: str) -> "Predictions":
+        """The prediction group ``teacher/<name>``, of any kind."""
         _check_name(name)
         if not self.backend.has(f"teacher/{name}"):
-            raise MissingError(f"{self.path}: no predictions named {name!r} (have: {', '.join(self.predictions()) or 'none'})")
+            raise MissingError(f"{self.path}: no predictions named {name!r} (have: {', '.join(self.groups()) or 'none'})")
         return Predictions(self, name)
 
     def write_predictions(
@@ -403,7 +400,7 @@ class Store:
         }
 
     def delete_predictions(self, name: str) -> None:
-        self.teacher(name)
+        self.group(name)
         self.backend.delete_group(f"teacher/{name}")
 
     # -- video features -------------------------------------------------------------

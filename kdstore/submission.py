@@ -69,7 +69,7 @@ def epic_entries(
         if len(sls) != 3 or not all(isinstance(x, int) and 0 <= x <= 5 for x in sls):
             raise DataError(f"EPIC submission: sls must be three levels 0..5 (pretraining, labels, data), found {list(sls)}")
         header |= dict(zip(("sls_pt", "sls_tl", "sls_td"), sls))
-    group = store.teacher(name)
+    group = store.group(name)
     rows = seg.rows_in(split)
     heads = tuple(h for h in HEADS if getattr(group, h) is not None)
     targets = TeacherTargets(group, ("logits", *heads), exact=True)  # the precision evaluate ranks

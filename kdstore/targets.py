@@ -30,7 +30,7 @@ class TeacherTargets:
     """Selected arrays of one prediction group, gathered by segment row.
 
     Args:
-        group: the prediction group (``Store.teacher(name)``).
+        group: the prediction group (``Store.group(name)``).
         fields: names from :data:`FIELDS`.
         temperature: the temperature of ``lse`` (required when ``lse`` is asked for; unused otherwise).
         k: how many of the stored top-K columns ``topk_values``/``topk_indices`` return

@@ -87,7 +87,7 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
             c.problems.append(f"{store.path}: {lo.hides}: missing until its interrupted commit is finished"
                               " (by the next writer, or kdstore gc)")
     c.attrs("manifest", store.manifest, c.manifest_schema)
-    groups = ["classes", "segments", *(f"video/{n}" for n in store.feature_sets()), *(f"teacher/{n}" for n in store.predictions())]
+    groups = ["classes", "segments", *(f"video/{n}" for n in store.feature_sets()), *(f"teacher/{n}" for n in store.groups())]
     arrays = {g: _check_layout(c, g) for g in groups}
     if c.problems:
         return c.problems  # content checks assume the layout is right
@@ -103,7 +103,7 @@ def validate_store(path: str | Path, deep: bool = True) -> list[str]:
     _check_segments(c, classes, seg, arrays["segments"])
     for name in store.feature_sets():
         _check_video(c, name, arrays[f"video/{name}"])
-    for name in store.predictions():
+    for name in store.groups():
         _check_predictions(c, name, arrays[f"teacher/{name}"], seg)
     return c.problems
 

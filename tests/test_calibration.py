@@ -77,7 +77,7 @@ def store(tmp_path, synthetic_tables):
 
 
 def test_calibrate_fits_only_out_of_fold_training_rows(store):
-    seg, g = store.segments, store.teacher("teacher")
+    seg, g = store.segments, store.group("teacher")
     rows, split = fit_rows(store, g)
     assert split == "training1" and set(rows) == set(seg.rows_in("training1", labelled=True))
     assert not set(rows) & set(seg.rows_in("validation1"))
@@ -90,7 +90,7 @@ def test_calibrate_fits_only_out_of_fold_training_rows(store):
     assert r["rows"] == len(rows) and r["split"] == "training1" and r["ece_after"] < r["ece_before"]
     assert r["nll_after"] <= r["nll_before"]
     # stored with the group, with a provenance record; the rest of the group is untouched
-    again = Store.open(store.path).teacher("teacher")
+    again = Store.open(store.path).group("teacher")
     assert again.attrs["calibration"] == r and again.attrs["config"]["train_split"] == "training1"
     assert np.array_equal(np.asarray(again.logits), np.asarray(g.logits))
     assert Store.open(store.path).manifest["provenance"][-1]["action"] == "calibrate"
@@ -98,7 +98,7 @@ def test_calibrate_fits_only_out_of_fold_training_rows(store):
 
 def test_calibrated_targets_divide_the_logits(store):
     calibrate(store, "teacher")
-    g = Store.open(store.path).teacher("teacher")
+    g = Store.open(store.path).group("teacher")
     T = g.attrs["calibration"]["temperature"]
     rows = store.segments.rows_in("training1")[:9]
     raw = TeacherTargets(g, ("logits", "topk_values", "topk_indices", "lse"), temperature=2.0).gather(rows)
@@ -113,7 +113,7 @@ def test_calibrated_targets_divide_the_logits(store):
 
 def test_calibrated_targets_need_a_fitted_temperature(store):
     with pytest.raises(MissingError, match="kdstore calibrate"):
-        TeacherTargets(store.teacher("teacher"), ("logits",), calibrated=True)
+        TeacherTargets(store.group("teacher"), ("logits",), calibrated=True)
 
 
 def test_in_sample_or_unknown_training_predictions_are_refused(store, synthetic_tables):

@@ -83,7 +83,7 @@ def test_overwrite_killed_at_every_step(tmp_path, synthetic_tables, suffix, mode
         r = script(OVERWRITE, path, mode, 1, crash=point)
         assert r.returncode == CRASHED, (point, r.stderr[-2000:])
         problems, s = validate_store(path), Store.open(path)
-        if "teacher" not in s.predictions():
+        if "teacher" not in s.groups():
             assert problems and "teacher/teacher: missing" in problems[0], (point, problems)
         else:
             assert problems == [], (point, problems)
@@ -197,11 +197,11 @@ def test_concurrent_writers_keep_every_group_and_provenance(tmp_path, synthetic_
     errors = [p.stderr.read() for p in procs if p.wait(timeout=300) != 0]
     assert not errors, errors[0]
     s = Store.open(store.path)
-    assert s.predictions() == sorted(f"g{i}" for i in range(30))
+    assert s.groups() == sorted(f"g{i}" for i in range(30))
     groups = [p.get("group") for p in s.manifest["provenance"]]
     assert sorted(g for g in groups if g) == sorted(f"teacher/g{i}" for i in range(30))
     for i in range(30):
-        assert len(s.teacher(f"g{i}")) == 5 + i and (s.teacher(f"g{i}").logits == i).all()
+        assert len(s.group(f"g{i}")) == 5 + i and (s.group(f"g{i}").logits == i).all()
     assert validate_store(store.path) == [] and leftovers(store.path) == []
 
 
@@ -252,7 +252,7 @@ def test_hdf5_reader_waits_for_a_program_writing_the_file_then_names_it(tmp_path
     finally:
         p.communicate("", timeout=30)
     s = Store.open(store.path)
-    assert s.teacher("teacher").logits.shape[0] > 0 and len(s.video("feat")) > 0
+    assert s.group("teacher").logits.shape[0] > 0 and len(s.video("feat")) > 0
 
 
 WRITE_MANY = """
@@ -279,12 +279,12 @@ def test_readers_see_whole_commits_while_a_writer_commits(tmp_path, synthetic_ta
     while w.poll() is None or reads == 0:
         s = Store.open(store.path)
         np.testing.assert_array_equal(s.segments.uid, uid)
-        for name in s.predictions():
-            t = s.teacher(name)
+        for name in s.groups():
+            t = s.group(name)
             assert len(t) == 7 and (t.logits == int(name[1:])).all(), name
         reads += 1
     assert w.returncode == 0, w.stderr.read()
-    assert Store.open(store.path).predictions() == sorted(f"w{i}" for i in range(80)) and reads > 1
+    assert Store.open(store.path).groups() == sorted(f"w{i}" for i in range(80)) and reads > 1
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
@@ -317,7 +317,7 @@ def test_read_side_group_names_are_checked(tmp_path, synthetic_tables):
             r = cli(*args)
             assert r.returncode == 2 and "group name '../../other.zarr/teacher/s1'" in r.stderr, (suffix, r.stderr)
         with pytest.raises(DataError, match="group name"):
-            s.teacher(bad)
+            s.group(bad)
         with pytest.raises(DataError, match="group name"):
             s.video("../feat")
-    assert other.teacher("s1")
+    assert other.group("s1")

@@ -46,7 +46,7 @@ def store_state(path: Path, prefix: str = "") -> dict:
     """Arrays and attributes of the groups under ``prefix`` (all: ""), manifest without provenance."""
     s = Store.open(path)
     out = {k: np.array(s.backend.memmap(k)) for k in array_keys(s) if k.startswith(prefix)}
-    groups = ["classes", "segments", *(f"video/{n}" for n in s.feature_sets()), *(f"teacher/{n}" for n in s.predictions())]
+    groups = ["classes", "segments", *(f"video/{n}" for n in s.feature_sets()), *(f"teacher/{n}" for n in s.groups())]
     out |= {g + "@attrs": stable(s.backend.attrs(g)) for g in groups if g.startswith(prefix)}
     if not prefix:
         out["manifest"] = stable({k: v for k, v in s.manifest.items() if k != "provenance"})
@@ -220,7 +220,7 @@ def read_view(path: Path) -> dict:
     out["segments@attrs"] = [seg.videos, seg.splits, seg.fps, seg.key_type, seg.subsets, seg.subset_splits]
     out |= {f"classes/{k}": getattr(cls, k) for k in ("action_verb", "action_noun")}
     out["classes@attrs"] = [cls.action_names, cls.verb_names, cls.noun_names, cls.surface_verbs, cls.surface_nouns]
-    for name in s.predictions():
+    for name in s.groups():
         g = f"teacher/{name}"
         out |= {f"{g}/{k}": np.array(s.backend.memmap(f"{g}/{k}")) for k in s.backend.children(g)}
         out[f"{g}@ours"] = s.made_for_segments(s.backend.attrs(g)["segments_sha256"])

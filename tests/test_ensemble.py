@@ -42,7 +42,7 @@ def es(tmp_path) -> SimpleNamespace:
 
 def stored_logits(store, name):
     """[N, A] float64 stored logits in segment-table order."""
-    g = store.teacher(name)
+    g = store.group(name)
     return np.asarray(g.logits, np.float64)[g.row_of_segment]
 
 
@@ -103,7 +103,7 @@ def test_refusals(es, tmp_path):
     (es.path / "teacher" / "w" / "zarr.json").write_text(json.dumps(attrs))
     with pytest.raises(ConfigError, match=rf"teacher/w: {es.classes.num_actions + 1} classes"):
         write_ensemble(Store.open(es.path), ["a", "w"], "e")
-    assert "e" not in Store.open(es.path).predictions()  # nothing written by a refused call
+    assert "e" not in Store.open(es.path).groups()  # nothing written by a refused call
     write_ensemble(es.store, ["a", "b"], "e")
     with pytest.raises(Exception, match="exist"):
         write_ensemble(es.store, ["a", "b"], "e")
@@ -116,7 +116,7 @@ def test_ensemble_works_as_any_group(es):
     assert m["coverage"] == 100.0
     names = [r["name"] for r in metrics_table(es.store, "validation1")]
     assert "e" in names
-    r = es.store.teacher("e").predict(int(es.seg.uid[0]), k=3)
+    r = es.store.group("e").predict(int(es.seg.uid[0]), k=3)
     assert r["present"] and len(r["top"]) == 3 and abs(sum(t["prob"] for t in r["top"])) <= 1 + 1e-6
 
 

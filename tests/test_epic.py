@@ -287,7 +287,7 @@ def test_query_k_is_checked_and_json_is_one_document(tmp_path):
         r = runner.invoke(app, ["query", str(s.path), "P02_01_0", "-k", k])
         assert r.exit_code != 0 and "greater than or equal to 1" in r.output
     with pytest.raises(DataError, match="k must be >= 1, found 0"):
-        s.teacher("t").predict("P02_01_0", k=0)
+        s.group("t").predict("P02_01_0", k=0)
     one = json.loads(runner.invoke(app, ["query", str(s.path), "P02_01_0", "--json"]).stdout)
     two = json.loads(runner.invoke(app, ["query", str(s.path), "P02_01_0", "P02_01_1", "--json"]).stdout)
     assert one["id"] == "P02_01_0" and [t["id"] for t in two] == ["P02_01_0", "P02_01_1"]
@@ -383,7 +383,7 @@ def test_student_predictions_cover_unlabelled_segments(ek100_dir, tmp_path, one_
     train_student(s.path, "feat", tmp_path / "run", cfg, train_split="training", eval_split="validation", progress=False)
     metrics = predict_into_store(s.path, tmp_path / "run", "student")
     seg = Store.open(s.path).segments
-    g = Store.open(s.path).teacher("student")
+    g = Store.open(s.path).group("student")
     assert g.present.all()  # features and student predictions cover the unlabelled test segments too
     assert metrics["test_timestamps"] == {"unlabelled": int(seg.in_split("test_timestamps").sum())}
     assert metrics["validation"]["n"] == int(seg.in_split("validation").sum())

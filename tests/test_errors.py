@@ -67,7 +67,7 @@ def test_damaged_checkpoint_on_predict_and_resume(trained, damage):
     assert f"{ckpt}: not a readable checkpoint" in msg
     e = raised(["train-student", path, "-f", "feat", "-t", "teacher", "--run", run, *STUDENT, "--set", "epochs=2"])
     assert isinstance(e, ConfigError) and f"{ckpt}: not a readable checkpoint" in str(e)
-    assert "p" not in Store.open(path).predictions()
+    assert "p" not in Store.open(path).groups()
     e = raised(["predict", path, "--run", run.parent / "nothing", "--name", "p"])
     assert "no student checkpoint" in str(e)
 

@@ -371,7 +371,7 @@ def test_train_and_predict_on_a_covering_set_match_the_full_set_and_refuse_one_t
         train_student(subsets.path, name, tmp_path / name, cfg, train_split="train", eval_split="val", device="cpu",
                       progress=False)
         predict_into_store(subsets.path, tmp_path / name, f"student-{name}")
-        logits[name] = np.asarray(Store.open(subsets.path).teacher(f"student-{name}").logits)
+        logits[name] = np.asarray(Store.open(subsets.path).group(f"student-{name}").logits)
     np.testing.assert_array_equal(logits["range"], logits["full"])
 
     # the run's windows against a store whose `range` covers only tau_a 1 s: predict refuses
@@ -381,7 +381,7 @@ def test_train_and_predict_on_a_covering_set_match_the_full_set_and_refuse_one_t
     res = CliRunner().invoke(cli.app, ["predict", str(other.path), "--run", str(tmp_path / "range"), "--name", "p"])
     assert isinstance(res.exception, ConfigError), res.output
     assert str(res.exception).startswith(f"video/range in {other.path}: ") and "tau_a 1.3 s is outside" in str(res.exception)
-    assert "p" not in Store.open(other.path).predictions()
+    assert "p" not in Store.open(other.path).groups()
 
 
 def test_each_segment_s_frames_are_one_run_in_time_order(tmp_path):

@@ -65,7 +65,7 @@ def ek55(tmp_path_factory):
 
 def reference(store, name: str) -> dict:
     seg, c = store.segments, store.classes
-    g = store.teacher(name)
+    g = store.group(name)
     rows = seg.rows_in("validation", labelled=True)
     logits = np.asarray(g.logits, np.float64)[g.row_of_segment[rows]]
     return rulstm_ek55(logits, c.action_verb.astype(np.int64), c.action_noun.astype(np.int64), seg.action[rows].astype(np.int64),
@@ -81,7 +81,7 @@ def test_the_shape_has_unused_classes(ek55):
 
 def test_rulstm_marginals_equal_rulstm_code(ek55):
     c = ek55.classes
-    probs = softmax(np.asarray(ek55.teacher("model").logits, np.float64))
+    probs = softmax(np.asarray(ek55.group("model").logits, np.float64))
     for index, num in ((c.action_verb, V), (c.action_noun, N)):
         want = rulstm_marginalize(probs, rulstm_marginal_indexes(index.astype(np.int64)))
         np.testing.assert_allclose(marginalise(probs, index, num, "rulstm"), want, rtol=0, atol=1e-12)

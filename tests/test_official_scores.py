@@ -54,7 +54,7 @@ def test_exported_json_scores_as_evaluate(ek100, group, tmp_path):
     ours = evaluate_group(ek100, group, "validation")
     official = score_export(ek100, group, "validation", tmp_path / f"{group}.json")
     assert_same_figures(ours, official)
-    assert ek100.teacher(group).logits.dtype == (np.float64 if group == "ngram3" else np.float32)
+    assert ek100.group(group).logits.dtype == (np.float64 if group == "ngram3" else np.float32)
 
 
 def test_ngram_metrics_are_those_of_its_group(ek100):
@@ -62,20 +62,20 @@ def test_ngram_metrics_are_those_of_its_group(ek100):
     printed = evaluate_ngram(ek100, "training", "validation", order=3)
     stored = evaluate_group(ek100, "ngram3", "validation")
     assert {k: printed[k] for k in KDSTORE_KEYS.values()} == {k: stored[k] for k in KDSTORE_KEYS.values()}
-    assert ek100.teacher("ngram3").metrics["validation"]["mean_top5_recall"] == printed["mean_top5_recall"]
+    assert ek100.group("ngram3").metrics["validation"]["mean_top5_recall"] == printed["mean_top5_recall"]
 
 
 def test_float16_group_still_reads_and_scores_as_evaluate(ek100, tmp_path):
     """A group holding float16 logits (and heads) is valid, and its export still scores as
     ``evaluate`` ranks it: float16's many ties are moved apart in the file."""
-    t = ek100.teacher("teacher")
+    t = ek100.group("teacher")
     arrays = {k: np.asarray(getattr(t, k)) for k in ("uids", "topk_values", "topk_indices", "lse", "features")}
     rng = np.random.default_rng(1)
     for k in ("logits", "verb_logits", "noun_logits"):
         arrays[k] = (np.asarray(getattr(t, k)) + rng.normal(size=getattr(t, k).shape) * 1e-3).astype(np.float16)
     ek100.backend.write_group("teacher/half", arrays, dict(t.attrs))
     store = Store.open(ek100.path)
-    assert store.teacher("half").logits.dtype == np.float16
+    assert store.group("half").logits.dtype == np.float16
     assert not validate_store(store.path)
     ours = evaluate_group(store, "half", "validation")
     assert_same_figures(ours, score_export(store, "half", "validation", tmp_path / "half.json"))
@@ -90,7 +90,7 @@ def test_export_writes_the_float64_scores_apart_only_where_tied(ek100, tmp_path)
     seg = ek100.segments
     row = seg.rows_in("validation")[0]
     entry = json.loads(out.read_text())["results"][str(seg.id_of(row))]
-    g = ek100.teacher("student")
+    g = ek100.group("student")
     p = softmax(np.asarray(g.logits[g.row_of_segment[row]], np.float64)[None])[0]  # [A]
     pairs = [f"{v},{n}" for v, n in zip(ek100.classes.action_verb.tolist(), ek100.classes.action_noun.tolist())]
     written = np.array(list(entry["action"].values()))

@@ -72,12 +72,12 @@ def test_a_group_made_for_other_segments_is_refused(tmp_path, suffix, change):
     dst = Store.open(dst.path)
     if change == "nothing":
         assert dst.manifest["segments_sha256"] == src.manifest["segments_sha256"]
-        np.testing.assert_array_equal(dst.teacher("t").logits, src.teacher("t").logits)
+        np.testing.assert_array_equal(dst.group("t").logits, src.group("t").logits)
         assert validate_store(dst.path) == []
         return
     assert dst.manifest["segments_sha256"] != src.manifest["segments_sha256"]
     with pytest.raises(StoreFormatError, match="predictions 't' were made for other segments"):
-        dst.teacher("t")
+        dst.group("t")
     with pytest.raises(StoreFormatError, match="made for other segments"):
         evaluate_group(dst, "t", "validation1")
     assert any("teacher/t: made for other segments" in p for p in validate_store(dst.path))
@@ -144,14 +144,14 @@ def test_schema1_store_is_read_and_upgraded(tmp_path, synthetic_tables, suffix):
     s.backend.write_group("teacher/f", foreign, {**s.backend.attrs("teacher/t"), "segments_sha256": "0" * 64})
     assert validate_store(s.path) == [f"{s.path}: teacher/f: made for other segments (other uids, ids, labels or splits: segments_sha256 differs)"]
     assert any("schema version 1" in w for w in store_warnings(s.path))
-    before = np.asarray(s.teacher("t").logits).copy()
+    before = np.asarray(s.group("t").logits).copy()
     r = runner.invoke(app, ["upgrade", str(s.path)])
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())  # rich wraps long lines
     assert "re-stamped: t" in said and "left as they were): f" in said
     s = Store.open(s.path)
     assert s.schema_version == 2 and s.manifest["segments_sha256"] == segments_fingerprint(seg)
-    np.testing.assert_array_equal(s.teacher("t").logits, before)
+    np.testing.assert_array_equal(s.group("t").logits, before)
     assert validate_store(s.path) == [f"{s.path}: teacher/f: made for other segments (other uids, ids, labels or splits: segments_sha256 differs)"]
     assert store_warnings(s.path) == [] and s.manifest["provenance"][-1]["action"] == "upgrade"
     assert upgrade_store(s.path) == {"restamped": [], "foreign": []}  # already schema 2

@@ -44,7 +44,7 @@ def array_keys(store: Store) -> list[str]:
     keys += [f"segments/{c}" for c in (*SegmentTable.COLUMNS, "id", "subset_mask")]
     for name in store.feature_sets():
         keys += [f"video/{name}/{k}" for k in ("features", "timestamps", "offsets")]
-    for name in store.predictions():
+    for name in store.groups():
         keys += [
             f"teacher/{name}/{k}"
             for k in ("uids", "logits", "topk_values", "topk_indices", "lse", "features", "verb_logits", "noun_logits")
@@ -55,7 +55,7 @@ def array_keys(store: Store) -> list[str]:
 def snapshot(path: Path) -> dict:
     """Everything a reader can see in a store: groups, attributes and array values."""
     store = Store.open(path)
-    snap = {"manifest": store.manifest, "features": store.feature_sets(), "predictions": store.predictions()}
+    snap = {"manifest": store.manifest, "features": store.feature_sets(), "predictions": store.groups()}
     for key in array_keys(store):
         snap[key] = np.array(store.backend.memmap(key))
     for group in ["classes", "segments", *(f"video/{n}" for n in snap["features"]), *(f"teacher/{n}" for n in snap["predictions"])]:
@@ -348,9 +348,9 @@ class StoreTests:
                     idx = fs.frames_at(fs.video_index([v]), t[None, :])
                     np.testing.assert_array_equal(fs.gather(idx)[0], f.astype(dtype))
 
-            assert s.predictions() == sorted(predictions)
+            assert s.groups() == sorted(predictions)
             for name, kw in predictions.items():
-                p = s.teacher(name)
+                p = s.group(name)
                 assert p.kind == kw["kind"] and p.config == kw["config"]
                 rows = segments.row_of(kw["uids"])
                 order = np.argsort(rows)
@@ -427,7 +427,7 @@ class StoreTests:
 
     def test_targets_match_logits_and_mask_absent(self, store, synthetic_tables):
         _, seg = synthetic_tables
-        p = store.teacher("teacher")
+        p = store.group("teacher")
         rng = np.random.default_rng(0)  # the same draws as build_store's first teacher
         train = seg.rows_in("training1")
         logits = rng.normal(size=(len(train), store.classes.num_actions)).astype(np.float32) * 3
@@ -455,11 +455,11 @@ class StoreTests:
         assert len(p) == 0 and not p.present.any()
         g = TeacherTargets(p, ("topk_values", "topk_indices", "lse"), temperature=1.0).gather(np.arange(5))
         assert not g["present"].any() and g["topk_values"].shape == (5, p.topk) and not g["lse"].any()
-        assert Store.open(store.path).teacher("none").predict(int(store.segments.uid[0]))["present"] is False
+        assert Store.open(store.path).group("none").predict(int(store.segments.uid[0]))["present"] is False
 
     def test_predict(self, store):
         seg, cls = store.segments, store.classes
-        p = store.teacher("teacher")
+        p = store.group("teacher")
         uid = int(seg.uid[seg.rows_in("training1")[3]])
         r = p.predict(uid, k=5)
         assert r["present"] and r["id"] == uid and r["splits"] == ["training1"] and r["kind"] == "teacher"
@@ -484,21 +484,21 @@ class StoreTests:
     # groups ------------------------------------------------------------------------
 
     def test_teacher_groups_coexist(self, store):
-        assert store.teachers() == ["other", "teacher"]
-        a, b = store.teacher("teacher"), store.teacher("other")
+        assert store.groups("teacher") == ["other", "teacher"]
+        a, b = store.group("teacher"), store.group("other")
         assert not np.array_equal(a.logits, b.logits)
         seg = store.segments
         store.write_predictions("stud", seg.uid[:5], np.ones((5, store.classes.num_actions)), kind="student")
         s = Store.open(store.path)
-        assert s.teachers() == ["other", "teacher"] and s.predictions("student") == ["stud"]
-        assert s.predictions() == ["other", "stud", "teacher"]
-        np.testing.assert_array_equal(s.teacher("teacher").logits, a.logits)
+        assert s.groups("teacher") == ["other", "teacher"] and s.groups("student") == ["stud"]
+        assert s.groups() == ["other", "stud", "teacher"]
+        np.testing.assert_array_equal(s.group("teacher").logits, a.logits)
         s.delete_predictions("other")
         s = Store.open(store.path)
-        assert s.predictions() == ["stud", "teacher"]
-        np.testing.assert_array_equal(s.teacher("teacher").logits, a.logits)
+        assert s.groups() == ["stud", "teacher"]
+        np.testing.assert_array_equal(s.group("teacher").logits, a.logits)
         with pytest.raises(MissingError, match="no predictions named 'other'"):
-            s.teacher("other")
+            s.group("other")
         provenance = [e["action"] for e in s.manifest["provenance"]]
         assert provenance[0] == "create" and provenance.count("write_predictions") == 3
 
@@ -510,11 +510,11 @@ class StoreTests:
         assert_same(before, snapshot(store.path))
         logits = np.arange(4 * A, dtype=np.float32).reshape(4, A) / 10
         p = store.write_predictions("teacher", seg.uid[[7, 1, 3, 2]], logits, overwrite=True, topk=3)
-        p = Store.open(store.path).teacher("teacher")
+        p = Store.open(store.path).group("teacher")
         np.testing.assert_array_equal(p.uids, seg.uid[[1, 2, 3, 7]])
         np.testing.assert_array_equal(p.logits, logits[[1, 3, 2, 0]].astype(np.float32))
         assert p.topk == 3 and p.features is None and len(p) == 4
-        np.testing.assert_array_equal(Store.open(store.path).teacher("other").logits, before["teacher/other/logits"])
+        np.testing.assert_array_equal(Store.open(store.path).group("other").logits, before["teacher/other/logits"])
 
     @pytest.mark.parametrize("block_rows", [1, 7, 64])
     def test_blockwise_write_is_bit_identical(self, store, block_rows):
@@ -529,7 +529,7 @@ class StoreTests:
         kw = dict(features=feats, verb_logits=verb, topk=13, lse_temperatures=(1.0, 3.0))
         store.write_predictions("whole", seg.uid[pick], logits, block_rows=len(pick), **kw)
         store.write_predictions("blocks", seg.uid[pick], logits, block_rows=block_rows, **kw)
-        whole, blocks = store.teacher("whole"), store.teacher("blocks")
+        whole, blocks = store.group("whole"), store.group("blocks")
         for key in ("uids", "logits", "topk_values", "topk_indices", "lse", "features", "verb_logits"):
             a, b = self.raw(store.path, f"teacher/whole/{key}"), self.raw(store.path, f"teacher/blocks/{key}")
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
@@ -570,7 +570,7 @@ class StoreTests:
             tracemalloc.stop()
         assert peaks[64] < logits.nbytes / 2, peaks  # top-K/LSE outputs (~1 MB) plus 64-row temporaries (~3 MB)
         assert peaks[n] > logits.nbytes, peaks  # the same write in one block: the test can tell them apart
-        np.testing.assert_array_equal(store.teacher("b64").topk_indices, store.teacher(f"b{n}").topk_indices)
+        np.testing.assert_array_equal(store.group("b64").topk_indices, store.group(f"b{n}").topk_indices)
 
     def test_overwrite_video_features(self, store, synthetic_tables):
         fs = store.video("feat")
@@ -775,13 +775,13 @@ class StoreTests:
         args = [str(path), str(ROOT), str(H)]
         done = run_and_kill(CHILD_PREDICTIONS, args, lines=2, until=mid_write if when == "mid-write" else None)
         s = Store.open(store.path)
-        new = [n for n in s.predictions() if n.startswith("k")]
+        new = [n for n in s.groups() if n.startswith("k")]
         assert set(done) <= set(new) and len(new) <= len(done) + 1  # committed ones, perhaps the next
         if when == "mid-write" and self.suffix == ".zarr":  # killed before the rename: k2 is not there
             assert sorted(new) == sorted(done) and list((path / ".staging").glob("tmp-*"))
         for name in new:  # any visible group is complete
             i = int(name[1:])
-            p = s.teacher(name)
+            p = s.group(name)
             logits = np.random.default_rng(i).normal(size=(len(seg), A)).astype(np.float32)
             np.testing.assert_array_equal(p.logits, logits)
             assert p.features.shape == (len(seg), H) and (p.features == i).all()
@@ -791,7 +791,7 @@ class StoreTests:
         # a re-run goes on and commits
         s.write_predictions("after", seg.uid[:2], np.zeros((2, A)))
         s = Store.open(store.path)
-        assert "after" in s.predictions() and s.teacher("teacher").logits.shape == before["teacher/teacher/logits"].shape
+        assert "after" in s.groups() and s.group("teacher").logits.shape == before["teacher/teacher/logits"].shape
 
 
 class TestZarr(StoreTests):
@@ -844,7 +844,7 @@ class TestZarr(StoreTests):
     def test_corrupt_metadata(self, store):
         (Path(store.path) / "teacher" / "teacher" / "zarr.json").write_text("{not json")
         with pytest.raises(StoreFormatError, match="not valid JSON"):
-            Store.open(store.path).teacher("teacher")
+            Store.open(store.path).group("teacher")
         (Path(store.path) / "zarr.json").write_text("[]")
         with pytest.raises(StoreFormatError, match="not a Zarr v3 JSON object"):
             Store.open(store.path)

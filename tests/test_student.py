@@ -143,7 +143,7 @@ def test_past_labels_are_the_actions_under_each_frame(kd):
 def test_teacher_fields_equal_stored(kd, mode):
     cfg = small_cfg(distill_mode=mode, topk=5, temperature=10.0)
     data = StudentData(kd.store, "feat", "training1", cfg, teacher="oracle")
-    pred = kd.store.teacher("oracle")
+    pred = kd.store.group("oracle")
     ids = np.random.default_rng(0).permutation(len(data))
     b = data.batch(ids)
     prow = pred.row_of_segment[data.rows[ids]]
@@ -493,8 +493,8 @@ def test_predict_into_store(kd, tmp_path):
     train_student(dst, "feat", run, small_cfg(epochs=2, distill_mode="full"), teacher="oracle", progress=False)
     metrics = predict_into_store(dst, run, "student")
     store = Store.open(dst)
-    assert "student" in store.predictions("student") and "student" not in store.teachers()
-    group = store.teacher("student")
+    assert "student" in store.groups("student") and "student" not in store.groups("teacher")
+    group = store.group("student")
     assert group.kind == "student" and len(group) == len(store.segments)
     assert set(group.metrics) == {"training1", "validation1"} and group.metrics == json.loads(json.dumps(metrics))
     assert group.config["run_dir"] == str(run) and len(group.attrs["log"]) == 2
@@ -512,10 +512,10 @@ def test_predict_into_store(kd, tmp_path):
     with pytest.raises(Exception, match="exists"):
         predict_into_store(dst, run, "student")
     predict_into_store(dst, run, "student", splits=["validation1"], overwrite=True)
-    assert len(Store.open(dst).teacher("student")) == len(data)
+    assert len(Store.open(dst).group("student")) == len(data)
     # an open Store works where a path does
     predict_into_store(Store.open(dst), run, "student", splits=["validation1"], overwrite=True)
-    assert len(Store.open(dst).teacher("student")) == len(data)
+    assert len(Store.open(dst).group("student")) == len(data)
 
 
 # --- DDP --------------------------------------------------------------------------------
@@ -604,7 +604,7 @@ def test_cli_train_and_predict(kd, tmp_path):
     assert state["config"]["optimizer"] == "adam" and state["config"]["distill_mode"] == "full"
     r = runner.invoke(app, ["predict", str(dst), "--run", str(run), "--name", "cli-student"])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    group = Store.open(dst).teacher("cli-student")
+    group = Store.open(dst).group("cli-student")
     assert group.kind == "student" and set(group.metrics) == {"training1", "validation1"}
     # distilling without a teacher is a usage error
     r = runner.invoke(app, ["train-student", str(dst), "-f", "feat", "--run", str(tmp_path / "r2")])
@@ -639,7 +639,7 @@ def test_cli_feature_distillation(kd, tmp_path):
     assert state["teacher_dim"] == 12 and model.teacher_proj.weight.shape == (12, DIM)
     r = runner.invoke(app, ["predict", str(dst), "--run", str(run), "--name", "feat-student"])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert Store.open(dst).teacher("feat-student").config["teacher"] == "lm"
+    assert Store.open(dst).group("feat-student").config["teacher"] == "lm"
     # --no-distill turns the feature terms off too: no teacher needed, none read
     r = runner.invoke(app, ["train-student", str(dst), "-f", "feat", "--run", str(tmp_path / "plain"), "--no-distill",
                             *[a for s in sets for a in ("--set", s)]])

@@ -65,7 +65,7 @@ def test_ek100_submission_follows_the_format(ek100, tmp_path):
     check_submission(doc, "0.2", test_ids, cls.num_verbs, cls.num_nouns, min(100, cls.num_actions))
     assert (doc["sls_pt"], doc["sls_tl"], doc["sls_td"]) == (2, 3, 4)
     # the scores: softmax of the stored logits, top actions in order; verbs and nouns marginalised
-    g = s.teacher("student")
+    g = s.group("student")
     key = test_ids[5]
     logits = np.asarray(g.logits[g.row_of_segment[seg.row_of([key])[0]]], np.float32)[None]
     p = softmax(logits)[0]

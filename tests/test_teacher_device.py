@@ -33,7 +33,7 @@ def built(tmp_path_factory, teacher_ann):
 
 
 def logits(store: Store, name: str) -> np.ndarray:
-    return np.asarray(store.teacher(name).logits, np.float32)
+    return np.asarray(store.group(name).logits, np.float32)
 
 
 def test_stage_devices():
@@ -72,7 +72,7 @@ def test_cpu_build_records_its_device(built):
     store, cfg, r = built
     assert {row["device"] for row in r.log if row["stage"] != "pretrain"} == {"cpu"}
     assert [s["stage"] for s in r.stages] == ["full", "fold0", "fold1"] and {s["device"] for s in r.stages} == {"cpu"}
-    assert store.teacher("t").config["device"] == "cpu"
+    assert store.group("t").config["device"] == "cpu"
 
 
 def test_folds_spread_over_a_pool_of_device_processes(built, tmp_path, teacher_ann):
@@ -92,7 +92,7 @@ def test_folds_spread_over_a_pool_of_device_processes(built, tmp_path, teacher_a
     assert sorted(s["stage"] for s in res.stages) == ["fold0", "fold1", "full"]
     assert 1 <= len(pids) <= 3 and os.getpid() not in pids
     assert np.allclose(logits(store, "t"), logits(other, "t"), atol=1e-2)
-    assert store.teacher("t").features.shape == other.teacher("t").features.shape
+    assert store.group("t").features.shape == other.group("t").features.shape
 
 
 def test_unreadable_checkpoints_are_one_line_config_errors(built, tmp_path):
@@ -101,7 +101,7 @@ def test_unreadable_checkpoints_are_one_line_config_errors(built, tmp_path):
     def resume_error(work: Path) -> str:
         with pytest.raises(ConfigError) as e:
             build_teacher(store, "x", cfg, work_dir=work, **ARGS)
-        assert "\n" not in str(e.value) and "x" not in store.predictions()
+        assert "\n" not in str(e.value) and "x" not in store.groups()
         return str(e.value)
 
     cases = {  # file -> how it is spoiled
@@ -146,7 +146,7 @@ def test_cuda_build_has_the_cpu_format_and_resumes_on_cpu(built, tmp_path, teach
     res = build_teacher(gpu, "t", cfg, work_dir=work, **ARGS)  # the same build, resumed on the CPU
     devs = {(row["stage"], row["device"]) for row in res.log if row["stage"] != "pretrain"}
     assert ("full", "cuda:0") in devs and ("fold1", "cpu") in devs
-    a, b = store.teacher("t"), gpu.teacher("t")
+    a, b = store.group("t"), gpu.group("t")
     assert a.features.shape == b.features.shape and a.topk == b.topk and set(a.metrics) == set(b.metrics)
     assert sorted(a.attrs) == sorted(b.attrs)
     assert np.isfinite(logits(gpu, "t")).all()

@@ -67,7 +67,7 @@ def test_a_collapsed_teacher_is_flagged_recorded_and_shown(two_teachers):
     store, flat, good, caught, caught_ok = two_teachers
     assert flat.fit_check["collapsed"] and flat.fit_check["predictions"] == "in-sample"
     assert any(issubclass(w.category, CollapsedTeacherWarning) and "teacher/flat" in str(w.message) for w in caught)
-    assert Store.open(store.path).teacher("flat").config["fit_check"] == flat.fit_check  # in the group's attributes
+    assert Store.open(store.path).group("flat").config["fit_check"] == flat.fit_check  # in the group's attributes
     assert "teacher/flat barely fits" in group_fit_warning(store, "flat")
     from cli import app
 
@@ -144,4 +144,4 @@ def test_cli_build_teacher_prints_the_collapse_warning_once(tmp_path, teacher_an
                                    "--epochs", "1", "--lr", "1e-6", "--set", "threads=1"])
     assert res.exit_code == 0, res.output
     assert res.stderr.count("teacher/flat barely fits its own training rows") == 1
-    assert Store.open(store.path).teacher("flat").config["fit_check"]["collapsed"]
+    assert Store.open(store.path).group("flat").config["fit_check"]["collapsed"]

@@ -94,7 +94,7 @@ def test_tune_kd_end_to_end_and_the_cli(tstore, tmp_path):
     assert chosen["held_out"] == max(grid, key=lambda c: c["mean_top1_recall"])
     final = json.loads((tmp_path / "cli" / "final.json").read_text())
     assert final["cell"] == chosen["cell"] and final["eval_split"] == "validation1"
-    group = Store.open(tstore).teacher("tuned")
+    group = Store.open(tstore).group("tuned")
     assert group.config["run_dir"] == str(tmp_path / "cli" / "final")
     assert group.metrics["validation1"]["mean_top1_recall"] == final["metrics"]["mean_top1_recall"]
     # the report finds the grid through the final run's directory and draws it beside the choice

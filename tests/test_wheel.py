@@ -56,7 +56,7 @@ def test_wheel_installs_and_runs_outside_the_clone(tmp_path, synthetic_tables):
     kdstore = venv / "bin" / "kdstore"
     assert "valid" in run(kdstore, "validate", store.path, cwd=elsewhere).stderr
     assert f"{len(store.segments)} in" in run(kdstore, "info", store.path, cwd=elsewhere).stdout
-    uid = int(store.teacher("teacher").uids[0])
+    uid = int(store.group("teacher").uids[0])
     assert run(kdstore, "query", store.path, uid, cwd=elsewhere).stdout.startswith(f"{uid} (")
     assert "Run the whole pipeline" in run(kdstore, "demo", "--help", cwd=elsewhere).stdout
 

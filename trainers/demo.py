@@ -127,7 +127,7 @@ def _teacher(store: Store, ann: Path, cfg: DemoConfig, train_split: str, eval_sp
 
     seg, classes = store.segments, store.classes
     corpus = read_corpus(ann / CORPUS_FILE) if (ann / CORPUS_FILE).exists() else []
-    if "teacher" not in store.predictions():
+    if "teacher" not in store.groups():
         console.print("[bold]2/5[/bold] build the text teacher (MLM pretraining, fine-tuning, 5-fold out-of-fold)"
                       + (f" with a {len(corpus)}-line recipe corpus" if corpus else ""))
         over = cfg.teacher_overrides if corpus else {**cfg.teacher_overrides, "corpus_examples": 0}
@@ -135,7 +135,7 @@ def _teacher(store: Store, ann: Path, cfg: DemoConfig, train_split: str, eval_sp
                       train_split=train_split, eval_splits=(eval_split,), corpus=corpus or None)
     baselines = {"ngram": None, **({"ngram-corpus": corpus_sequences(classes, corpus)} if corpus else {})}
     for name, extra in baselines.items():
-        if name not in store.predictions():
+        if name not in store.groups():
             rows = np.concatenate([seg.rows_in(train_split), seg.rows_in(eval_split)])
             probs = np.concatenate([ngram_baseline(seg, classes.num_actions, train_split, seg.rows_in(s), extra=extra, split=s)
                                     for s in (train_split, eval_split)])
@@ -193,7 +193,7 @@ def _students(out: Path, cfg: DemoConfig, chosen, train_split: str, eval_split: 
 
     store_path = out / "store.zarr"
     variants = {"no-kd": None, "kd": {}, "tuned": chosen.setting if chosen.name != NO_KD else None}
-    done, jobs = Store.open(store_path).predictions(), []
+    done, jobs = Store.open(store_path).groups(), []
     for seed in cfg.seeds:
         for variant, setting in variants.items():
             name = f"student-{variant}-s{seed}"

@@ -115,7 +115,7 @@ class StudentData(torch.utils.data.Dataset):
         self.targets: TeacherTargets | None = None
         wanted = tuple(fields) if fields is not None else reads(cfg)
         if teacher is not None and wanted:
-            self.targets = TeacherTargets(store.teacher(teacher), wanted, temperature=cfg.temperature, k=cfg.topk,
+            self.targets = TeacherTargets(store.group(teacher), wanted, temperature=cfg.temperature, k=cfg.topk,
                                           calibrated=cfg.teacher_calibration)
 
     def __len__(self) -> int:

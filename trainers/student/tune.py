@@ -153,9 +153,9 @@ def split_videos(store: Store, split: str, share: float, seed: int) -> tuple[lis
 
 def check_teacher(store: Store, teacher: str, train_split: str) -> None:
     """Refuse a teacher whose training-split predictions are not out-of-fold for ``train_split``."""
-    if teacher not in store.predictions():
+    if teacher not in store.groups():
         raise MissingError(f"{store.path}: no prediction group {teacher!r} to distil from")
-    cfg = store.teacher(teacher).config
+    cfg = store.group(teacher).config
     if cfg.get("train_split") != train_split or int(cfg.get("folds", 0)) < 2:
         raise ConfigError(f"teacher/{teacher}: its {train_split!r} predictions are not out-of-fold (train_split "
                           f"{cfg.get('train_split')!r}, folds {cfg.get('folds')}); build it with folds >= 2 on that split")

@@ -357,7 +357,7 @@ def _nums(store: Store) -> tuple[int, int, int]:
 def _check_target(store: Store, name: str, overwrite: bool) -> None:
     """A KDStoreError now, not after training, for a bad name, an existing group or an unwritable store."""
     _check_name(name)
-    if name in store.predictions() and not overwrite:
+    if name in store.groups() and not overwrite:
         raise DataError(f"{store.path}: predictions {name!r} already exist (pass overwrite to replace them)")
     store.check_writable()
 

@@ -28,7 +28,7 @@ def evaluate_group(store: Store, name: str, split: str | None = None, marginals:
     rows, all_rows = seg.rows_in(split, labelled=True), seg.rows_in(split)
     if len(rows) == 0:
         raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
-    scores, kept = present_scores(store.teacher(name), rows)  # [n, A] (+ heads), [n]
+    scores, kept = present_scores(store.group(name), rows)  # [n, A] (+ heads), [n]
     if len(kept) == 0:
         raise DataError(f"predictions {name!r}: none of the {len(rows)} labelled segments of split {split!r} has a prediction")
     m = compute_metrics(scores["logits"], seg.action[kept], store.classes, verb_scores=scores["verb_logits"],
@@ -62,7 +62,7 @@ def evaluate_ngram(
         raise DataError(f"{store.path}: no labelled segments in split {split!r} ({len(all_rows)} unlabelled)")
     if write and marginals != "exact":
         raise ConfigError(f"{store.path}: --marginals {marginals} is for comparing with published figures; write {write!r} without it")
-    if write and write in store.predictions() and not overwrite:
+    if write and write in store.groups() and not overwrite:
         raise DataError(f"{store.path}: predictions {write!r} already exist (pass overwrite to replace them)")
     probs = ngram_baseline(seg, store.classes.num_actions, train_split, rows, order, mode, split=split)  # [n, A]
     # the scores a written group stores (float64 log-probabilities: float32 would reorder

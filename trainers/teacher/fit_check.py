@@ -85,6 +85,6 @@ def group_fit_warning(store, name: str) -> str | None:
     """``fit_warning`` of prediction group ``name``'s recorded ``fit_check`` (None for a healthy
     teacher, a group without the record: students, baselines, older builds, or no such group,
     which the caller's own read reports)."""
-    if name not in store.predictions():
+    if name not in store.groups():
         return None
-    return fit_warning((store.teacher(name).config or {}).get("fit_check"), name)
+    return fit_warning((store.group(name).config or {}).get("fit_check"), name)
