@@ -2,7 +2,7 @@
 
 A store has one writer lock, the file ``<store>.lock`` beside it (it exists before the
 store does, so creating and replacing a store are locked too). Readers never take it
-(an HDF5 file has its own metadata lock: ``kdstore.backends._h5_file_lock``).
+(an HDF5 file has its own metadata lock: ``kdstore.hdf5_backend._h5_file_lock``).
 The operating system drops a lock when its process dies, so a crashed writer never
 leaves a store locked. A process may take a lock it already holds (the calls nest).
 """

@@ -32,13 +32,16 @@ import numpy as np
 
 from . import __version__
 from .atomic import fsync, fsync_tree, link_message, os_errors, replacing, write_json
-from .backends import Backend, Concatenated, HDF5Backend, ZarrBackend, exchange
+from .backend import Backend, Concatenated
+from .files import exchange
+from .hdf5_backend import HDF5Backend
 from .errors import AccessError, ConfigError, DataError, MissingError, StoreFormatError
 from .faults import crash_point
 from .identity import check_same
 from .lock import locked, store_lock_path
 from .ranking import label_ranks, rank_order
 from .tables import ClassTable, SegmentTable, default_splits
+from .zarr_backend import ZarrBackend
 
 SCHEMA_VERSION = 2
 #: Versions ``Store.open`` reads; version 1 stores are read as version 2 (``kdstore upgrade`` rewrites them).

@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-import kdstore.backends as backends
+import kdstore.files as files
+import kdstore.hdf5_backend as hdf5_backend
 from conftest import SUFFIXES, build_store
 from kdstore.errors import AccessError, DataError
 from kdstore.lock import locked, store_lock_path
@@ -31,8 +32,8 @@ from test_store import snapshot
 
 OVERWRITE = """
 import sys, numpy as np
-import kdstore.backends
-kdstore.backends.EXCHANGE = sys.argv[2] == "exchange"
+import kdstore.files
+kdstore.files.EXCHANGE = sys.argv[2] == "exchange"
 from kdstore.store import Store
 s = Store.open(sys.argv[1])
 seg, A = s.segments, s.classes.num_actions
@@ -68,7 +69,7 @@ def test_overwrite_killed_at_every_step(tmp_path, synthetic_tables, suffix, mode
     """A crash at any step of an overwrite never leaves the group missing while the
     store validates; the next writer finishes the commit or drops the staged group. Zarr
     swaps the group in one step, or by two renames where it cannot (fallback)."""
-    monkeypatch.setattr(backends, "EXCHANGE", mode == "exchange")
+    monkeypatch.setattr(files, "EXCHANGE", mode == "exchange")
     src = Path(build_store(tmp_path / f"s{suffix}", *synthetic_tables).path)
     before = snapshot(src)
     ref, trace = copy_store(src, tmp_path / f"ref{src.suffix}"), tmp_path / "trace"
@@ -242,7 +243,7 @@ def test_hdf5_reader_waits_for_a_program_writing_the_file_then_names_it(tmp_path
     time: a reader waits for it, and after ``METADATA_WAIT_S`` stops naming the file."""
 
     store = build_store(tmp_path / "s.h5", *synthetic_tables)
-    monkeypatch.setattr(backends, "METADATA_WAIT_S", 0.5)
+    monkeypatch.setattr(hdf5_backend, "METADATA_WAIT_S", 0.5)
     p = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(store.path)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
@@ -295,7 +296,7 @@ def test_killed_ingest_blocks_nothing(tmp_path, synthetic_dir, suffix, monkeypat
     assert cli("ingest", synthetic_dir, path, "--fps", 24, crash="create.built:1").returncode == CRASHED
     assert not path.exists()  # the store appears whole or not at all
     assert cli("ingest", synthetic_dir, path, "--fps", 24).returncode == 0
-    no_exchange = "import sys, runpy, kdstore.backends as b; b.EXCHANGE = False; sys.argv = ['kdstore', *sys.argv[1:]]; "
+    no_exchange = "import sys, runpy, kdstore.files as f; f.EXCHANGE = False; sys.argv = ['kdstore', *sys.argv[1:]]; "
     no_exchange += f"runpy.run_path({str(ROOT / 'cli.py')!r}, run_name='__main__')"
     for point in ("create.aside:1", "create.swapped:1"):  # overwrite: between the two renames, after the swap
         r = script(no_exchange, "ingest", synthetic_dir, path, "--fps", 24, "--overwrite", crash=point)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from cli import app
 from kdstore.rulstm import load_annotations
 from kdstore.tables import SegmentTable
-from kdstore.backends import HDF5Backend, ZarrBackend
+from kdstore.hdf5_backend import HDF5Backend
+from kdstore.zarr_backend import ZarrBackend
 from kdstore.errors import StoreFormatError
 from kdstore.ingest import ingest
 from kdstore.store import Store, provenance_entry, segments_fingerprint, uids_fingerprint

@@ -898,7 +898,7 @@ class TestHDF5(StoreTests):
 
     def test_failed_write_leaves_no_staging(self, store):
         """A write that fails while copying leaves neither a group nor staged data behind."""
-        from kdstore.backends import Concatenated
+        from kdstore.backend import Concatenated
 
         before = snapshot(store.path)
         bad = Concatenated([], (5, 3), np.float32)  # promises 5 rows, yields none
