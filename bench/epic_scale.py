@@ -208,7 +208,7 @@ def peak_rss_kib(reset: bool = False) -> int:
 
 def child_import(a: dict) -> dict:
     """``import_lmdb``, with the peak RSS of reading + staging and of the commit apart."""
-    from kdstore.store import VideoWriter
+    from kdstore.features import VideoWriter
     from kdstore.feature_import import import_lmdb
     from kdstore.selection import WindowSpec
 

@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 
 from bench.common import append_row, peak_rss_mib, timeit  # noqa: E402
 from kdstore.tables import ClassTable, SegmentTable  # noqa: E402
-from kdstore.store import FeatureSet, Store  # noqa: E402
+from kdstore.features import FeatureSet  # noqa: E402
+from kdstore.store import Store  # noqa: E402
 
 BENCH = "store_read"
 FULL = dict(frames=200_000, dim=1024, videos=200, batch=256, window=10, repeat=50, per_sample_repeat=9)

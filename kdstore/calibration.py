@@ -9,7 +9,7 @@ negative log-likelihood; it changes no prediction's ranking, only its confidence
 The fit reads only a teacher's out-of-fold training rows (``fit_rows``): rows of the split it
 was trained on, each predicted by a fold model that never saw it, less any row of an
 evaluation split. ``calibrate`` stores the result as the group's ``calibration`` attribute,
-which KD reads (``StudentConfig.teacher_calibration``, kdstore.targets) to distil towards
+which KD reads (``StudentConfig.teacher_calibration``, kdstore.predictions) to distil towards
 calibrated targets. numpy only: the store imports no torch.
 """
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import DataError, MissingError
-from .store import Predictions, Store, provenance_entry
-from .targets import present_logits
+from .predictions import Predictions, present_logits
+from .provenance import provenance_entry
+from .store import Store
 
 BINS = 15  # Guo et al.'s
 BLOCK_ROWS = 4096  # rows per temporary of the sums: [BLOCK_ROWS, classes] float64

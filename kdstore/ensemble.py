@@ -17,8 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .store import Predictions, Store, provenance_entry
-from .targets import TeacherTargets
+from .predictions import Predictions, TeacherTargets
+from .provenance import provenance_entry
+from .store import Store
 
 AVERAGE = "probabilities"
 # log p below this is stored as it: e**-60000 is 0 in every float format

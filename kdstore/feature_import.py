@@ -25,7 +25,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from kdstore.errors import ConfigError, DataError, MissingError
-from kdstore.store import Store, VideoWriter, provenance_entry
+from kdstore.features import VideoWriter
+from kdstore.provenance import provenance_entry
+from kdstore.store import Store
 from kdstore.tables import SegmentTable
 
 from .rulstm_lmdb import RulstmLmdb

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .rulstm import AnnotationFolder, guess_dataset, load_annotations
-from .store import Store, provenance_entry
+from .provenance import provenance_entry
+from .store import Store
 
 
 def ingest(

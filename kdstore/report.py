@@ -16,7 +16,7 @@ from .atomic import os_errors, replace_with, write_text
 from .errors import MissingError
 from .metrics import compute_metrics, epic_subsets, metric_columns
 from .store import Store
-from .targets import present_logits, present_scores
+from .predictions import present_logits, present_scores
 
 
 def metrics_table(store: Store, split: str | None = None, names: list[str] | None = None) -> list[dict]:

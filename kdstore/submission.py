@@ -31,7 +31,7 @@ from .faults import crash_point
 from .metrics import marginalise, softmax
 from .ranking import ranked_scores
 from .store import Store
-from .targets import HEADS, TeacherTargets
+from .predictions import HEADS, TeacherTargets
 
 #: RULSTM's supervision levels (``predictions_to_json(..., sls=True)``): pretraining 1,
 #: training labels 4, training data 3. Set your model's with ``sls``.

@@ -8,6 +8,7 @@ subsets. kdstore/rulstm.py reads them from a RULSTM/AVT annotation folder.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import InitVar, dataclass, field
 from typing import Iterable
 
@@ -212,3 +213,31 @@ def default_splits(segments: SegmentTable) -> tuple[str, str]:
             if train in labelled:
                 return train, s
     raise MissingError(f"no validationN/trainingN split pair with labels among the splits {segments.splits}; name the splits")
+
+
+def segment_problems(classes: ClassTable, seg: SegmentTable) -> list[str]:
+    """What is wrong with a segment table for these classes, one line per kind of problem
+    naming its first segment: action ids out of range, labels that disagree with the class
+    table, repeated UIDs or ids, segments that end before they start. A store refuses to be
+    created or read with the first (``Store``); ``validate`` lists them all."""
+    out = []
+    bad = np.flatnonzero((seg.action < -1) | (seg.action >= classes.num_actions))
+    if len(bad):
+        out.append(f"{seg.describe(bad[0])}: unknown action id {seg.action[bad[0]]} (classes: 0..{classes.num_actions - 1}, -1: unlabelled)")
+    known = (seg.action >= -1) & (seg.action < classes.num_actions)
+    labelled, a = known & (seg.action >= 0), seg.action.clip(0, max(classes.num_actions - 1, 0))
+    bad = np.flatnonzero(labelled & ((classes.action_verb[a] != seg.verb) | (classes.action_noun[a] != seg.noun)))
+    bad = np.concatenate([bad, np.flatnonzero((seg.action == -1) & ((seg.verb != -1) | (seg.noun != -1)))])
+    if len(bad):
+        r = bad[0]
+        out.append(f"{seg.describe(r)}: action {seg.action[r]} with verb {seg.verb[r]} noun {seg.noun[r]} disagrees with the class table")
+    if len(np.unique(seg.uid)) != len(seg.uid):
+        u, c = np.unique(seg.uid, return_counts=True)
+        out.append(f"UID {u[c > 1][0]}: appears more than once in the segment table")
+    if seg.ids is not None and len(set(seg.ids)) != len(seg.ids):
+        dup = next(k for k, c in Counter(seg.ids).items() if c > 1)
+        out.append(f"segment {dup}: appears more than once in the segment table")
+    bad = np.flatnonzero(seg.end_frame < seg.start_frame)
+    if len(bad):
+        out.append(f"{seg.describe(bad[0])}: ends at frame {seg.end_frame[bad[0]]} before it starts at {seg.start_frame[bad[0]]}")
+    return out

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .errors import StoreFormatError
 from .faults import crash_point
-from .store import SCHEMA_VERSION, Store, class_group, provenance_entry, segment_group, segments_fingerprint, uids_fingerprint
+from .provenance import provenance_entry
+from .store import SCHEMA_VERSION, Store, class_group, segment_group, segments_fingerprint, uids_fingerprint
 
 
 def upgrade_store(path: str | Path) -> dict:

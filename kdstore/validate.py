@@ -13,7 +13,8 @@ import numpy as np
 from .atomic import link_message
 from .rulstm import DATASET_FPS
 from .errors import KDStoreError
-from .store import Store, read_segment_group, segment_problems, segments_fingerprint, uids_fingerprint
+from .store import Store, read_segment_group, segments_fingerprint, uids_fingerprint
+from .tables import segment_problems
 
 # installed: kdstore/schemas (shipped with the package); source tree: schemas/ at the top
 _HERE = Path(__file__).resolve().parent

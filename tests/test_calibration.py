@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from kdstore.calibration import calibrate, fit_rows, fit_temperature, nll, reliability
 from kdstore.errors import DataError, MissingError
 from kdstore.store import Store
-from kdstore.targets import TeacherTargets
+from kdstore.predictions import TeacherTargets
 
 
 def test_ece_by_hand():

@@ -466,19 +466,19 @@ def test_put_streams_blocks_and_names_the_bad_frame(tmp_path):
 DRIVER = r"""
 import json, os, shutil, signal, sys
 sys.path.insert(0, {root!r})
-from kdstore import store as kstore
+from kdstore import features as kfeatures
 from kdstore import feature_import as imports, rulstm_lmdb
 
 kill, k = {kill!r}, {k!r}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if kill == "put":  # before the k-th video is staged
-    put, n = kstore.VideoWriter.put, [0]
+    put, n = kfeatures.VideoWriter.put, [0]
     def counted(self, *a, **kw):
         if n[0] == k:
             die()
         n[0] += 1
         return put(self, *a, **kw)
-    kstore.VideoWriter.put = counted
+    kfeatures.VideoWriter.put = counted
 elif kill == "block":  # inside the k-th video's put, after its first block is written
     imports.BLOCK_ROWS = 4
     read, n = rulstm_lmdb.RulstmLmdb.read, [0]

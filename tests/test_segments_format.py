@@ -17,7 +17,8 @@ from kdstore.hdf5_backend import HDF5Backend
 from kdstore.zarr_backend import ZarrBackend
 from kdstore.errors import StoreFormatError
 from kdstore.ingest import ingest
-from kdstore.store import Store, provenance_entry, segments_fingerprint, uids_fingerprint
+from kdstore.provenance import provenance_entry
+from kdstore.store import Store, segments_fingerprint, uids_fingerprint
 from kdstore.synthetic import SyntheticConfig, generate_annotations
 from kdstore.upgrade import upgrade_store
 from kdstore.validate import store_warnings, validate_store

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from kdstore.tables import ClassTable, SegmentTable
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError, StoreFormatError
-from kdstore.store import PREDICTION_DTYPES, Store
-from kdstore.targets import TeacherTargets
+from kdstore.predictions import PREDICTION_DTYPES, TeacherTargets
+from kdstore.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from conftest import ROOT, build_store, synthetic_annotations
 from kdstore.errors import ConfigError, DataError, MissingError, StoreFormatError
 from kdstore.store import Store
 from kdstore.synthetic import NOUNS, VERBS, SyntheticConfig
-from kdstore.targets import TeacherTargets
+from kdstore.predictions import TeacherTargets
 from trainers.student.batch import Batch
 from trainers.student.config import preset
 from trainers.student.data import BatchLoader, StudentData, epoch_order

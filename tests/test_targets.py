@@ -1,4 +1,4 @@
-"""The teacher-target reader (kdstore.targets): the one gather of prediction rows behind the
+"""The teacher-target reader (kdstore.predictions): the one gather of prediction rows behind the
 student's batches, evaluate, report, the demo and the torch.utils.data interface."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kdstore.metrics import compute_metrics
 from kdstore.report import metrics_table
 from kdstore.store import Store
 from kdstore.synthetic import SyntheticConfig
-from kdstore.targets import FIELDS, HEADS, TeacherTargets, present_logits, present_scores
+from kdstore.predictions import FIELDS, HEADS, TeacherTargets, present_logits, present_scores
 from trainers.student.config import preset
 from trainers.student.data import StudentData, WindowBatchSampler
 from trainers.teacher.evaluate import evaluate_group

@@ -16,9 +16,10 @@ from cli import app
 from conftest import ROOT, build_store, synthetic_annotations
 from kdstore.errors import ConfigError, KDStoreError
 from kdstore.faults import CRASH_ENV, EXIT_CODE
-from kdstore.store import FeatureSet, Store
+from kdstore.features import FeatureSet
+from kdstore.store import Store
 from kdstore.synthetic import SyntheticConfig
-from kdstore.targets import TeacherTargets
+from kdstore.predictions import TeacherTargets
 from trainers.student.data import StudentData
 from trainers.student.tune import NO_KD, TuneConfig, make_cells, parse_grid, run_grid, setup, split_videos, tune_kd
 

@@ -26,7 +26,8 @@ from rich.console import Console
 from kdstore.errors import KDStoreError
 from kdstore.ingest import ingest
 from kdstore.report import format_table, metrics_table, write_report
-from kdstore.store import Store, provenance_entry
+from kdstore.provenance import provenance_entry
+from kdstore.store import Store
 from kdstore.synthetic import CORPUS_FILE, SyntheticConfig, generate_annotations, synthetic_features
 
 MARKER = "kdstore-demo.json"

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-# The Batch field holding each prediction-group field (kdstore.targets.FIELDS).
+# The Batch field holding each prediction-group field (kdstore.predictions.FIELDS).
 TEACHER_FIELDS = {"logits": "teacher_logits", "topk_values": "teacher_topk", "topk_indices": "teacher_idx",
                   "lse": "teacher_lse", "features": "teacher_features"}
 

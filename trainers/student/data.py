@@ -6,7 +6,7 @@ video repeats the video's first frame. A feature set imported with ``--fps``/``-
 holds only some frames; one whose recorded selection cannot give these windows is refused
 (ConfigError) rather than read at other frames. Frame indices of every window are computed once; a
 batch is then one vectorised gather from the memory-mapped features plus one gather of the
-teacher targets (kdstore.targets), with no per-sample Python.
+teacher targets (kdstore.predictions), with no per-sample Python.
 
 :class:`StudentData` is a ``torch.utils.data.Dataset`` indexed by arrays of positions and
 :class:`WindowBatchSampler` yields those arrays, so ``DataLoader(data, sampler=..., batch_size=None)``
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from kdstore.errors import ConfigError, MissingError
-from kdstore.store import FeatureSet, Store
-from kdstore.targets import TeacherTargets
+from kdstore.features import FeatureSet
+from kdstore.predictions import TeacherTargets
+from kdstore.store import Store
 from trainers.queues import put_until
 from kdstore.selection import Selection, window_offsets
 
@@ -76,7 +77,7 @@ class StudentData(torch.utils.data.Dataset):
         cfg: the window (num_frames, fps, tau_a) and, with a teacher, the distillation terms
             whose fields each batch carries.
         teacher: a prediction group to read targets from (None: no teacher fields).
-        fields: prediction-group fields to read instead of the config's (kdstore.targets.FIELDS),
+        fields: prediction-group fields to read instead of the config's (kdstore.predictions.FIELDS),
             e.g. ``("logits", "features")``.
         videos: keep only the split's segments in these videos (None: all), e.g. a hold-out.
     """

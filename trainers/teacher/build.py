@@ -64,7 +64,9 @@ from kdstore.text import action_text, action_words
 from kdstore.errors import ConfigError, DataError
 from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics, marginalise, softmax
-from kdstore.store import Store, _check_name, provenance_entry
+from kdstore.layout import check_name as _check_name
+from kdstore.provenance import provenance_entry
+from kdstore.store import Store
 
 from .config import PretrainConfig, TeacherConfig
 from .corpus import corpus_sequences, history_corpus, history_texts

@@ -8,8 +8,9 @@ import numpy as np
 
 from kdstore.errors import ConfigError, DataError
 from kdstore.metrics import TASKS, compute_metrics, epic_subsets, metric_columns
-from kdstore.store import Store, provenance_entry
-from kdstore.targets import present_scores
+from kdstore.predictions import present_scores
+from kdstore.provenance import provenance_entry
+from kdstore.store import Store
 
 from .ngram import ngram_baseline
 

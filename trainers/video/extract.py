@@ -24,7 +24,8 @@ import torch
 
 from kdstore.rulstm import guess_dataset
 from kdstore.errors import ConfigError, DataError
-from kdstore.store import Store, provenance_entry
+from kdstore.provenance import provenance_entry
+from kdstore.store import Store
 
 from ..device import all_gather_json, autocast, autocast_dtype, distributed, resolve_device
 from .backbones import Backbone
