@@ -636,6 +636,24 @@ def calibrate(
                   f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}", highlight=False)
 
 
+@app.command("add-lse")
+def add_lse(
+    store: Path,
+    predictions: str = typer.Option(..., "--predictions", "-p", help="Prediction group to add the columns to."),
+    temperature: list[float] = typer.Option(..., "--temperature", "-T", help="Temperature of a new log-sum-exp column (repeatable)."),
+) -> None:
+    """Add log-sum-exp columns at new temperatures to a prediction group, computed from its stored
+    logits (what KD's topk_lse mode reads at its temperature)."""
+    from kdstore.predictions import add_lse as add
+    from kdstore.store import Store
+
+    s = Store.open(store)
+    added = add(s, predictions, temperature)
+    stored = ", ".join(f"{t:g}" for t in s.group(predictions).lse_temperatures)
+    done = f"added at T = {', '.join(f'{t:g}' for t in added)}" if added else "nothing to add"
+    console.print(f"teacher/{predictions}: log-sum-exp {done} (stored: T = {stored})", highlight=False)
+
+
 def main() -> None:
     """Entry point that turns kdstore errors into one-line messages."""
     try:

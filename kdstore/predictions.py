@@ -200,6 +200,53 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
+def add_lse(store, name: str, temperatures: Sequence[float], provenance: dict | None = None,
+            block_rows: int = WRITE_BLOCK_ROWS) -> list[float]:
+    """Add log-sum-exp columns at ``temperatures`` to the group ``teacher/<name>`` of the open
+    store ``store``; returns the temperatures added (those already stored are skipped).
+
+    The columns are computed from the stored logits as ``write_predictions`` computes them
+    (in the logits' stored dtype, ``block_rows`` rows at a time), so they equal those of a
+    group written with these temperatures. The group is rewritten through the backend's
+    atomic group commit, with ``provenance`` (default: an ``add_lse`` record): a crash
+    leaves the old group.
+    """
+    temps = [float(t) for t in temperatures]
+    bad = next((t for t in temps if not (np.isfinite(t) and t > 0)), None)
+    if bad is not None:
+        raise ConfigError(f"teacher/{name}: a log-sum-exp temperature must be positive, found {bad:g}")
+    with store.backend.writing():  # no other writer replaces the group between the read and the commit
+        group = store.group(name)
+        stored = [float(t) for t in group.lse_temperatures]
+        new = [t for t in dict.fromkeys(temps) if not any(abs(t - s) < 1e-9 for s in stored)]
+        if not new:
+            return []
+        logits = _full_logits(store, group)  # [P, A] as stored
+        lse = np.empty((len(group), len(stored) + len(new)), np.float32)  # [P, nT + new]
+        lse[:, : len(stored)] = group.lse
+        for lo in range(0, len(logits), block_rows):
+            x = np.asarray(logits[lo : lo + block_rows])  # [b, A], the stored dtype, as the writer reduces it
+            for j, t in enumerate(new):
+                lse[lo : lo + len(x), len(stored) + j] = _logsumexp(x / t)
+        arrays = {key: group._array(key) for key in store.backend.children(group.key)}
+        arrays["lse"] = lse
+        attrs = {**group.attrs, "lse_temperatures": stored + new}
+        store.backend.write_group(group.key, arrays, attrs, overwrite=True, provenance=provenance or provenance_entry(
+            "add_lse", group=group.key, temperatures=new))
+    return new
+
+
+def _full_logits(store, group: Predictions) -> np.ndarray:
+    """The group's stored logits [P, A]; DataError when it holds none over every class."""
+    key, actions = f"{group.key}/logits", store.classes.num_actions
+    shape = store.backend.array_info(key)[0] if store.backend.has(key) else None
+    if shape is None or len(shape) != 2 or shape[1] != actions:
+        found = "no logits" if shape is None else f"logits of shape {list(shape)}"
+        raise DataError(f"{group.key}: holds {found}, not the full logits [P, {actions}] that log-sum-exp columns are"
+                        " computed from; rewrite the group with write_predictions")
+    return group.logits
+
+
 
 class Predictions:
     """A ``teacher/<name>`` group: per-UID logits, top-K, LSE and features, memory-mapped."""
@@ -263,7 +310,7 @@ class Predictions:
                 return i
         raise MissingError(
             f"predictions {self.name!r}: no log-sum-exp stored at T={temperature} (have {self.lse_temperatures});"
-            " rewrite the group with that temperature in lse_temperatures"
+            f" add it with `kdstore add-lse {self.store.path} -p {self.name} -T {temperature:g}`"
         )
 
     def predict(self, key: int | str, k: int = 5) -> dict:

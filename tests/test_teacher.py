@@ -394,6 +394,23 @@ def test_prior_correction_reuses_the_stages_and_shifts_every_head(built):
     store.delete_predictions("pc")  # the shared store keeps only the build's own group
 
 
+def test_lse_temperatures_reach_the_group_and_reuse_the_stages(built):
+    """The config's lse_temperatures are the group's log-sum-exp columns; a rebuild with others
+    reuses the finished stages (they are taken from the stored logits afterwards)."""
+    store, cfg, result = built
+    assert cfg.lse_temperatures == (1.0, 2.0, 4.0, 10.0) and store.group("t").lse_temperatures == [1.0, 2.0, 4.0, 10.0]
+    stamps = {p: p.stat().st_mtime_ns for p in result.work_dir.glob("*/predictions.safetensors")}
+    build_teacher(store, "lse", preset("tiny", **{**BUILD, "lse_temperatures": (3.0, 5.0)}), train_split="training1",
+                  eval_splits=("validation1",), work_dir=result.work_dir, show_progress=False)
+    assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage ran again
+    group = store.group("lse")
+    assert group.lse_temperatures == [3.0, 5.0] and group.config["lse_temperatures"] == [3.0, 5.0]
+    x = np.asarray(group.logits) / np.float32(5.0)  # [P, A] float32, as the writer reduces it
+    m = x.max(1, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(group.lse)[:, 1], (m + np.log(np.exp(x - m).sum(1, keepdims=True)))[:, 0])
+    store.delete_predictions("lse")  # the shared store keeps only the build's own group
+
+
 def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teacher_ann):
     store, cfg, r = built
     other = new_store(tmp_path / "s.zarr", teacher_ann)
@@ -648,8 +665,9 @@ def test_cli_config_options_are_generated_for_every_field(tmp_path, teacher_ann)
                    pooling="mean", freeze_embeddings=True, hist_len=3, multi_history=(2, 3), history="complete", max_len=24,
                    history_dropout=0.2, recent_first=True, colon="reverse", multi_task=False, class_weighted=0.5,
                    label_smoothing=0.1, prior_correction=0.3, lr=2e-3, weight_decay=0.02, warmup=0.2, epochs=1, batch_size=8,
-                   grad_clip=0.5, folds=1, topk=5, pretrain_epochs=1, pretrain_lr=1e-3, pretrain_batch_size=8,
-                   pretrain_window=6, mask_prob=0.2, corpus_examples=5, seed=3, threads=2, workers=2, device="cpu")
+                   grad_clip=0.5, folds=1, topk=5, lse_temperatures=(3.0, 5.0), pretrain_epochs=1, pretrain_lr=1e-3,
+                   pretrain_batch_size=8, pretrain_window=6, mask_prob=0.2, corpus_examples=5, seed=3, threads=2, workers=2,
+                   device="cpu")
     assert sorted(teacher) == sorted(field_names(TeacherConfig))
     assert all(v not in (getattr(TeacherConfig(), k), PRESETS["tiny"].get(k)) for k, v in teacher.items())
     classes, seg = load_annotations(teacher_ann, fps=24.0)
@@ -660,7 +678,7 @@ def test_cli_config_options_are_generated_for_every_field(tmp_path, teacher_ann)
                               *_options(teacher)])
     assert res.exit_code == 0, res.output
     config = Store.open(store.path).group("all").config
-    assert {k: config[k] for k in teacher} == {**teacher, "multi_history": [2, 3]}
+    assert {k: config[k] for k in teacher} == {**teacher, "multi_history": [2, 3], "lse_temperatures": [3.0, 5.0]}
     # bad options and --set pairs: one line naming each, before any work
     res = runner.invoke(app, ["build-teacher", str(tmp_path / "none.zarr"), "--name", "x", "--preset", "tiny",
                               "--hist-len", "0", "--set", "colon=sideways", "--set", "bogus=1"])

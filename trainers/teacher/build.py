@@ -522,7 +522,7 @@ def _write(plan: BuildPlan, out: dict[str, np.ndarray], metrics: dict, log: list
               "fit_check": check}
     plan.store.write_predictions(
         name, uids, out["action"], features=out["features"], verb_logits=out["verb"], noun_logits=out["noun"],
-        topk=cfg.topk, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
+        topk=cfg.topk, lse_temperatures=cfg.lse_temperatures, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=plan.train_split),
     )
     return uids
@@ -589,8 +589,8 @@ def _left_pad(hists: list[np.ndarray], width: int) -> np.ndarray:
 
 def _result_config(d: dict) -> dict:
     """The config fields that change the stages' results (not threads, workers, device, or the
-    prior correction, which is applied to their predictions afterwards)."""
-    return {k: v for k, v in d.items() if k not in ("threads", "workers", "device", "prior_correction")}
+    prior correction and the log-sum-exp temperatures, which are applied to their predictions afterwards)."""
+    return {k: v for k, v in d.items() if k not in ("threads", "workers", "device", "prior_correction", "lse_temperatures")}
 
 
 def _check_resume(work: Path, settings: dict) -> None:

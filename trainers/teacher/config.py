@@ -59,7 +59,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TEACHER_RULES = Rules(
     choices={"family": FAMILIES, "size": SIZES, "pooling": ("cls", "mean"), "history": ("gappy", "complete"),
              "colon": ("keep", "reverse"), "device": DEVICES},
-    positive=("hist_len", "multi_history", "lr", "epochs", "batch_size", "folds", "topk", "vocab_size",
+    positive=("hist_len", "multi_history", "lse_temperatures", "lr", "epochs", "batch_size", "folds", "topk", "vocab_size",
               "pretrain_lr", "pretrain_batch_size", "pretrain_window", "threads", "workers"),
     non_negative=("weight_decay", "pretrain_epochs", "corpus_examples", "grad_clip", "class_weighted", "prior_correction"),
     fraction=("dropout", "warmup", "label_smoothing", "history_dropout"),
@@ -112,6 +112,7 @@ class TeacherConfig:
     # Out-of-fold predictions for the training split: K-fold cross-fitting by video.
     folds: int = 5  # 1: the full model predicts every split
     topk: int = 50  # logits stored a UID
+    lse_temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 10.0)  # log-sum-exp columns stored (KD topk_lse reads one; kdstore add-lse adds more)
     # Masked-LM pretraining on the training histories before fine-tuning.
     pretrain_epochs: int = 0  # MLM epochs before fine-tuning (0: none)
     pretrain_lr: float = 5e-4
@@ -136,7 +137,8 @@ class TeacherConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-able dict."""
-        return {**dataclasses.asdict(self), "multi_history": list(self.multi_history)}
+        return {**dataclasses.asdict(self), "multi_history": list(self.multi_history),
+                "lse_temperatures": list(self.lse_temperatures)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TeacherConfig":
