@@ -277,7 +277,7 @@ def build_teacher_cmd(
     from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus
-    from trainers.teacher.evaluate import metrics_table
+    from kdstore.evaluation import rich_table
     from trainers.teacher.fit_check import fit_warning
 
     cfg = _config(TeacherConfig, overrides, options, make_preset, preset)
@@ -286,7 +286,7 @@ def build_teacher_cmd(
         r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                           pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                           overwrite=overwrite, fresh=fresh)
-    Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
+    Console().print(rich_table(r.metrics, title=f"teacher/{name}"))
     console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
     _print_fit_warning(fit_warning(r.fit_check, name))
 
@@ -315,7 +315,8 @@ def evaluate(
 ) -> None:
     """Metrics of a prediction group or the n-gram baseline (EK55: RULSTM's; EK100: overall/unseen/tail)."""
     from kdstore.store import Store
-    from trainers.teacher.evaluate import evaluate_group, evaluate_ngram, metrics_grid, metrics_table
+    from kdstore.evaluation import evaluate_group, metrics_grid, rich_table
+    from trainers.teacher.evaluate import evaluate_ngram
 
     if (predictions is None) == (baseline is None):
         raise typer.BadParameter("give --predictions NAME or --baseline ngram (one of them)")
@@ -340,7 +341,7 @@ def evaluate(
         print(json.dumps(m, indent=1))
         return
     title = f"{label} on {split} ({m['n']} segments" + (f", coverage {m['coverage']:.1f}%)" if "coverage" in m else ")")
-    Console().print(metrics_grid(m, title, s.dataset) or metrics_table({label: m}, title=split, dataset=s.dataset))
+    Console().print(metrics_grid(m, title, s.dataset) or rich_table({label: m}, title=split, dataset=s.dataset))
     if m.get("unlabelled"):
         console.print(f"{m['unlabelled']} unlabelled segments of {split} left out", highlight=False)
 
@@ -609,7 +610,8 @@ def report(
     tune: Optional[Path] = typer.Option(None, help="A tune-kd output directory to show (default: the one a student's run lies in)."),
 ) -> None:
     """Write an HTML report with plots for a store with a teacher and students."""
-    from kdstore.report import format_table, metrics_table, write_report
+    from kdstore.evaluation import format_table, metrics_table
+    from kdstore.report import write_report
     from kdstore.store import Store
 
     s = Store.open(store)

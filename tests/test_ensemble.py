@@ -16,10 +16,9 @@ from cli import app
 from conftest import build_store, synthetic_annotations
 from kdstore.ensemble import write_ensemble
 from kdstore.errors import ConfigError, DataError, MissingError, StoreFormatError
-from kdstore.report import metrics_table
+from kdstore.evaluation import evaluate_group, metrics_table
 from kdstore.store import Store
 from kdstore.synthetic import SyntheticConfig
-from trainers.teacher.evaluate import evaluate_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -485,6 +485,7 @@ def test_divergence_is_an_error(kd, tmp_path):
 
 
 def test_predict_into_store(kd, tmp_path):
+    from kdstore.evaluation import evaluate_group
     from kdstore.metrics import compute_metrics
     from trainers.student.train import load_model, predict_into_store, predict_logits, train_student
 
@@ -497,6 +498,7 @@ def test_predict_into_store(kd, tmp_path):
     group = store.group("student")
     assert group.kind == "student" and len(group) == len(store.segments)
     assert set(group.metrics) == {"training1", "validation1"} and group.metrics == json.loads(json.dumps(metrics))
+    assert group.metrics == {s: evaluate_group(store, "student", s) for s in ("training1", "validation1")}
     assert group.config["run_dir"] == str(run) and len(group.attrs["log"]) == 2
     model, cfg, _ = load_model(run)
     data = StudentData(store, "feat", "validation1", cfg)

@@ -25,7 +25,8 @@ from rich.console import Console
 
 from kdstore.errors import KDStoreError
 from kdstore.ingest import ingest
-from kdstore.report import format_table, metrics_table, write_report
+from kdstore.evaluation import format_table, metrics_table
+from kdstore.report import write_report
 from kdstore.store import Store, provenance_entry
 from kdstore.synthetic import CORPUS_FILE, SyntheticConfig, generate_annotations, synthetic_features
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from kdstore.atomic import replace_with, write_text
 from kdstore.errors import ConfigError, DataError, MissingError
+from kdstore.evaluation import store_metrics
 from kdstore.faults import crash_point
 from kdstore.metrics import compute_metrics
 from kdstore.store import Store
@@ -461,11 +462,7 @@ def predict_into_store(
     # a segment in several splits (EGTEA's schemes) is predicted once per split, identically: store it once
     uids_all, first = np.unique(np.concatenate(uids), return_index=True)
     all_logits = np.concatenate(logits)[first]
-    metrics = {}
-    for split, u, lg in zip(splits, uids, logits):
-        labels = store.segments.action[store.segments.row_of(u)]  # -1: unlabelled (test), left out of the metrics
-        metrics[split] = compute_metrics(lg, labels, store.classes) if (labels >= 0).any() else {"unlabelled": len(u)}
     config = {**state["config"], "teacher": state["teacher"], "run_dir": str(run_dir)}
-    store.write_predictions(name, uids_all, all_logits, kind="student", config=config,
-                            metrics=metrics, log=read_log(run_dir), topk=cfg.topk, overwrite=overwrite)
-    return metrics
+    store.write_predictions(name, uids_all, all_logits, kind="student", config=config, log=read_log(run_dir),
+                            topk=cfg.topk, overwrite=overwrite)
+    return store_metrics(store, name, {s: s for s in splits})

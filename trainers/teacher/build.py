@@ -63,7 +63,8 @@ from kdstore.atomic import replace_with
 from kdstore.text import action_text, action_words
 from kdstore.errors import ConfigError, DataError
 from kdstore.faults import crash_point
-from kdstore.metrics import compute_metrics, marginalise, softmax
+from kdstore.evaluation import store_metrics
+from kdstore.metrics import marginalise, softmax
 from kdstore.store import Store, _check_name, provenance_entry
 
 from .config import PretrainConfig, TeacherConfig
@@ -264,8 +265,8 @@ def build_teacher(
         out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(plan.all_rows))
         check = _fit_check(plan, out)
         _adjust_scores(plan, out)
-        metrics = _metrics(plan, out)
-        uids = _write(plan, out, metrics, log, len(tok), check, overwrite)
+        uids = _write(plan, out, log, len(tok), check, overwrite)
+        metrics = store_metrics(plan.store, name, _metric_splits(plan))
     return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, plan.work, ran, check)
 
 
@@ -500,19 +501,14 @@ def _adjust_scores(plan: BuildPlan, out: dict[str, np.ndarray]) -> None:
         out["verb"], out["noun"] = _marginal_logits(out["action"], plan.store.classes)
 
 
-def _metrics(plan: BuildPlan, out: dict[str, np.ndarray]) -> dict:
-    """Metrics of each eval split, and of the training split (out-of-fold or in-sample)."""
-    seg, classes, span = plan.store.segments, plan.store.classes, _spans(plan)
-    labels = seg.action[plan.all_rows]
-    metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in plan.eval_splits}
-    s = plan.train_split
-    metrics[f"{s} ({_kind(plan)})"] = compute_metrics(out["action"][span[s]], labels[span[s]], classes)
-    return metrics
+def _metric_splits(plan: BuildPlan) -> dict[str, str]:
+    """The stored metrics' keys and splits: each eval split, and the training split (out-of-fold or in-sample)."""
+    return {**{s: s for s in plan.eval_splits}, f"{plan.train_split} ({_kind(plan)})": plan.train_split}
 
 
-def _write(plan: BuildPlan, out: dict[str, np.ndarray], metrics: dict, log: list, vocab: int, check: dict,
+def _write(plan: BuildPlan, out: dict[str, np.ndarray], log: list, vocab: int, check: dict,
            overwrite: bool) -> np.ndarray:
-    """Write the group; returns its UIDs."""
+    """Write the group (its metrics follow, from what it stores: ``store_metrics``); returns its UIDs."""
     cfg, name = plan.cfg, plan.name
     uids = plan.store.segments.uid[plan.all_rows]
     config = {**cfg.to_dict(), "train_split": plan.train_split, "eval_splits": list(plan.eval_splits),
@@ -520,7 +516,7 @@ def _write(plan: BuildPlan, out: dict[str, np.ndarray], metrics: dict, log: list
               "fit_check": check}
     plan.store.write_predictions(
         name, uids, out["action"], features=out["features"], verb_logits=out["verb"], noun_logits=out["noun"],
-        topk=cfg.topk, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
+        topk=cfg.topk, kind="teacher", config=config, log=log, overwrite=overwrite,
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=plan.train_split),
     )
     return uids
