@@ -1,6 +1,7 @@
-"""Metrics of a stored prediction group on a split: the one computation behind ``kdstore
-evaluate``, ``report``, the demo's table and the ``metrics`` a teacher build or a student
-prediction stores with its group (so a group's stored metrics are those ``evaluate`` prints).
+"""Metrics of a prediction group on a split: the one computation behind ``kdstore evaluate``,
+``report``, the demo's table and the ``metrics`` a teacher build, a student prediction or a
+written n-gram baseline stores with its group (``group_metrics``, from the scores as they are
+stored, so a group's stored metrics are those ``evaluate`` prints).
 
 Scores are read as stored (``kdstore.targets.present_scores``), with the group's own verb/noun
 heads where it has them and the EK100 subsets the store holds (``kdstore.metrics.epic_subsets``).
@@ -26,16 +27,23 @@ def labelled_rows(store: Store, split: str) -> tuple[np.ndarray, int]:
     return rows, int(len(all_rows) - len(rows))
 
 
-def _group_metrics(store: Store, name: str, rows: np.ndarray, split: str, marginals: str = "exact") -> dict | None:
-    """Metrics of group ``name`` on those labelled ``rows`` of ``split`` it predicts, with
-    ``coverage`` (% of ``rows`` predicted); None when it predicts none of them."""
-    seg = store.segments
-    scores, kept = present_scores(store.group(name), rows)  # [n, A] (+ heads), [n]
+def split_metrics(store: Store, scores: dict, kept: np.ndarray, rows: np.ndarray, split: str,
+                  marginals: str = "exact") -> dict | None:
+    """Metrics of ``scores`` (``logits`` [n, A], ``verb_logits``/``noun_logits`` or None) of the
+    segment rows ``kept`` [n], those of the labelled ``rows`` of ``split`` predicted, with
+    ``coverage`` (% of ``rows`` predicted); None when ``kept`` is empty."""
     if len(kept) == 0:
         return None
-    m = compute_metrics(scores["logits"], seg.action[kept], store.classes, verb_scores=scores["verb_logits"],
-                        noun_scores=scores["noun_logits"], subsets=epic_subsets(seg, kept, split), marginals=marginals)
+    seg = store.segments
+    m = compute_metrics(scores["logits"], seg.action[kept], store.classes, verb_scores=scores.get("verb_logits"),
+                        noun_scores=scores.get("noun_logits"), subsets=epic_subsets(seg, kept, split), marginals=marginals)
     return {**m, "coverage": float(100.0 * len(kept) / len(rows))}
+
+
+def _group_metrics(store: Store, name: str, rows: np.ndarray, split: str, marginals: str = "exact") -> dict | None:
+    """:func:`split_metrics` of group ``name``'s stored scores of those ``rows`` it predicts."""
+    scores, kept = present_scores(store.group(name), rows)  # [n, A] (+ heads), [n]
+    return split_metrics(store, scores, kept, rows, split, marginals)
 
 
 def evaluate_group(store: Store, name: str, split: str | None = None, marginals: str = "exact") -> dict:
@@ -55,17 +63,23 @@ def evaluate_group(store: Store, name: str, split: str | None = None, marginals:
     return {**m, "unlabelled": unlabelled}
 
 
-def store_metrics(store: Store, name: str, splits: dict[str, str]) -> dict:
-    """Evaluate group ``name`` on each split of ``splits`` (key -> split) and store the result as
-    the group's ``metrics`` attribute; returns it. A split without labelled segments records
-    ``{"unlabelled": n}``."""
+def group_metrics(store: Store, uids: np.ndarray, scores: dict, splits: dict[str, str]) -> dict:
+    """The ``metrics`` to store with a group about to be written: ``uids`` [n] and ``scores``
+    (``logits`` [n, A], optional ``verb_logits``/``noun_logits``) at the precision the group
+    stores them, evaluated on each split of ``splits`` (key -> split) as :func:`evaluate_group`
+    will evaluate the written group. A split without labelled segments gets ``{"unlabelled": n}``."""
     seg, metrics = store.segments, {}
+    at = np.full(len(seg), -1, np.int64)  # segment row -> position in uids (-1: not predicted)
+    at[seg.row_of(np.asarray(uids).tolist())] = np.arange(len(uids))
     for key, split in splits.items():
-        labelled = seg.rows_in(split, labelled=True)
-        metrics[key] = evaluate_group(store, name, split) if len(labelled) else {"unlabelled": len(seg.rows_in(split))}
-    key = store.group(name).key
-    with store.backend.writing():
-        store.backend.set_attrs(key, {**store.backend.attrs(key), "metrics": metrics})
+        rows = seg.rows_in(split, labelled=True)
+        if len(rows) == 0:
+            metrics[key] = {"unlabelled": int(len(seg.rows_in(split)))}
+            continue
+        kept = rows[at[rows] >= 0]
+        picked = {k: None if v is None else v[at[kept]] for k, v in scores.items()}
+        m = split_metrics(store, picked, kept, rows, split) or {"coverage": 0.0}
+        metrics[key] = {**m, "unlabelled": int(len(seg.rows_in(split)) - len(rows))}
     return metrics
 
 

@@ -208,7 +208,7 @@ def tune_section(tune_dir: Path, out: Path) -> str:
 
 
 def write_report(
-    store: Store | str | Path,
+    store: Store,
     out_dir: str | Path,
     split: str | None = None,
     teacher: str | None = None,
@@ -227,7 +227,6 @@ def write_report(
     import matplotlib
 
     matplotlib.use("Agg")
-    store = store if isinstance(store, Store) else Store.open(store)
     split = split or store.default_splits()[1]
     out = Path(out_dir)
     with os_errors(out, unknown=True):

@@ -426,7 +426,7 @@ def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teache
     assert seen == [("fold0", 3), ("fold1", 1), ("fold1", 2), ("fold1", 3)]  # finished stages and epochs skipped
     a, b = store.group("t"), other.group("t")
     assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
-    with pytest.raises(ConfigError, match="other settings \\(config.lr\\)"):
+    with pytest.raises(ConfigError, match="other settings \\(config.lr: saved"):
         build_teacher(other, "t2", preset("tiny", **{**BUILD, "lr": 1e-3}), **args)
 
 

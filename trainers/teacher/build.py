@@ -63,7 +63,8 @@ from kdstore.atomic import replace_with
 from kdstore.text import action_text, action_words
 from kdstore.errors import ConfigError, DataError
 from kdstore.faults import crash_point
-from kdstore.evaluation import store_metrics
+from kdstore.identity import check_same
+from kdstore.evaluation import group_metrics
 from kdstore.metrics import marginalise, softmax
 from kdstore.store import Store, _check_name, provenance_entry
 
@@ -265,8 +266,7 @@ def build_teacher(
         out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(plan.all_rows))
         check = _fit_check(plan, out)
         _adjust_scores(plan, out)
-        uids = _write(plan, out, log, len(tok), check, overwrite)
-        metrics = store_metrics(plan.store, name, _metric_splits(plan))
+        uids, metrics = _write(plan, out, log, len(tok), check, overwrite)
     return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, plan.work, ran, check)
 
 
@@ -507,19 +507,21 @@ def _metric_splits(plan: BuildPlan) -> dict[str, str]:
 
 
 def _write(plan: BuildPlan, out: dict[str, np.ndarray], log: list, vocab: int, check: dict,
-           overwrite: bool) -> np.ndarray:
-    """Write the group (its metrics follow, from what it stores: ``store_metrics``); returns its UIDs."""
+           overwrite: bool) -> tuple[np.ndarray, dict]:
+    """Write the group with its metrics (``kdstore.evaluation``'s); returns its UIDs and the metrics."""
     cfg, name = plan.cfg, plan.name
     uids = plan.store.segments.uid[plan.all_rows]
+    metrics = group_metrics(plan.store, uids, {"logits": out["action"], "verb_logits": out["verb"],
+                                               "noun_logits": out["noun"]}, _metric_splits(plan))
     config = {**cfg.to_dict(), "train_split": plan.train_split, "eval_splits": list(plan.eval_splits),
               "pretrained": str(plan.pretrained) if plan.pretrained else None, "vocab": vocab, "work_dir": str(plan.work),
               "fit_check": check}
     plan.store.write_predictions(
         name, uids, out["action"], features=out["features"], verb_logits=out["verb"], noun_logits=out["noun"],
-        topk=cfg.topk, kind="teacher", config=config, log=log, overwrite=overwrite,
+        topk=cfg.topk, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=plan.train_split),
     )
-    return uids
+    return uids, metrics
 
 
 def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:
@@ -593,12 +595,6 @@ def _check_resume(work: Path, settings: dict) -> None:
     if not path.exists():
         return
     old = read_json(path)
-    old_cfg = TeacherConfig.from_dict(old.get("config", {})).to_dict() if "config" in old else {}
-    old = {**old, "config": _result_config(old_cfg)}
-    diff = sorted(k for k in settings if old.get(k) != settings[k])
-    if "config" in diff:
-        diff.remove("config")
-        diff += [f"config.{k}" for k in settings["config"] if old["config"].get(k) != settings["config"][k]]
-    if diff:
-        what = "class counts differ from the store's" if diff == ["classes"] else f"other settings ({', '.join(diff)})"
-        raise ConfigError(f"{work}: holds a build with {what}; pass fresh (--fresh) or another work dir")
+    if "config" in old:  # its fields as this version reads them (defaults for fields added since)
+        old["config"] = _result_config(TeacherConfig.from_dict(old["config"]).to_dict())
+    check_same(old, settings, f"{work}: holds a build with other settings", hint="pass fresh (--fresh) or another work dir")

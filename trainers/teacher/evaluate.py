@@ -8,8 +8,7 @@ import re
 import numpy as np
 
 from kdstore.errors import ConfigError, DataError
-from kdstore.evaluation import labelled_rows, store_metrics
-from kdstore.metrics import compute_metrics, epic_subsets
+from kdstore.evaluation import labelled_rows, split_metrics
 from kdstore.store import Store, provenance_entry
 
 from .ngram import ngram_baseline
@@ -45,15 +44,13 @@ def evaluate_ngram(
     # the scores a written group stores (float64 log-probabilities: float32 would reorder
     # near-equal verb marginals), so that these metrics are those of `evaluate -p` and of an export
     logits = np.log(probs + 1e-12)  # [n, A]
-    metrics = compute_metrics(logits, seg.action[rows], store.classes, kind="logits",
-                              subsets=epic_subsets(seg, rows, split), marginals=marginals)
-    metrics["unlabelled"] = unlabelled
+    metrics = {**split_metrics(store, {"logits": logits}, rows, rows, split, marginals), "unlabelled": unlabelled}
     if write:
         config = {"model": f"interpolated {order}-gram (Witten-Bell, add-1 unigram)", "order": order,
                   "history": mode, "train_split": train_split}
         store.write_predictions(write, seg.uid[rows], logits, kind="baseline", config=config, scores_dtype="float64",
-                                overwrite=overwrite, provenance=provenance_entry("ngram_baseline", group=f"teacher/{write}"))
-        metrics = store_metrics(store, write, {split: split})[split]
+                                metrics={split: metrics}, overwrite=overwrite,
+                                provenance=provenance_entry("ngram_baseline", group=f"teacher/{write}"))
     return metrics
 
 
