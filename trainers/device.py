@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -58,8 +58,8 @@ def training_dtype(device: str | torch.device) -> torch.dtype | None:
 
 
 def autocast(device: str | torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    """Autocast to ``dtype`` on ``device``; float32 (autocast off) for None."""
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+    """Autocast to ``dtype`` on ``device``; nothing (float32) for None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @contextmanager
