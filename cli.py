@@ -277,7 +277,7 @@ def build_teacher_cmd(
     from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
     from trainers.teacher.config import preset as make_preset
     from trainers.teacher.corpus import read_corpus
-    from trainers.teacher.evaluate import metrics_table
+    from kdstore.evaluation import rich_table
     from trainers.teacher.fit_check import fit_warning
 
     cfg = _config(TeacherConfig, overrides, options, make_preset, preset)
@@ -286,7 +286,7 @@ def build_teacher_cmd(
         r = build_teacher(Store.open(store), name, cfg, train_split=train_split, eval_splits=tuple(eval_splits),
                           pretrained=pretrained, corpus=read_corpus(corpus) if corpus else None, work_dir=work_dir,
                           overwrite=overwrite, fresh=fresh)
-    Console().print(metrics_table(r.metrics, title=f"teacher/{name}"))
+    Console().print(rich_table(r.metrics, title=f"teacher/{name}"))
     console.print(f"teacher/{name}: {len(r.uids)} UIDs in {r.seconds:.0f} s (work dir {r.work_dir})")
     _print_fit_warning(fit_warning(r.fit_check, name))
 
@@ -315,7 +315,8 @@ def evaluate(
 ) -> None:
     """Metrics of a prediction group or the n-gram baseline (EK55: RULSTM's; EK100: overall/unseen/tail)."""
     from kdstore.store import Store
-    from trainers.teacher.evaluate import evaluate_group, evaluate_ngram, metrics_grid, metrics_table
+    from kdstore.evaluation import evaluate_group, metrics_grid, rich_table
+    from trainers.teacher.evaluate import evaluate_ngram
 
     if (predictions is None) == (baseline is None):
         raise typer.BadParameter("give --predictions NAME or --baseline ngram (one of them)")
@@ -340,7 +341,7 @@ def evaluate(
         print(json.dumps(m, indent=1))
         return
     title = f"{label} on {split} ({m['n']} segments" + (f", coverage {m['coverage']:.1f}%)" if "coverage" in m else ")")
-    Console().print(metrics_grid(m, title, s.dataset) or metrics_table({label: m}, title=split, dataset=s.dataset))
+    Console().print(metrics_grid(m, title, s.dataset) or rich_table({label: m}, title=split, dataset=s.dataset))
     if m.get("unlabelled"):
         console.print(f"{m['unlabelled']} unlabelled segments of {split} left out", highlight=False)
 
@@ -372,6 +373,7 @@ def build_video_features(
     """Encode videos with a frame backbone into video/<name> (resumable; runs under torchrun)."""
     import os
 
+    from kdstore.store import Store
     from trainers.video.backbones import load_backbone
     from trainers.video.extract import build_video_features as run
 
@@ -379,7 +381,7 @@ def build_video_features(
         console.print(f"[bold red]WARNING: --random-init: backbone {backbone} has RANDOM weights; "
                       "its features are meaningless outside tests and demos[/bold red]", highlight=False)
     bb = load_backbone(backbone, weights=weights, random_init=random_init, seed=seed, resize=resize)
-    report = run(store, videos, bb, name, fps=fps, native_fps=native_fps, batch_size=batch_size, workers=workers,
+    report = run(Store.open(store), videos, bb, name, fps=fps, native_fps=native_fps, batch_size=batch_size, workers=workers,
                  device=device, precision=precision, dtype=dtype, scale_in_decoder=scale_in_decoder,
                  decode_all=decode_all, hwaccel=hwaccel, progress=progress)
     if report.rank != 0:
@@ -417,6 +419,7 @@ def import_features(
     """Import RULSTM LMDB features or per-video .npy/.npz arrays as video/<name>."""
     from kdstore.feature_import import import_arrays, import_lmdb
     from kdstore.selection import WindowSpec
+    from kdstore.store import Store
 
     spec = None
     if append and overwrite:
@@ -433,9 +436,9 @@ def import_features(
     options = dict(dtype=dtype, fps=fps, windows=spec, check=check_segments, window=window, restart=restart, progress=progress,
                    mode="append" if append else "overwrite" if overwrite else "new")
     if fmt == "lmdb":
-        r = import_lmdb(store, source, name, native_fps=native_fps, **options)
+        r = import_lmdb(Store.open(store), source, name, native_fps=native_fps, **options)
     elif fmt == "npy":
-        r = import_arrays(store, source, name, native_fps=native_fps, **options)
+        r = import_arrays(Store.open(store), source, name, native_fps=native_fps, **options)
     else:
         raise typer.BadParameter(f"--format must be lmdb, npy or auto, found {fmt!r}")
     kept = f", kept {r.kept_frames} of {r.source_frames} source frames ({r.kept_frames / max(r.source_frames, 1):.1%})"
@@ -464,6 +467,7 @@ def train_student(
     """Train an AVT-h student on stored features, distilling from a teacher group. Every
     StudentConfig field is an option (--lr 1e-4, --compile reduce-overhead) and a --set key;
     the preset gives the rest."""
+    from kdstore.store import Store
     from trainers.student.config import preset as make_preset
     from trainers.student.distill import distills, without_distillation
     from trainers.student.train import train_student as run
@@ -475,12 +479,11 @@ def train_student(
     if distills(cfg) and teacher is None:
         raise typer.BadParameter("--teacher is required unless --no-distill")
     if distills(cfg):
-        from kdstore.store import Store
         from trainers.teacher.fit_check import group_fit_warning
 
         _print_fit_warning(group_fit_warning(Store.open(store), teacher))
-    metrics = run(store, features, run_dir, cfg, teacher=teacher, train_split=train_split, eval_split=eval_split,
-                  device=device)
+    metrics = run(Store.open(store), features, run_dir, cfg, teacher=teacher, train_split=train_split,
+                  eval_split=eval_split, device=device)
     console.print(json.dumps(metrics, indent=1))
 
 
@@ -508,9 +511,10 @@ def predict(
     overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
 ) -> None:
     """Write a trained student's per-UID predictions into the store."""
+    from kdstore.store import Store
     from trainers.student.train import predict_into_store
 
-    metrics = predict_into_store(store, run_dir, name, splits, overwrite=overwrite)
+    metrics = predict_into_store(Store.open(store), run_dir, name, splits, overwrite=overwrite)
     console.print(json.dumps(metrics, indent=1))
 
 @app.command("tune-kd")
@@ -609,7 +613,8 @@ def report(
     tune: Optional[Path] = typer.Option(None, help="A tune-kd output directory to show (default: the one a student's run lies in)."),
 ) -> None:
     """Write an HTML report with plots for a store with a teacher and students."""
-    from kdstore.report import format_table, metrics_table, write_report
+    from kdstore.evaluation import format_table, metrics_table
+    from kdstore.report import write_report
     from kdstore.store import Store
 
     s = Store.open(store)

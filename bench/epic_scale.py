@@ -209,6 +209,7 @@ def peak_rss_kib(reset: bool = False) -> int:
 def child_import(a: dict) -> dict:
     """``import_lmdb``, with the peak RSS of reading + staging and of the commit apart."""
     from kdstore.features import VideoWriter
+    from kdstore.store import Store
     from kdstore.feature_import import import_lmdb
     from kdstore.selection import WindowSpec
 
@@ -224,7 +225,7 @@ def child_import(a: dict) -> dict:
         return out
 
     VideoWriter.commit = timed_commit
-    r = import_lmdb(a["store"], a["lmdb"], a["name"], native_fps=RULSTM_FPS, progress=False, **opts)
+    r = import_lmdb(Store.open(a["store"]), a["lmdb"], a["name"], native_fps=RULSTM_FPS, progress=False, **opts)
     return {"seconds": r.seconds, "commit_s": staging["commit_s"], "source_frames": r.source_frames,
             "kept_frames": r.kept_frames, "bytes_written": r.bytes_written, "staging_peak_rss_mib": staging["peak"] / 1024,
             "commit_peak_rss_mib": peak_rss_kib() / 1024}

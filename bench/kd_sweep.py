@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_row, peak_rss_mib  # noqa: E402
 from kdstore.errors import ConfigError  # noqa: E402
+from kdstore.store import Store  # noqa: E402
 from trainers.demo import FEATURES, DemoConfig  # noqa: E402
 from trainers.config import parse_set  # noqa: E402
 from trainers.student.config import StudentConfig, preset  # noqa: E402
@@ -91,7 +92,7 @@ def run(demo_dir: str | Path, seeds=(0,), settings=None, split: int = 1, tiny: b
                     calibrated_teacher(store)
                 t0 = time.perf_counter()
                 try:
-                    m = train_student(store, FEATURES, Path(tmp) / f"{len(rows)}", cfg,
+                    m = train_student(Store.open(store), FEATURES, Path(tmp) / f"{len(rows)}", cfg,
                                       teacher="teacher" if distills(cfg) else None, train_split=f"training{split}",
                                       eval_split=f"validation{split}", progress=False)
                     result = {k: m[k] for k in (*METRICS, "mean_top5_recall")}
@@ -107,7 +108,6 @@ def run(demo_dir: str | Path, seeds=(0,), settings=None, split: int = 1, tiny: b
 def calibrated_teacher(store: Path) -> None:
     """Fit the demo teacher's temperature on its out-of-fold training rows, unless stored already."""
     from kdstore.calibration import calibrate
-    from kdstore.store import Store
 
     s = Store.open(store)
     if "calibration" not in s.group("teacher").attrs:

@@ -169,7 +169,7 @@ def score_export(store, group: str, split: str, out: Path) -> dict[str, float]:
 
 def run(store_path: str, group: str, split: str = "validation", out_dir: Path = RESULTS_DIR) -> dict:
     from kdstore.store import Store
-    from trainers.teacher.evaluate import evaluate_group
+    from kdstore.evaluation import evaluate_group
 
     store = Store.open(store_path)
     ours = evaluate_group(store, group, split)

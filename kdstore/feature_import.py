@@ -225,7 +225,7 @@ def _selection(fps: float | None, windows: WindowSpec | None) -> Selection:
 
 
 def import_lmdb(
-    store: Store | str | Path,
+    store: Store,
     path: str | Path,
     name: str,
     *,
@@ -245,7 +245,6 @@ def import_lmdb(
     ``restart``: discard a partial import instead of resuming it. ``mode``: "new" refuses a
     stored set of that name from another source; "append" adds this source's videos to it
     (recorded per video in the attribute ``video_sources``); "overwrite" replaces it."""
-    store = store if isinstance(store, Store) else Store.open(store)
     native_fps = float(native_fps or store.segments.fps)
     if native_fps <= 0:
         raise ConfigError(f"--native-fps must be positive, found {native_fps}")
@@ -290,7 +289,7 @@ def _array_rows(feats: np.ndarray, keep: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def import_arrays(
-    store: Store | str | Path,
+    store: Store,
     folder: str | Path,
     name: str,
     *,
@@ -307,7 +306,6 @@ def import_arrays(
     """Import one ``<video>.npy``/``<video>.npz`` ``[n, D]`` array per video from ``folder``
     as ``video/<name>``; frame ``i`` is at ``i / native_fps`` seconds. The other options
     are :func:`import_lmdb`'s."""
-    store = store if isinstance(store, Store) else Store.open(store)
     folder = Path(folder)
     if not native_fps or native_fps <= 0:
         raise ConfigError("importing arrays needs their frame rate (--native-fps > 0)")

@@ -14,47 +14,9 @@ import numpy as np
 
 from .atomic import os_errors, replace_with, write_text
 from .errors import MissingError
-from .metrics import compute_metrics, epic_subsets, metric_columns
+from .evaluation import metrics_table, table_columns
 from .store import Store
-from .predictions import present_logits, present_scores
-
-
-def metrics_table(store: Store, split: str | None = None, names: list[str] | None = None) -> list[dict]:
-    """One row of metrics per prediction group, on the labelled segments of ``split``
-    (default: the store's evaluation split) it predicts, in the dataset's metrics
-    (EK55: RULSTM's table; EK100: the challenge's, with the store's subsets)."""
-    seg, classes = store.segments, store.classes
-    split = split or store.default_splits()[1]
-    rows = seg.rows_in(split, labelled=True)
-    table = []
-    for name in names or store.groups():
-        g = store.group(name)
-        scores, kept = present_scores(g, rows)
-        if len(kept) == 0:
-            continue
-        m = compute_metrics(scores["logits"], seg.action[kept], classes, verb_scores=scores["verb_logits"],
-                            noun_scores=scores["noun_logits"], subsets=epic_subsets(seg, kept, split))
-        table.append({"name": name, "kind": g.kind, **m, "n": int(len(kept))})
-    return table
-
-
-def table_columns(table: list[dict], dataset: str | None = None) -> list[tuple[str, str]]:
-    """(key, header) of the dataset's metric columns that some row of ``table`` has."""
-    return [(k, h) for k, h in metric_columns(dataset) if any(r.get(k) is not None for r in table)]
-
-
-def format_table(table: list[dict], dataset: str | None = None) -> str:
-    """The metrics table as fixed-width text (percentages)."""
-    cols = table_columns(table, dataset)
-    width = max([len(r["name"]) for r in table] + [10])
-    head = f"{'model':<{width}}  {'kind':<8}" + "".join(f"  {h:>{max(len(h), 7)}}" for _, h in cols)
-    lines = [head, "-" * len(head)]
-    for r in table:
-        cells = "".join(
-            f"  {r[k]:>{max(len(h), 7)}.2f}" if r.get(k) is not None else f"  {'-':>{max(len(h), 7)}}" for k, h in cols
-        )
-        lines.append(f"{r['name']:<{width}}  {r['kind']:<8}{cells}")
-    return "\n".join(lines)
+from .predictions import present_logits
 
 
 def per_class_recall(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -246,7 +208,7 @@ def tune_section(tune_dir: Path, out: Path) -> str:
 
 
 def write_report(
-    store: Store | str | Path,
+    store: Store,
     out_dir: str | Path,
     split: str | None = None,
     teacher: str | None = None,
@@ -265,7 +227,6 @@ def write_report(
     import matplotlib
 
     matplotlib.use("Agg")
-    store = store if isinstance(store, Store) else Store.open(store)
     split = split or store.default_splits()[1]
     out = Path(out_dir)
     with os_errors(out, unknown=True):

@@ -149,7 +149,7 @@ def data(tmp_path_factory):
     for i, v in enumerate(segments.videos[:4]):
         np.save(npy / f"{v}.npy", np.random.default_rng(i).normal(size=(20 + i, 16)).astype(np.float32))
     cfg = preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, batch_size=16, topk=5, epochs=1)
-    train_student(stores[".zarr"], "feat", root / "run", cfg, teacher="teacher", progress=False, device="cpu")
+    train_student(Store.open(stores[".zarr"]), "feat", root / "run", cfg, teacher="teacher", progress=False, device="cpu")
     return root, ann, stores, npy
 
 

@@ -103,7 +103,7 @@ def test_refuses_a_directory_holding_something_else(tmp_path):
 
 def test_refuses_a_demo_with_other_settings(demo_dir):
     other = DemoConfig(**{**TINY.__dict__, "feature_noise": 0.5})
-    with pytest.raises(KDStoreError, match="other settings"):
+    with pytest.raises(KDStoreError, match=r"other settings \(config.feature_noise: saved [\d.]+, now 0.5\)"):
         run_demo(demo_dir, other)
 
 

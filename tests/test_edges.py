@@ -225,7 +225,7 @@ def test_a_reimport_from_another_source_is_refused_unless_asked_for(tmp_path, sy
     a = _arrays(tmp_path / "A", videos[:6], 1.0)
     b = _arrays(tmp_path / "B", [*videos[:5], videos[6]], 2.0)
     c = _arrays(tmp_path / "C", videos[7:9], 3.0)
-    run = lambda src, **kw: import_arrays(s.path, src, "f", native_fps=1.0, progress=False, **kw)  # noqa: E731
+    run = lambda src, **kw: import_arrays(s, src, "f", native_fps=1.0, progress=False, **kw)  # noqa: E731
     run(a)
     before = snapshot(s.path)
     msg = str(raised(["import-features", s.path, b, "--name", "f", "--native-fps", 1, "--no-progress"]))

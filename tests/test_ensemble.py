@@ -16,10 +16,9 @@ from cli import app
 from conftest import build_store, synthetic_annotations
 from kdstore.ensemble import write_ensemble
 from kdstore.errors import ConfigError, DataError, MissingError, StoreFormatError
-from kdstore.report import metrics_table
+from kdstore.evaluation import evaluate_group, metrics_table
 from kdstore.store import Store
 from kdstore.synthetic import SyntheticConfig
-from trainers.teacher.evaluate import evaluate_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,11 +127,11 @@ def test_ensemble_as_a_kd_teacher(es, mode):
     write_ensemble(es.store, ["a", "b"], "e")
     cfg = preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, epochs=1, batch_size=16, optimizer="adam",
                  lr=1e-3, distill_mode=mode, topk=10, temperature=2.0)
-    train_student(es.path, "feat", es.tmp / f"run-{mode}", cfg, teacher="e", eval_split=None, progress=False)
+    train_student(Store.open(es.path), "feat", es.tmp / f"run-{mode}", cfg, teacher="e", eval_split=None, progress=False)
     log = read_log(es.tmp / f"run-{mode}")
     assert log[0]["train_distill"] > 0
     with pytest.raises(MissingError, match="teacher/e: stores no features"):
-        train_student(es.path, "feat", es.tmp / "feat-run", preset("egtea", distill_feat=1.0), teacher="e", progress=False)
+        train_student(Store.open(es.path), "feat", es.tmp / "feat-run", preset("egtea", distill_feat=1.0), teacher="e", progress=False)
 
 
 def test_cli_ensemble_evaluate_query(es):

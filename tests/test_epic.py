@@ -179,7 +179,8 @@ def test_predictions_by_narration_id(ek100_dir, tmp_path):
 
 
 def test_unlabelled_segments_are_left_out_and_said(ek100_dir, tmp_path):
-    from trainers.teacher.evaluate import evaluate_group, evaluate_ngram
+    from kdstore.evaluation import evaluate_group
+    from trainers.teacher.evaluate import evaluate_ngram
 
     s = ingest(ek100_dir, tmp_path / "s.zarr", dataset="ek100")
     seg = s.segments
@@ -380,8 +381,8 @@ def test_student_predictions_cover_unlabelled_segments(ek100_dir, tmp_path, one_
     w.commit()
     cfg = student_preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, epochs=1, batch_size=16,
                          distill_mode="none", topk=5)
-    train_student(s.path, "feat", tmp_path / "run", cfg, train_split="training", eval_split="validation", progress=False)
-    metrics = predict_into_store(s.path, tmp_path / "run", "student")
+    train_student(s, "feat", tmp_path / "run", cfg, train_split="training", eval_split="validation", progress=False)
+    metrics = predict_into_store(s, tmp_path / "run", "student")
     seg = Store.open(s.path).segments
     g = Store.open(s.path).group("student")
     assert g.present.all()  # features and student predictions cover the unlabelled test segments too
@@ -390,7 +391,8 @@ def test_student_predictions_cover_unlabelled_segments(ek100_dir, tmp_path, one_
 
 
 def test_report_uses_the_challenge_metrics(ek100_dir, tmp_path):
-    from kdstore.report import format_table, metrics_table, write_report
+    from kdstore.evaluation import format_table, metrics_table
+    from kdstore.report import write_report
 
     s = ingest(ek100_dir, tmp_path / "s.zarr", dataset="ek100")
     seg = s.segments

@@ -53,7 +53,7 @@ def trained(tmp_path, synthetic_tables):
     path = tmp_path / "s.zarr"
     build_store(path, *synthetic_tables, teacher_split=None)
     cfg = preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, batch_size=16, topk=5, epochs=1)
-    train_student(path, "feat", tmp_path / "run", cfg, teacher="teacher", progress=False, device="cpu")
+    train_student(Store.open(path), "feat", tmp_path / "run", cfg, teacher="teacher", progress=False, device="cpu")
     return path, tmp_path / "run"
 
 
@@ -79,15 +79,15 @@ def test_a_finished_run_extends_to_more_epochs(trained):
     path, run = trained
     first = read_log(run)
     cfg = preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, batch_size=16, topk=5, epochs=3)
-    train_student(path, "feat", run, cfg, teacher="teacher", progress=False, device="cpu")
+    train_student(Store.open(path), "feat", run, cfg, teacher="teacher", progress=False, device="cpu")
     log = read_log(run)
     assert [e["epoch"] for e in log] == [1, 2, 3] and log[0] == first[0]
     assert json.loads((run / "last.json").read_text())["config"]["epochs"] == 3
     with pytest.raises(ConfigError, match="has trained 3 epochs, more than epochs=2"):
-        train_student(path, "feat", run, preset("egtea", **{**cfg.to_dict(), "epochs": 2}), teacher="teacher",
+        train_student(Store.open(path), "feat", run, preset("egtea", **{**cfg.to_dict(), "epochs": 2}), teacher="teacher",
                       progress=False, device="cpu")
-    with pytest.raises(ConfigError, match="checkpoint of another run"):  # other settings stay refused
-        train_student(path, "feat", run, preset("egtea", **{**cfg.to_dict(), "lr": 0.5}), teacher="teacher",
+    with pytest.raises(ConfigError, match=r"checkpoint of another run \(config.lr: saved 0.001, now 0.5\)"):  # other settings stay refused
+        train_student(Store.open(path), "feat", run, preset("egtea", **{**cfg.to_dict(), "lr": 0.5}), teacher="teacher",
                       progress=False, device="cpu")
 
 

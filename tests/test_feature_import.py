@@ -368,9 +368,9 @@ def test_train_and_predict_on_a_covering_set_match_the_full_set_and_refuse_one_t
     cfg = windows_cfg(num_frames=4, fps=2.0, tau_a=1.3)
     logits = {}
     for name in ("range", "full"):
-        train_student(subsets.path, name, tmp_path / name, cfg, train_split="train", eval_split="val", device="cpu",
+        train_student(Store.open(subsets.path), name, tmp_path / name, cfg, train_split="train", eval_split="val", device="cpu",
                       progress=False)
-        predict_into_store(subsets.path, tmp_path / name, f"student-{name}")
+        predict_into_store(Store.open(subsets.path), tmp_path / name, f"student-{name}")
         logits[name] = np.asarray(Store.open(subsets.path).group(f"student-{name}").logits)
     np.testing.assert_array_equal(logits["range"], logits["full"])
 
@@ -504,7 +504,7 @@ if "windows_spec" in args:
     w = args.pop("windows_spec")
     args["windows"] = imports.WindowSpec.parse(w["tau_a"], w["num_frames"], w["fps"])
 fn = imports.import_lmdb if args.pop("format") == "lmdb" else imports.import_arrays
-fn(args.pop("store"), args.pop("source"), args.pop("name"), progress=False, **args)
+fn(kstore.Store.open(args.pop("store")), args.pop("source"), args.pop("name"), progress=False, **args)
 """
 
 
@@ -542,9 +542,9 @@ def test_a_killed_lmdb_import_resumes_to_the_uninterrupted_result(tmp_path, suff
         make_store(path, starts)
         spec = dict(tau_a="0.5:1", num_frames=10, fps=1.0)
         if kill.startswith("cleanup"):  # a group of the same name is there already: the kill comes after the swap
-            import_lmdb(path, tmp_path / "rgb", "rgb", native_fps=30, windows=windows, progress=False)
+            import_lmdb(Store.open(path), tmp_path / "rgb", "rgb", native_fps=30, windows=windows, progress=False)
         assert import_killed(kill, k, store=path, **opts, windows_spec=spec) == -signal.SIGKILL, (kill, k)
-        r = import_lmdb(path, tmp_path / "rgb", "rgb", native_fps=30, windows=windows, progress=False)
+        r = import_lmdb(Store.open(path), tmp_path / "rgb", "rgb", native_fps=30, windows=windows, progress=False)
         assert r.videos + r.skipped == len(videos)
         if kill == "put":
             assert r.skipped == k
@@ -563,8 +563,8 @@ def test_a_resumed_import_never_takes_videos_staged_from_another_source(tmp_path
     args = dict(format="npy", store=tmp_path / "s.zarr", name="f", native_fps=2.0)
     assert import_killed("put", 13, **args, source=tmp_path / "A") == -signal.SIGKILL
     with pytest.raises(ConfigError, match=r"a partial build with other settings is staged .*/A.*--restart"):
-        import_arrays(tmp_path / "s.zarr", tmp_path / "B", "f", native_fps=2.0, progress=False)
-    r = import_arrays(tmp_path / "s.zarr", tmp_path / "B", "f", native_fps=2.0, restart=True, progress=False)
+        import_arrays(Store.open(tmp_path / "s.zarr"), tmp_path / "B", "f", native_fps=2.0, progress=False)
+    r = import_arrays(Store.open(tmp_path / "s.zarr"), tmp_path / "B", "f", native_fps=2.0, restart=True, progress=False)
     assert (r.videos, r.skipped) == (24, 0)
     fs = Store.open(tmp_path / "s.zarr").video("f")
     for v in names:
@@ -573,9 +573,9 @@ def test_a_resumed_import_never_takes_videos_staged_from_another_source(tmp_path
     assert import_killed("put", 2, **args, source=tmp_path / "B") == -signal.SIGKILL
     np.save(tmp_path / "B" / f"{names[0]}.npy", np.zeros((20, 8), np.float32))
     with pytest.raises(ConfigError, match="holds features from arrays .*/B, this import reads arrays .*/B: pass --overwrite"):
-        import_arrays(tmp_path / "s.zarr", tmp_path / "B", "f", native_fps=2.0, progress=False)
+        import_arrays(Store.open(tmp_path / "s.zarr"), tmp_path / "B", "f", native_fps=2.0, progress=False)
     with pytest.raises(ConfigError, match="a partial build with other settings is staged"):
-        import_arrays(tmp_path / "s.zarr", tmp_path / "B", "f", native_fps=2.0, progress=False, mode="overwrite")
+        import_arrays(Store.open(tmp_path / "s.zarr"), tmp_path / "B", "f", native_fps=2.0, progress=False, mode="overwrite")
 
 
 def test_a_resumed_lmdb_import_never_takes_videos_of_another_lmdb(tmp_path):
@@ -586,10 +586,10 @@ def test_a_resumed_lmdb_import_never_takes_videos_of_another_lmdb(tmp_path):
     args = dict(format="lmdb", store=tmp_path / "s.h5", name="f", native_fps=30.0)
     assert import_killed("put", 2, **args, source=tmp_path / "B") == -signal.SIGKILL
     with pytest.raises(ConfigError, match="a partial build with other settings is staged"):
-        import_lmdb(tmp_path / "s.h5", tmp_path / "A", "f", native_fps=30, progress=False)
+        import_lmdb(Store.open(tmp_path / "s.h5"), tmp_path / "A", "f", native_fps=30, progress=False)
     with pytest.raises(ConfigError, match="a partial build with other settings is staged"):  # same LMDB, other selection
-        import_lmdb(tmp_path / "s.h5", tmp_path / "B", "f", native_fps=30, fps=10.0, progress=False)
-    import_lmdb(tmp_path / "s.h5", tmp_path / "A", "f", native_fps=30, restart=True, progress=False)
+        import_lmdb(Store.open(tmp_path / "s.h5"), tmp_path / "B", "f", native_fps=30, fps=10.0, progress=False)
+    import_lmdb(Store.open(tmp_path / "s.h5"), tmp_path / "A", "f", native_fps=30, restart=True, progress=False)
     fs = Store.open(tmp_path / "s.h5").video("f")
     for v in EPIC:
         np.testing.assert_array_equal(fs.frames(v)[0], a[v].astype(np.float16))

@@ -280,9 +280,9 @@ def test_each_mode_trains_a_student(mode, tmp_path, synthetic_tables, make_store
     from trainers.student.train import read_log, train_student
 
     classes, seg = synthetic_tables
-    make_store(tmp_path / "s.zarr", classes, seg, teacher_split=None)
+    store = make_store(tmp_path / "s.zarr", classes, seg, teacher_split=None)
     cfg = preset("egtea", num_frames=4, n_layer=1, n_head=2, inter_dim=32, epochs=1, batch_size=16, optimizer="adam",
                  lr=3e-3, distill_mode=mode, topk=5, temperature=2.0, distill=1.0)
-    m = train_student(tmp_path / "s.zarr", "feat", tmp_path / "run", cfg, teacher="teacher", progress=False)
+    m = train_student(store, "feat", tmp_path / "run", cfg, teacher="teacher", progress=False)
     log = read_log(tmp_path / "run")
     assert np.isfinite(m["mean_top1_recall"]) and log[-1]["train_distill"] > 0 and np.isfinite(log[-1]["train_distill"])

@@ -17,7 +17,8 @@ from kdstore.errors import ConfigError
 from kdstore.ingest import ingest
 from kdstore.metrics import marginalise, softmax
 from test_epic import ek55_line
-from trainers.teacher.evaluate import evaluate_group, evaluate_ngram
+from kdstore.evaluation import evaluate_group
+from trainers.teacher.evaluate import evaluate_ngram
 
 EK55_DIR = Path(__file__).parents[1].parent / "shared/data/ek55"
 V, N = 9, 12

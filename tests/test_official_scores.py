@@ -21,7 +21,8 @@ from kdstore.ingest import ingest
 from kdstore.store import Store
 from kdstore.synthetic import SyntheticConfig, generate_epic100
 from kdstore.validate import validate_store
-from trainers.teacher.evaluate import evaluate_group, evaluate_ngram
+from kdstore.evaluation import evaluate_group
+from trainers.teacher.evaluate import evaluate_ngram
 
 EK100_DIR = Path(__file__).parents[1].parent / "shared/data/ek100"
 

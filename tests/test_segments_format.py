@@ -52,7 +52,7 @@ def edit_csv(path: Path, row: int, col: int, value: str) -> None:
 def test_a_group_made_for_other_segments_is_refused(tmp_path, suffix, change):
     """Same UIDs, other labels or other split membership: the copied group is refused at
     open and reported by validate; copied into an identical store it is accepted."""
-    from trainers.teacher.evaluate import evaluate_group
+    from kdstore.evaluation import evaluate_group
 
     ann = generate_annotations(tmp_path / "a", SyntheticConfig(n_videos=6))
     src = ingest(ann, tmp_path / f"src{suffix}", fps=24.0)

@@ -317,7 +317,7 @@ def test_batch_loader_consumer_exception_does_not_hang(chunks):
 def test_tiny_student_beats_chance(kd, tmp_path, mode):
     from trainers.student.train import read_log, train_student
 
-    metrics = train_student(kd.path, "feat", tmp_path / "run", small_cfg(distill_mode=mode), teacher="oracle",
+    metrics = train_student(Store.open(kd.path), "feat", tmp_path / "run", small_cfg(distill_mode=mode), teacher="oracle",
                             progress=False)
     chance = 100.0 / kd.classes.num_actions
     assert metrics["top1"] > 4 * chance, (metrics, chance)
@@ -336,7 +336,7 @@ def test_teacher_none_trains_the_baseline(kd, tmp_path):
     """teacher=None with a distilling config trains without distillation instead of failing."""
     from trainers.student.train import read_log, train_student
 
-    train_student(kd.path, "feat", tmp_path / "run", small_cfg(distill_mode="full", epochs=2), teacher=None,
+    train_student(Store.open(kd.path), "feat", tmp_path / "run", small_cfg(distill_mode="full", epochs=2), teacher=None,
                   eval_split=None, progress=False)
     log = read_log(tmp_path / "run")
     assert len(log) == 2 and "train_distill" not in log[0] and "eval_top1" not in log[0]
@@ -348,10 +348,10 @@ def test_resume_is_exact(kd, tmp_path):
     # dropout on and top-K distillation with absent rows: the RNG state and masks matter
     cfg = small_cfg(distill_mode="topk", epochs=4, dropout=0.3, block_dropout=0.1)
     a, b = tmp_path / "a", tmp_path / "b"
-    ma = train_student(kd.path, "feat", a, cfg, teacher="oracle", progress=False)
-    train_student(kd.path, "feat", b, cfg, teacher="oracle", progress=False, stop_after_epochs=2)
+    ma = train_student(Store.open(kd.path), "feat", a, cfg, teacher="oracle", progress=False)
+    train_student(Store.open(kd.path), "feat", b, cfg, teacher="oracle", progress=False, stop_after_epochs=2)
     assert [e["epoch"] for e in read_log(b)] == [1, 2]
-    mb = train_student(kd.path, "feat", b, cfg, teacher="oracle", progress=False)
+    mb = train_student(Store.open(kd.path), "feat", b, cfg, teacher="oracle", progress=False)
     assert ma == mb
     la, lb = read_log(a), read_log(b)
     assert len(la) == len(lb) == 4
@@ -364,7 +364,7 @@ def test_resume_is_exact(kd, tmp_path):
         assert torch.equal(ta[k], tb[k]), k
     assert json.loads((a / STATE).read_text()) == json.loads((b / STATE).read_text())
     # a finished run called again trains nothing and returns its metrics
-    assert train_student(kd.path, "feat", b, cfg, teacher="oracle", progress=False) == ma
+    assert train_student(Store.open(kd.path), "feat", b, cfg, teacher="oracle", progress=False) == ma
     assert len(read_log(b)) == 4
 
 
@@ -373,12 +373,12 @@ def test_resume_with_another_config_is_refused(kd, tmp_path):
 
     run = tmp_path / "run"
     cfg = small_cfg(epochs=2, distill_mode="none")
-    train_student(kd.path, "feat", run, cfg, eval_split=None, progress=False, stop_after_epochs=1)
+    train_student(Store.open(kd.path), "feat", run, cfg, eval_split=None, progress=False, stop_after_epochs=1)
     with pytest.raises(ConfigError, match="lr"):
-        train_student(kd.path, "feat", run, small_cfg(epochs=2, distill_mode="none", lr=1e-2), eval_split=None,
+        train_student(Store.open(kd.path), "feat", run, small_cfg(epochs=2, distill_mode="none", lr=1e-2), eval_split=None,
                       progress=False)
     with pytest.raises(ConfigError, match="teacher"):
-        train_student(kd.path, "feat", run, small_cfg(epochs=2, distill_mode="full"), teacher="oracle",
+        train_student(Store.open(kd.path), "feat", run, small_cfg(epochs=2, distill_mode="full"), teacher="oracle",
                       eval_split=None, progress=False)
 
 
@@ -386,7 +386,7 @@ def test_batch_larger_than_split_is_refused(kd, tmp_path):
     from trainers.student.train import train_student
 
     with pytest.raises(ConfigError, match="fewer than one global batch"):
-        train_student(kd.path, "feat", tmp_path / "run", small_cfg(batch_size=100000, distill_mode="none"),
+        train_student(Store.open(kd.path), "feat", tmp_path / "run", small_cfg(batch_size=100000, distill_mode="none"),
                       progress=False)
 
 
@@ -394,7 +394,7 @@ def test_feature_dimension_mismatch(kd, tmp_path):
     from trainers.student.train import predict_into_store, train_student
 
     run = tmp_path / "run"
-    train_student(kd.path, "feat", run, small_cfg(epochs=1, distill_mode="none"), eval_split=None, progress=False)
+    train_student(Store.open(kd.path), "feat", run, small_cfg(epochs=1, distill_mode="none"), eval_split=None, progress=False)
     other = copy_store(kd, tmp_path)
     store = Store.open(other)
     store.backend.delete_group("video/feat")
@@ -405,9 +405,9 @@ def test_feature_dimension_mismatch(kd, tmp_path):
         w.put(video, f, t)
     w.commit()
     with pytest.raises(ConfigError, match="dimension 16.*32"):
-        predict_into_store(other, run, "student")
+        predict_into_store(Store.open(other), run, "student")
     with pytest.raises(ConfigError, match="feat_dim"):  # resuming on it is refused too
-        train_student(other, "feat", run, small_cfg(epochs=2, distill_mode="none"), eval_split=None, progress=False)
+        train_student(Store.open(other), "feat", run, small_cfg(epochs=2, distill_mode="none"), eval_split=None, progress=False)
 
 
 def test_teacher_with_another_class_count(kd, tmp_path):
@@ -434,7 +434,7 @@ def test_teacher_with_another_class_count(kd, tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             StudentData(Store.open(dst), "feat", "training1", small_cfg(distill_mode=mode), teacher="wide")
     with pytest.raises(ConfigError, match=pattern):
-        train_student(dst, "feat", tmp_path / "run", small_cfg(), teacher="wide", progress=False)
+        train_student(Store.open(dst), "feat", tmp_path / "run", small_cfg(), teacher="wide", progress=False)
 
 
 def test_teacher_of_other_segments(kd, tmp_path):
@@ -465,7 +465,7 @@ def test_nan_frame_names_the_uid(kd, tmp_path):
     readers = set(data.uid[(data.frame_idx == frame).any(axis=1)].tolist())
     t0 = time.perf_counter()
     with pytest.raises(DataError, match=r"UID \d+: frames contain NaN") as e:
-        train_student(dst, "feat", tmp_path / "run", cfg, eval_split=None, progress=False)
+        train_student(Store.open(dst), "feat", tmp_path / "run", cfg, eval_split=None, progress=False)
     assert int(re.search(r"UID (\d+)", str(e.value)).group(1)) in readers
     assert time.perf_counter() - t0 < 30  # and the loader's thread did not hang the exit
 
@@ -476,7 +476,7 @@ def test_divergence_is_an_error(kd, tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(DataError, match="diverged"):
-        train_student(kd.path, "feat", run, small_cfg(epochs=2, distill_mode="none", optimizer="sgd", lr=1e3),
+        train_student(Store.open(kd.path), "feat", run, small_cfg(epochs=2, distill_mode="none", optimizer="sgd", lr=1e3),
                       eval_split=None, progress=False)
     assert not (run / STATE).exists() and read_log(run) == []
 
@@ -485,18 +485,20 @@ def test_divergence_is_an_error(kd, tmp_path):
 
 
 def test_predict_into_store(kd, tmp_path):
+    from kdstore.evaluation import evaluate_group
     from kdstore.metrics import compute_metrics
     from trainers.student.train import load_model, predict_into_store, predict_logits, train_student
 
     dst = copy_store(kd, tmp_path)
     run = tmp_path / "run"
-    train_student(dst, "feat", run, small_cfg(epochs=2, distill_mode="full"), teacher="oracle", progress=False)
-    metrics = predict_into_store(dst, run, "student")
+    train_student(Store.open(dst), "feat", run, small_cfg(epochs=2, distill_mode="full"), teacher="oracle", progress=False)
+    metrics = predict_into_store(Store.open(dst), run, "student")
     store = Store.open(dst)
     assert "student" in store.groups("student") and "student" not in store.groups("teacher")
     group = store.group("student")
     assert group.kind == "student" and len(group) == len(store.segments)
     assert set(group.metrics) == {"training1", "validation1"} and group.metrics == json.loads(json.dumps(metrics))
+    assert group.metrics == {s: evaluate_group(store, "student", s) for s in ("training1", "validation1")}
     assert group.config["run_dir"] == str(run) and len(group.attrs["log"]) == 2
     model, cfg, _ = load_model(run)
     data = StudentData(store, "feat", "validation1", cfg)
@@ -510,10 +512,7 @@ def test_predict_into_store(kd, tmp_path):
     assert r["present"] and r["kind"] == "student" and len(r["top"]) == 3 and r["splits"] == ["validation1"]
     assert r["top"][0]["action"] == int(logits[0].argmax())
     with pytest.raises(Exception, match="exists"):
-        predict_into_store(dst, run, "student")
-    predict_into_store(dst, run, "student", splits=["validation1"], overwrite=True)
-    assert len(Store.open(dst).group("student")) == len(data)
-    # an open Store works where a path does
+        predict_into_store(Store.open(dst), run, "student")
     predict_into_store(Store.open(dst), run, "student", splits=["validation1"], overwrite=True)
     assert len(Store.open(dst).group("student")) == len(data)
 
@@ -526,11 +525,12 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 from trainers.student.config import StudentConfig
+from kdstore.store import Store
 from trainers.student.train import train_student
 cfg = StudentConfig.from_dict(json.loads(sys.argv[3]))
-train_student(sys.argv[1], "feat", sys.argv[2], cfg, teacher="all", eval_split="validation1", progress=False,
+train_student(Store.open(sys.argv[1]), "feat", sys.argv[2], cfg, teacher="all", eval_split="validation1", progress=False,
               device="cpu")  # gloo on CPU also on a machine with a GPU: the comparison is exact there
-torch.distributed.destroy_process_group()
+assert not torch.distributed.is_initialized()  # train_student ends the process group it started
 """
 
 
@@ -555,7 +555,7 @@ def test_ddp_two_processes_match_one(kd, tmp_path):
            str(tmp_path / "ddp"), json.dumps(small_cfg(batch_size=16, **base).to_dict())]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    train_student(kd.path, "feat", tmp_path / "one", small_cfg(batch_size=32, **base), teacher="all",
+    train_student(Store.open(kd.path), "feat", tmp_path / "one", small_cfg(batch_size=32, **base), teacher="all",
                   progress=False, device="cpu")
     ld, lo = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
     assert len(ld) == len(lo) == 3
@@ -577,8 +577,9 @@ def test_ddp_rank_without_gpu_is_refused(kd, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="LOCAL_RANK 1 has no GPU: this node has 1"):
-        train_student(kd.path, "feat", tmp_path / "run", small_cfg(), teacher=None, progress=False, device="cuda")
+        train_student(Store.open(kd.path), "feat", tmp_path / "run", small_cfg(), teacher=None, progress=False, device="cuda")
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 

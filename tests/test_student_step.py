@@ -118,7 +118,7 @@ def test_nan_frame_names_the_uid(st, tmp_path, on_device):
     cfg = small_cfg(epochs=1, distill_mode="none", data_on_device=on_device)
     dst, readers = _nan_copy(st, tmp_path, StudentData(st.store, "feat", "training1", cfg))
     with pytest.raises(DataError, match=r"UID \d+: frames contain NaN") as e:
-        train_student(dst, "feat", tmp_path / "run", cfg, eval_split=None, progress=False)
+        train_student(Store.open(dst), "feat", tmp_path / "run", cfg, eval_split=None, progress=False)
     assert int(re.search(r"UID (\d+)", str(e.value)).group(1)) in readers
     assert not (tmp_path / "run" / STATE).exists()
 
@@ -142,9 +142,9 @@ def test_trainer_resident_equals_host_and_resumes_across_them(st, tmp_path):
         return small_cfg(distill_mode="topk_lse", temperature=10.0, data_on_device=on_device,
                          preread="always" if on_device == "always" else "never")
 
-    train_student(st.path, "feat", tmp_path / "a", cfg("always"), teacher="some", progress=False)
-    train_student(st.path, "feat", tmp_path / "b", cfg("never"), teacher="some", progress=False, stop_after_epochs=1)
-    train_student(st.path, "feat", tmp_path / "b", cfg("always"), teacher="some", progress=False)
+    train_student(Store.open(st.path), "feat", tmp_path / "a", cfg("always"), teacher="some", progress=False)
+    train_student(Store.open(st.path), "feat", tmp_path / "b", cfg("never"), teacher="some", progress=False, stop_after_epochs=1)
+    train_student(Store.open(st.path), "feat", tmp_path / "b", cfg("always"), teacher="some", progress=False)
     a, b = load_file(tmp_path / "a" / CKPT), load_file(tmp_path / "b" / CKPT)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda log: [{k: v for k, v in e.items() if k not in ("seconds", "samples_per_s")} for e in log]  # noqa: E731

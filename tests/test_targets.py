@@ -17,14 +17,13 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, SUFFIXES, build_store, synthetic_annotations
 from kdstore.errors import ConfigError, MissingError
+from kdstore.evaluation import evaluate_group, metrics_table
 from kdstore.metrics import compute_metrics
-from kdstore.report import metrics_table
 from kdstore.store import Store
 from kdstore.synthetic import SyntheticConfig
 from kdstore.predictions import FIELDS, HEADS, TeacherTargets, present_logits, present_scores
 from trainers.student.config import preset
 from trainers.student.data import StudentData, WindowBatchSampler
-from trainers.teacher.evaluate import evaluate_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -345,6 +345,18 @@ def test_build_end_to_end(built):
     assert (r.work_dir / "teacher" / "model.safetensors").exists() and (r.work_dir / "teacher" / "heads.safetensors").exists()
 
 
+def test_stored_metrics_are_those_evaluate_prints(built):
+    """A teacher's stored metrics are ``evaluate_group``'s on the same split, verb/noun heads included."""
+    from kdstore.evaluation import evaluate_group
+
+    store, _, r = built
+    group = store.group("t")
+    assert group.verb_logits is not None and "verb_top1" in group.metrics["validation1"]
+    assert group.metrics == {"validation1": evaluate_group(store, "t", "validation1"),
+                             "training1 (out-of-fold)": evaluate_group(store, "t", "training1")}
+    assert r.metrics == group.metrics
+
+
 def test_out_of_fold_predictions_come_from_other_models(built):
     """Training UIDs get fold models' predictions (not the full model's); eval UIDs the full model's."""
     store, cfg, r = built
@@ -431,7 +443,7 @@ def test_resume_after_interruption_matches_uninterrupted(built, tmp_path, teache
     assert seen == [("fold0", 3), ("fold1", 1), ("fold1", 2), ("fold1", 3)]  # finished stages and epochs skipped
     a, b = store.group("t"), other.group("t")
     assert np.allclose(np.asarray(a.logits, np.float32), np.asarray(b.logits, np.float32), atol=1e-2)
-    with pytest.raises(ConfigError, match="other settings \\(config.lr\\)"):
+    with pytest.raises(ConfigError, match="other settings \\(config.lr: saved"):
         build_teacher(other, "t2", preset("tiny", **{**BUILD, "lr": 1e-3}), **args)
 
 

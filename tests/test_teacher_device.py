@@ -13,7 +13,8 @@ from kdstore.errors import ConfigError
 from kdstore.store import Store
 from trainers.teacher.build import build_teacher
 from trainers.teacher.config import preset
-from trainers.teacher.device import amp_dtype, autocast, stage_devices
+from trainers.device import autocast, training_dtype
+from trainers.teacher.device import stage_devices
 from trainers.teacher.models import scratch_teacher
 from trainers.teacher.tokenizer import encode, train_tokenizer
 
@@ -53,10 +54,10 @@ def test_autocast_only_on_cuda():
     tok = train_tokenizer(["take <v> cup <a> open <v> fridge"], 200)
     model = scratch_teacher("bert", "tiny", tok, 16, (5, 3, 4), 0.0)
     x, mask = encode(tok, ["take <v> cup"], 16).batch([0])
-    with autocast("cpu"):
+    with autocast("cpu", training_dtype("cpu")):
         assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
         assert model(x, mask)["action"].dtype == torch.float32
-    assert amp_dtype("cuda:1") == amp_dtype(torch.device("cuda")) == torch.bfloat16 and amp_dtype("cpu") is None
+    assert training_dtype("cuda:1") == training_dtype(torch.device("cuda")) == torch.bfloat16 and training_dtype("cpu") is None
 
 
 @CUDA
@@ -64,7 +65,7 @@ def test_autocast_on_cuda_is_bf16():
     tok = train_tokenizer(["take <v> cup <a> open <v> fridge"], 200)
     model = scratch_teacher("bert", "tiny", tok, 16, (5, 3, 4), 0.0).cuda()
     x, mask = encode(tok, ["take <v> cup"], 16).batch([0], "cuda")
-    with autocast("cuda"):
+    with autocast("cuda", training_dtype("cuda")):
         assert model(x, mask)["action"].dtype == torch.bfloat16
 
 

@@ -168,7 +168,7 @@ def test_a_resume_with_another_hold_out_is_refused(tstore, tmp_path):
     out = tmp_path / "o"
     plan = setup(store, config(grid=parse_grid(["distill=1"]), overrides={**SMALL, "epochs": 1}))
     run_grid(plan, out)
-    with pytest.raises(KDStoreError, match="other settings \\(held_videos\\)"):
+    with pytest.raises(KDStoreError, match="other settings \\(held_videos: saved"):
         run_grid(setup(store, config(grid=parse_grid(["distill=1"]), overrides={**SMALL, "epochs": 1}, holdout_seed=1)), out)
 
 

@@ -723,14 +723,14 @@ def test_npy_import_and_bad_arrays(tmp_path):
     bad.mkdir()
     np.save(bad / "a.npy", np.zeros((2, 3, 8)))
     with pytest.raises(DataError, match=r"a\.npy: expected a \[frames, D\] array, found shape \[2, 3, 8\]"):
-        import_arrays(tmp_path / "s.zarr", bad, "x", native_fps=1, progress=False)
+        import_arrays(Store.open(tmp_path / "s.zarr"), bad, "x", native_fps=1, progress=False)
     np.save(bad / "a.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match=r"a\.npy: cannot read the array"):
-        import_arrays(tmp_path / "s.zarr", bad, "x", native_fps=1, progress=False)
+        import_arrays(Store.open(tmp_path / "s.zarr"), bad, "x", native_fps=1, progress=False)
     (bad / "a.npy").unlink()
     np.save(bad / "c.npy", np.zeros((4, 16), np.float32))  # a new video for video/np, which holds 8-d features
     with pytest.raises(DataError, match="feature dimension 16 differs from the stored 8"):
-        import_arrays(tmp_path / "s.zarr", bad, "np", native_fps=4, dtype="float32", progress=False, mode="append")
+        import_arrays(Store.open(tmp_path / "s.zarr"), bad, "np", native_fps=4, dtype="float32", progress=False, mode="append")
     np.testing.assert_array_equal(Store.open(tmp_path / "s.zarr").video("np").frames("b")[0], b)  # intact
 
 

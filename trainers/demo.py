@@ -24,9 +24,11 @@ import numpy as np
 from rich.console import Console
 
 from kdstore.errors import KDStoreError
+from kdstore.identity import check_same
 from kdstore.ingest import ingest
-from kdstore.report import format_table, metrics_table, write_report
+from kdstore.evaluation import format_table, metrics_table
 from kdstore.provenance import provenance_entry
+from kdstore.report import write_report
 from kdstore.store import Store
 from kdstore.synthetic import CORPUS_FILE, SyntheticConfig, generate_annotations, synthetic_features
 
@@ -84,15 +86,16 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), console: Conso
     out.mkdir(parents=True, exist_ok=True)
     settings = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}}
     marker = out / MARKER
-    if marker.exists() and json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
-        raise KDStoreError(f"{out}: holds a demo built with other settings; use a new directory")
+    if marker.exists():
+        check_same(json.loads(marker.read_text()), settings, f"{out}: holds a demo built with other settings",
+                   hint="use a new directory", error=KDStoreError)
     marker.write_text(json.dumps(settings, indent=1))
     store, ann, (train_split, eval_split) = _ingest(out, cfg, console)
     baselines = _teacher(store, ann, cfg, train_split, eval_split, console)
     _features(store, cfg, console)
     chosen = _tune(store, out, cfg, train_split, eval_split, console)
-    variants = _students(out, cfg, chosen, train_split, eval_split, console)
-    return _report(Store.open(store.path), out, cfg, baselines, variants, chosen, eval_split, console)
+    variants = _students(store, out, cfg, chosen, train_split, eval_split, console)
+    return _report(store, out, cfg, baselines, variants, chosen, eval_split, console)
 
 
 def _ingest(out: Path, cfg: DemoConfig, console: Console) -> tuple[Store, Path, list[str]]:
@@ -167,22 +170,27 @@ def _workers(cfg: DemoConfig) -> int:
     return 1 if torch.cuda.is_available() else max(1, min(cfg.workers, os.cpu_count() or 1))
 
 
-def _train(store_path: Path, run: Path, name: str, scfg, teacher: str | None, splits: tuple[str, str],
-           threads: int | None = None) -> str:
-    """Train one student and write its predictions into the store (in a pool process or this one)."""
+def _train(store: Store, run: Path, name: str, scfg, teacher: str | None, splits: tuple[str, str],
+           progress: bool = True) -> str:
+    """Train one student and write its predictions into the store."""
     from trainers.student.train import predict_into_store, train_student
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    train_student(store_path, FEATURES, run, scfg, teacher=teacher, train_split=splits[0], eval_split=splits[1],
-                  progress=threads is None)
-    predict_into_store(store_path, run, name, list(splits), overwrite=True)
+    train_student(store, FEATURES, run, scfg, teacher=teacher, train_split=splits[0], eval_split=splits[1],
+                  progress=progress)
+    predict_into_store(store, run, name, list(splits), overwrite=True)
     return name
 
 
-def _students(out: Path, cfg: DemoConfig, chosen, train_split: str, eval_split: str, console: Console) -> dict:
+def _train_in_pool(store_path: Path, threads: int, *job) -> str:
+    """``_train`` in a pool process: its own store handle and ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return _train(Store.open(store_path), *job, progress=False)
+
+
+def _students(store: Store, out: Path, cfg: DemoConfig, chosen, train_split: str, eval_split: str,
+              console: Console) -> dict:
     """4b. every variant (no KD, the paper's setting, the chosen one) for every seed, in
     ``cfg.workers`` processes on the CPU; returns ``{variant: setting}`` (None: no KD)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -192,26 +200,25 @@ def _students(out: Path, cfg: DemoConfig, chosen, train_split: str, eval_split: 
     from trainers.student.distill import without_distillation
     from trainers.student.tune import NO_KD
 
-    store_path = out / "store.zarr"
     variants = {"no-kd": None, "kd": {}, "tuned": chosen.setting if chosen.name != NO_KD else None}
-    done, jobs = Store.open(store_path).groups(), []
+    done, jobs = store.groups(), []
     for seed in cfg.seeds:
         for variant, setting in variants.items():
             name = f"student-{variant}-s{seed}"
             scfg = student_preset(cfg.student_preset, **{**cfg.student_overrides, **(setting or {}), "seed": seed})
             if name not in done:
-                jobs.append((store_path, out / "runs" / name, name, without_distillation(scfg) if setting is None else scfg,
+                jobs.append((out / "runs" / name, name, without_distillation(scfg) if setting is None else scfg,
                              "teacher" if setting is not None else None, (train_split, eval_split)))
     workers = min(_workers(cfg), len(jobs))
     if workers <= 1:
         for job in jobs:
-            console.print(f"[bold]4/5[/bold] train {job[2]}")
-            _train(*job)
+            console.print(f"[bold]4/5[/bold] train {job[1]}")
+            _train(store, *job)
         return variants
     console.print(f"[bold]4/5[/bold] train {len(jobs)} students in {workers} processes")
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for f in as_completed([pool.submit(_train, *job, threads) for job in jobs]):
+        for f in as_completed([pool.submit(_train_in_pool, store.path, threads, *job) for job in jobs]):
             console.print(f"  trained {f.result()}", highlight=False)
     return variants
 

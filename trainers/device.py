@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -51,9 +51,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return PRECISIONS[precision]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    """Autocast to ``dtype`` on ``device``; float32 (autocast off) for None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def training_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step: bf16 on CUDA (fp16 would need a loss scaler),
+    None (float32) elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``; nothing (float32) for None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @contextmanager

@@ -17,11 +17,10 @@ come back as one device vector that the trainer reads every few steps.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
+from ..device import autocast, training_dtype
 from .batch import Batch
 from .config import StudentConfig
 from .losses import student_losses
@@ -44,19 +43,18 @@ class TrainStep:
                  loss_cfg: StudentConfig, device: str, backend: str = "inductor"):
         self.net, self.opt, self.sched, self.cfg = net, opt, sched, cfg
         self.params = [p for group in opt.param_groups for p in group["params"]]
-        cuda = torch.device(device).type == "cuda"
-        self.graphs = cuda and cfg.compile == "reduce-overhead"
-        amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+        self.graphs = torch.device(device).type == "cuda" and cfg.compile == "reduce-overhead"
+        amp = training_dtype(device)  # bf16 on CUDA, None (float32) elsewhere
 
         def forward_losses(batch: Batch) -> dict[str, Tensor]:
-            with amp():
+            with autocast(device, amp):
                 out = net(batch.frames)
             return student_losses({k: v.float() for k, v in out.items()}, batch, loss_cfg, check=False)
 
         self.forward_losses = forward_losses
         if cfg.compile != "off":
             # attn_impl="auto" probes xformers in eager code, not inside the graph being traced
-            getattr(net, "module", net).resolve_attention(device, torch.bfloat16 if cuda else torch.float32)
+            getattr(net, "module", net).resolve_attention(device, amp or torch.float32)
             mode = None if cfg.compile == "default" or backend != "inductor" else cfg.compile  # modes are Inductor's
             self.forward_losses = torch.compile(forward_losses, mode=mode, backend=backend)
         self.keys: list[str] | None = None

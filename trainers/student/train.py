@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,10 +25,13 @@ from safetensors.torch import save_file
 
 from kdstore.atomic import replace_with, write_text
 from kdstore.errors import ConfigError, DataError, MissingError
+from kdstore.evaluation import group_metrics
 from kdstore.faults import crash_point
+from kdstore.identity import check_same
 from kdstore.metrics import compute_metrics
 from kdstore.store import Store
 
+from ..device import distributed, resolve_device
 from .avt import AVTConfig, AVTHead
 from .batch import Batch
 from .config import EXECUTION_FIELDS, StudentConfig
@@ -43,24 +45,6 @@ CKPT, STATE, LOG = "last.safetensors", "last.json", "log.jsonl"
 # Steps between reads of the losses back to the host (a sync): the divergence check, the
 # progress bar and the epoch's sums see every step, a little later.
 SYNC_EVERY = 32
-
-
-def _dist(device: str) -> tuple[int, int, str]:
-    """(rank, world size, this process's device), initialising torch.distributed when launched
-    by torchrun. A CUDA rank takes the GPU of its LOCAL_RANK; a rank without one is refused
-    before any process group starts."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()}; "
-                              "start at most that many processes per node, or pass device='cpu'")
-        device = f"cuda:{local}"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return torch.distributed.get_rank(), world, device
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Optimizer:
@@ -112,15 +96,8 @@ class RunDir:
         """Raise ConfigError unless the checkpoint ``state`` is of the run ``identity`` describes,
         up to its length (more epochs extend it: the rest follows the longer schedule) and its
         execution fields, and has not trained more than ``epochs``."""
-        ignored = dict.fromkeys(("epochs", *EXECUTION_FIELDS))
-        same = lambda d: {**d, "config": {**d.get("config", {}), **ignored}}  # noqa: E731
-        saved, now = same(state), same(identity)
-        diff = sorted(k for k in identity if saved.get(k) != now[k])
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff if k != "config")
-            cdiff = [k for k in now["config"] if saved.get("config", {}).get(k) != now["config"][k]]
-            raise ConfigError(f"{self.path}: checkpoint of another run ({detail or 'config keys ' + ', '.join(cdiff)});"
-                              " use a new run directory")
+        check_same({k: state[k] for k in identity if k in state}, identity, f"{self.path}: checkpoint of another run",
+                   hint="use a new run directory", ignore=[f"config.{k}" for k in ("epochs", *EXECUTION_FIELDS)])
         if state["epoch"] > epochs:
             raise ConfigError(f"{self.path}: has trained {state['epoch']} epochs, more than epochs={epochs}; "
                               f"resume with epochs >= {state['epoch']}")
@@ -276,21 +253,19 @@ def batch_source(data: StudentData, cfg: StudentConfig, loss_cfg: StudentConfig,
 class StudentRecipe:
     """One student run (see :func:`train_student` for the arguments): ``setup()``, then ``train()``."""
 
-    def __init__(self, store_path: str | Path | Store, features: str, run_dir: str | Path, cfg: StudentConfig,
-                 teacher: str | None, train_split: str, eval_split: str | None, device: str | None, progress: bool,
-                 train_videos: list[str] | None = None):
-        self.store_path, self.features, self.cfg, self.train_videos = store_path, features, cfg, train_videos
+    def __init__(self, store: Store, features: str, run_dir: str | Path, cfg: StudentConfig,
+                 teacher: str | None, train_split: str, eval_split: str | None, device: str, progress: bool,
+                 train_videos: list[str] | None = None, rank: int = 0, world: int = 1):
+        self.store, self.features, self.cfg, self.train_videos = store, features, cfg, train_videos
         self.run = RunDir(run_dir)
         self.train_split, self.eval_split, self.progress = train_split, eval_split, progress
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device, self.rank, self.world = device, rank, world  # trainers.device: resolve_device, distributed
         self.teacher = teacher if distills(cfg) else None
         # without a teacher the losses are the baseline's whatever the distillation terms say
         self.loss_cfg = cfg if self.teacher is not None else without_distillation(cfg)
 
     def setup(self) -> None:
-        self.rank, self.world, self.device = _dist(self.device)
         self.run.path.mkdir(parents=True, exist_ok=True)
-        self.store = self.store_path if isinstance(self.store_path, Store) else Store.open(self.store_path)
         self._setup_data()
         self._setup_model()
         self._resume()
@@ -406,7 +381,7 @@ class StudentRecipe:
 
 
 def train_student(
-    store_path: str | Path | Store,
+    store: Store,
     features: str,
     run_dir: str | Path,
     cfg: StudentConfig,
@@ -418,8 +393,7 @@ def train_student(
     stop_after_epochs: int | None = None,
     train_videos: list[str] | None = None,
 ) -> dict:
-    """Train (or resume) a student in ``run_dir`` on the store at ``store_path`` (or an open
-    ``Store``); returns the final evaluation metrics.
+    """Train (or resume) a student in ``run_dir`` on ``store``; returns the final evaluation metrics.
 
     ``teacher=None``, or a config without an active distillation term (``distill_mode="none"``
     and zero feature weights), trains the baseline without distillation, everything else equal.
@@ -430,10 +404,12 @@ def train_student(
     the execution fields (``data_on_device``, ``compile``, ``preread``), which do not change what a run computes.
     ``train_videos`` trains on the training split's segments in these videos only (a hold-out).
     """
-    recipe = StudentRecipe(store_path, features, run_dir, cfg, teacher, train_split, eval_split, device, progress,
-                           train_videos)
-    recipe.setup()
-    return recipe.train(stop_after_epochs)
+    dev = resolve_device(device)
+    with distributed(dev) as (rank, world):
+        recipe = StudentRecipe(store, features, run_dir, cfg, teacher, train_split, eval_split, str(dev), progress,
+                               train_videos, rank, world)
+        recipe.setup()
+        return recipe.train(stop_after_epochs)
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
@@ -443,13 +419,12 @@ def read_log(run_dir: str | Path) -> list[dict]:
 
 
 def predict_into_store(
-    store_path: str | Path | Store, run_dir: str | Path, name: str, splits: list[str] | None = None,
+    store: Store, run_dir: str | Path, name: str, splits: list[str] | None = None,
     overwrite: bool = False, device: str = "cpu",
 ) -> dict:
-    """Write a trained student's per-UID logits into the store (a path or an open ``Store``) as
-    ``teacher/<name>`` (kind student)."""
+    """Write a trained student's per-UID logits into ``store`` as ``teacher/<name>`` (kind
+    student), with ``kdstore.evaluation``'s metrics of each labelled split; returns those."""
     model, cfg, state = load_model(run_dir, map_location=device)
-    store = store_path if isinstance(store_path, Store) else Store.open(store_path)
     splits = splits or store.segments.splits
     uids, logits = [], []
     for split in splits:
@@ -461,11 +436,8 @@ def predict_into_store(
     # a segment in several splits (EGTEA's schemes) is predicted once per split, identically: store it once
     uids_all, first = np.unique(np.concatenate(uids), return_index=True)
     all_logits = np.concatenate(logits)[first]
-    metrics = {}
-    for split, u, lg in zip(splits, uids, logits):
-        labels = store.segments.action[store.segments.row_of(u)]  # -1: unlabelled (test), left out of the metrics
-        metrics[split] = compute_metrics(lg, labels, store.classes) if (labels >= 0).any() else {"unlabelled": len(u)}
+    metrics = group_metrics(store, uids_all, {"logits": all_logits}, {s: s for s in splits})
     config = {**state["config"], "teacher": state["teacher"], "run_dir": str(run_dir)}
-    store.write_predictions(name, uids_all, all_logits, kind="student", config=config,
-                            metrics=metrics, log=read_log(run_dir), topk=cfg.topk, overwrite=overwrite)
+    store.write_predictions(name, uids_all, all_logits, kind="student", config=config, metrics=metrics,
+                            log=read_log(run_dir), topk=cfg.topk, overwrite=overwrite)
     return metrics

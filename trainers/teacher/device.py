@@ -1,4 +1,4 @@
-"""Where teacher stages run: the device of each stage process, and bf16 autocast on CUDA.
+"""Where teacher stages run: the device of each stage process (bf16 autocast on CUDA: ``trainers.device``).
 
 ``device`` is ``auto`` (CUDA when a GPU is visible, else CPU), ``cpu`` or ``cuda``. On CPU
 ``workers`` stage processes share the cores; on CUDA every visible GPU runs ``workers``
@@ -8,8 +8,6 @@ and checkpoints stay float32 either way, so a build started on one resumes on th
 """
 
 from __future__ import annotations
-
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -34,14 +32,3 @@ def stage_devices(device: str, workers: int = 1, cuda_count: int | None = None) 
     if device == "cpu" or count == 0:
         return ["cpu"] * workers
     return [f"cuda:{i}" for _ in range(workers) for i in range(count)]  # fewer stages than slots: one per GPU first
-
-
-def amp_dtype(device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on a CUDA device, None (float32) elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else None
-
-
-def autocast(device: str | torch.device) -> AbstractContextManager:
-    """bf16 autocast on a CUDA device; nothing (float32) elsewhere."""
-    dtype = amp_dtype(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()

@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerFast
 
 from kdstore.faults import crash_point
 
+from ..device import autocast, training_dtype
 from .config import TeacherConfig
-from .device import autocast
 from .models import TeacherModel
 from .optim import load_checkpoint, lr_at, make_optimizer, save_checkpoint, seed_epoch, set_lr, steps_per_epoch
 from .tokenizer import Tokens, encode
@@ -208,7 +208,7 @@ def _step(model: TeacherModel, opt: torch.optim.Optimizer, cfg: TeacherConfig, b
     """One optimizer step on the examples ``at`` [B] whose inputs are ``batch`` (ids, mask [B, T]);
     returns the detached [1 + heads] losses (the weighted sum, then each head's)."""
     x, mask = batch
-    with autocast(x.device):
+    with autocast(x.device, training_dtype(x.device)):
         out = model(x, mask)
     losses = {h: F.cross_entropy(out[h].float(), labels[h][at], weight=weights[h], label_smoothing=cfg.label_smoothing)
               for h in labels}
@@ -232,7 +232,7 @@ def predict(model: TeacherModel, ids: Tokens, batch_size: int = 256) -> dict[str
     for lo in range(0, len(ids), batch_size):
         rows = order[lo : lo + batch_size]
         x, mask = ids.batch(rows, device)  # [B, T]
-        with autocast(device):
+        with autocast(device, training_dtype(device)):
             for k, v in model(x, mask).items():
                 if k not in out:
                     out[k] = np.empty((len(ids), v.shape[1]), np.float32)

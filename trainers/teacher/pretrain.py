@@ -28,8 +28,9 @@ from kdstore.atomic import replace_folder
 from kdstore.errors import DataError
 from kdstore.faults import crash_point
 
+from ..device import autocast, training_dtype
 from .config import PretrainConfig
-from .device import autocast, stage_devices
+from .device import stage_devices
 from .models import check_checkpoint, check_positions, encoder_config, load_mlm
 from .optim import lr_at, make_optimizer, num_threads, seed_epoch, set_lr, steps_per_epoch
 from .tokenizer import Tokens, check_known, load_tokenizer, train_tokenizer
@@ -111,7 +112,7 @@ def _pretrain(texts, out: Path, cfg: PretrainConfig, tok, on_step) -> dict:
             ids, attn = data.batch(perm[b * bs : (b + 1) * bs])  # [B, T]
             inputs, labels = mask_tokens(ids, torch.isin(ids, special_ids), tok, cfg.mask_prob, g)
             set_lr(opt, lr_at(step, total, cfg.lr, cfg.warmup))
-            with autocast(device):
+            with autocast(device, training_dtype(device)):
                 logits = model(input_ids=inputs.to(device), attention_mask=attn.to(device)).logits  # [B, T, V]
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)

@@ -264,7 +264,7 @@ def decode_options(preprocess: Preprocess, fps: float, native_fps: float, device
 
 
 def build_video_features(
-    store: Store | str | Path,
+    store: Store,
     videos: str | Path | Sequence[VideoSource],
     backbone: Backbone,
     name: str,
@@ -295,7 +295,6 @@ def build_video_features(
     :meth:`BuildReport.raise_for_bad`).
     """
     t_start = time.perf_counter()
-    store = store if isinstance(store, Store) else Store.open(store)
     fps, workers = _checked_rates(store, fps, batch_size, workers)
     native_fps = float(native_fps or store.segments.fps)
     sources = find_videos(videos) if isinstance(videos, (str, Path)) else list(videos)
