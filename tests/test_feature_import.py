@@ -466,7 +466,7 @@ def test_put_streams_blocks_and_names_the_bad_frame(tmp_path):
 DRIVER = r"""
 import json, os, shutil, signal, sys
 sys.path.insert(0, {root!r})
-from kdstore import features as kfeatures
+from kdstore import features as kfeatures, store as kstore
 from kdstore import feature_import as imports, rulstm_lmdb
 
 kill, k = {kill!r}, {k!r}
