@@ -218,7 +218,7 @@ def add_lse(store, name: str, temperatures: Sequence[float], provenance: dict | 
     with store.backend.writing():  # no other writer replaces the group between the read and the commit
         group = store.group(name)
         stored = [float(t) for t in group.lse_temperatures]
-        new = [t for t in dict.fromkeys(temps) if not any(abs(t - s) < 1e-9 for s in stored)]
+        new = [t for t in dict.fromkeys(temps) if not group.has_lse(t)]
         if not new:
             return []
         logits = _full_logits(store, group)  # [P, A] as stored
@@ -304,10 +304,17 @@ class Predictions:
         """[N] bool over the store's segments: which have a prediction."""
         return self.row_of_segment >= 0
 
+    def has_lse(self, temperature: float) -> bool:
+        """Whether a log-sum-exp column at ``temperature`` is stored."""
+        return self._lse_index(temperature) is not None
+
+    def _lse_index(self, temperature: float) -> int | None:
+        return next((i for i, t in enumerate(self.lse_temperatures) if abs(t - temperature) < 1e-9), None)
+
     def lse_column(self, temperature: float) -> int:
-        for i, t in enumerate(self.lse_temperatures):
-            if abs(t - temperature) < 1e-9:
-                return i
+        i = self._lse_index(temperature)
+        if i is not None:
+            return i
         raise MissingError(
             f"predictions {self.name!r}: no log-sum-exp stored at T={temperature} (have {self.lse_temperatures});"
             f" add it with `kdstore add-lse {self.store.path} -p {self.name} -T {temperature:g}`"
@@ -404,7 +411,7 @@ class TeacherTargets:
                 if temperature is None:
                     raise ConfigError(f"teacher/{group.name}: 'lse' needs a temperature")
                 self._lse_t = temperature * self.scale
-                if not calibrated or any(abs(t - self._lse_t) < 1e-9 for t in group.lse_temperatures):
+                if not calibrated or group.has_lse(self._lse_t):
                     self._lse_col = group.lse_column(self._lse_t)  # MissingError names the stored ones
                 else:  # no stored column at T x the fitted temperature: computed from the logits rows
                     self._open("logits_for_lse", group.logits, exact=False)
