@@ -25,6 +25,7 @@ from .identity import check_same
 from .layout import STAGED_VIDEO_PREFIX
 from .lock import locked
 from .provenance import provenance_entry
+from .windows import FrameIndex
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -41,13 +42,7 @@ class FeatureSet:
         self.features = store.backend.memmap(f"{self.key}/features")  # [F, D]
         self.timestamps = np.array(store.backend.memmap(f"{self.key}/timestamps"))  # [F] seconds
         self._video_index = {v: i for i, v in enumerate(self.videos)}
-        # one sorted key over all frames so that frame lookups are one searchsorted call
-        counts = np.diff(self.offsets)
-        # (timestamps may be negative: shift them so that every video's keys stay in its own band)
-        self._t0 = min(0.0, float(self.timestamps.min(initial=0.0)))
-        span = self.timestamps.max(initial=0.0) - self._t0
-        self._stride = float(2 ** np.ceil(np.log2(max(span, 1.0) + 2)))
-        self._key = (self.timestamps - self._t0) + np.repeat(np.arange(len(self.videos)), counts) * self._stride
+        self._frames = FrameIndex(self.offsets, self.timestamps)
 
     dim = property(lambda self: self.features.shape[1])
     frame_rate = property(lambda self: self.attrs.get("frame_rate"))
@@ -98,7 +93,8 @@ class FeatureSet:
         return self.features[lo:hi], self.timestamps[lo:hi]
 
     def frames_at(self, video_idx: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """[B, T] global frame indices: the last frame at or before each time.
+        """[B, T] global frame indices: the last frame at or before each time, compared in
+        integer microseconds (:mod:`kdstore.windows`).
 
         Times before a video's first frame map to that first frame (AVT pads a window
         that starts before the video by repeating its first frame).
@@ -111,10 +107,7 @@ class FeatureSet:
                 f"video/{self.name}: batch row {b} asks for video index {video_idx[b]}, a video without features"
                 " (video_index gives -1 for videos that are not in this feature set)"
             )
-        key = (np.asarray(times, dtype=np.float64) - self._t0) + (video_idx * self._stride)[:, None]  # [B, T]
-        idx = np.searchsorted(self._key, key, side="right") - 1  # [B, T]
-        lo, hi = self.offsets[video_idx][:, None], self.offsets[video_idx + 1][:, None] - 1
-        return np.clip(idx, lo, hi)
+        return self._frames.frames_at(video_idx, times)
 
     def gather(self, frame_idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """[B, T, D] features of a batch of windows in one vectorised gather."""

@@ -26,24 +26,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from kdstore.errors import ConfigError
+from kdstore.windows import last_at_or_before, ticks, window_offsets
 
-# The latest window times are widened by this much (seconds): the store looks frames up with
-# shifted float keys whose rounding can move a time that lies a few ulps before a frame's
-# timestamp onto it, so a frame that close after a window's end is kept too. The earliest
-# times need no widening: rounding is monotone, so a student time at or after the import's
-# (what refusal checks) never looks up an earlier frame. On a frame grid that window times
-# hit exactly (EPIC, EGTEA), each window time then keeps one frame, not two.
-EDGE_S = 1e-6
 # Tolerance of the coverage check on tau_a (seconds) and on rate ratios: config values
 # that equal the import's up to float noise are the same window.
 COVER_TOL = 1e-9
-
-
-def window_offsets(num_frames: int, fps: float) -> np.ndarray:
-    """[T] seconds of a window's frames relative to its last one (AVT: ``num_frames`` at
-    ``fps``). The student's windows and the import's selection both use this arithmetic, so
-    their times agree to the bit."""
-    return (np.arange(num_frames) - (num_frames - 1)) / fps
 
 
 @dataclass(frozen=True)
@@ -91,7 +78,7 @@ class WindowSpec:
         each segment, or None when they do: ``tau_a`` in range, and every offset ``j / fps``
         (j < num_frames) one of the spec's ``i / self.fps`` (i < self.num_frames)."""
         # exact at tau_max and at the offsets: window_mask keeps no frame before the import's
-        # earliest window times, so a student's time may not round below them (see EDGE_S)
+        # earliest window times, so a student's time may not lie below them
         if not self.tau_min - COVER_TOL <= tau_a <= self.tau_max:
             return f"tau_a {tau_a:.17g} s is outside the imported range"
         if num_frames > 1:
@@ -177,11 +164,12 @@ def grid_mask(ts: np.ndarray, fps: float) -> np.ndarray:
 def window_mask(ts: np.ndarray, starts: np.ndarray, spec: WindowSpec) -> np.ndarray:
     """[n] bool: the frames some window of ``spec`` before one of ``starts`` can return.
 
-    The video's first and last frames are always kept: the store derives its lookup keys
-    from the span of all timestamps and the list of videos, and keeping both ends (and so
-    every video) makes those keys, and the frames found, identical to the full set's.
+    The video's first and last frames are always kept, so every video stays in the set.
+    Frames are found as the student finds them (:mod:`kdstore.windows`): the last at or
+    before each time, in integer microseconds. The latest times are those of the smallest
+    ``tau_a`` that :meth:`WindowSpec.refusal` accepts, so every accepted window is covered.
     """
-    ts = np.asarray(ts, np.float64)
+    ts = ticks(ts)  # [n]
     n = len(ts)
     keep = np.zeros(n, bool)
     if not n:
@@ -191,9 +179,9 @@ def window_mask(ts: np.ndarray, starts: np.ndarray, spec: WindowSpec) -> np.ndar
         # the same arithmetic as the student's windows: end = start - tau_a, then end + offsets
         offsets = window_offsets(spec.num_frames, spec.fps)  # [T]
         lo = (starts - spec.tau_max)[:, None] + offsets[None, :]  # [m, T]
-        hi = (starts - spec.tau_min)[:, None] + offsets[None, :] + EDGE_S
-        a = np.maximum(np.searchsorted(ts, lo.ravel(), side="right") - 1, 0)  # last frame at or before
-        b = np.maximum(np.searchsorted(ts, hi.ravel(), side="right") - 1, 0)
+        hi = (starts - (spec.tau_min - COVER_TOL))[:, None] + offsets[None, :]
+        a = last_at_or_before(ts, ticks(lo).ravel())
+        b = last_at_or_before(ts, ticks(hi).ravel())
         runs = np.zeros(n + 1, np.int64)  # +1 at each run's first frame, -1 after its last
         np.add.at(runs, a, 1)
         np.add.at(runs, b + 1, -1)

@@ -27,7 +27,8 @@ from kdstore.features import FeatureSet
 from kdstore.predictions import TeacherTargets
 from kdstore.store import Store
 from trainers.queues import put_until
-from kdstore.selection import Selection, window_offsets
+from kdstore.selection import Selection
+from kdstore.windows import window_offsets
 
 from .batch import TEACHER_FIELDS, Batch
 from .config import StudentConfig
