@@ -45,10 +45,20 @@ def _egtea(split: int, data: Path = DATA) -> tuple[DemoConfig, str]:
             f"kdstore demo egtea{split} --annotations ../shared/data/egtea --fps 30 --split {split} --set epochs=8")
 
 
+def _ek100(data: Path = DATA) -> tuple[DemoConfig, str]:
+    """EK100's 67k training segments are 8x EGTEA's: 2 epochs of teacher pretraining,
+    fine-tuning and student training, so the run fits a 2-core afternoon."""
+    d = DemoConfig()
+    return (DemoConfig(annotations=str(data / "ek100"), teacher_overrides={**d.teacher_overrides, "epochs": 2, "pretrain_epochs": 2},
+                       student_overrides={**d.student_overrides, "epochs": 2}),
+            "python bench/kd_demo.py --runs ek100")
+
+
 # name -> (config, the equivalent command, the annotation folder it needs)
 RUNS = {
     "synthetic": (DemoConfig(), "kdstore demo demo-out", None),
     **{f"egtea-{k}": (*_egtea(k), "egtea") for k in (1, 2, 3)},
+    "ek100": (*_ek100(), "ek100"),
 }
 # the size the test suite runs (tests/test_demo.py)
 TINY = DemoConfig(synthetic=SyntheticConfig(n_videos=24, seed=3, shared_stages=8, corpus_size=30),
@@ -77,7 +87,8 @@ def rows_of(name: str, summary: dict, seconds: float, command: str, out_dir) -> 
 def run(tiny: bool = False, out_dir=None, runs=None, work=None, data: Path = DATA) -> list[dict]:
     """Run the demos (``runs``: names of RUNS; tiny: one small synthetic demo) with the annotation
     folders under ``data``; returns their rows."""
-    all_runs = {**RUNS, **{f"egtea-{k}": (*_egtea(k, Path(data)), "egtea") for k in (1, 2, 3)}}
+    all_runs = {**RUNS, **{f"egtea-{k}": (*_egtea(k, Path(data)), "egtea") for k in (1, 2, 3)},
+                "ek100": (*_ek100(Path(data)), "ek100")}
     todo = {"tiny": (TINY, "(tiny)", None)} if tiny else {k: all_runs[k] for k in runs or all_runs}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
