@@ -32,6 +32,7 @@ from kdstore.tables import SegmentTable
 
 from .rulstm_lmdb import RulstmLmdb
 from .selection import Selection, WindowSpec
+from .windows import ticks
 
 DEFAULT_WINDOW_S = 10.0  # AVT observes 10 frames at 1 fps before the anticipation gap
 BLOCK_ROWS = 4096  # feature rows read and written at a time
@@ -88,8 +89,9 @@ class _Segments:
         self.seen.add(video)
         rows = self.rows.get(video, np.zeros(0, np.int64))
         seg, starts = self.segments, self._starts[rows]
-        last = np.searchsorted(ts, starts + 1e-9, side="right") - 1  # [m] last frame at or before the start
-        seen = (last >= 0) & (ts[np.maximum(last, 0)] >= starts - self.window)
+        t = ticks(ts)  # [n] compared in integer microseconds, as the student's windows are
+        last = np.searchsorted(t, ticks(starts), side="right") - 1  # [m] last frame at or before the start
+        seen = (last >= 0) & (t[np.maximum(last, 0)] >= ticks(starts - self.window))
         self.problems += [
             (DataError, f"UID {seg.uid[r]} (video {video}): no frame in [{s - self.window:.2f} s, {s:.2f} s]")
             for r, s in zip(rows[~seen], starts[~seen])
