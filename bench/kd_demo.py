@@ -54,12 +54,15 @@ def _ek100(data: Path = DATA) -> tuple[DemoConfig, str]:
             "python bench/kd_demo.py --runs ek100")
 
 
-# name -> (config, the equivalent command, the annotation folder it needs)
-RUNS = {
-    "synthetic": (DemoConfig(), "kdstore demo demo-out", None),
-    **{f"egtea-{k}": (*_egtea(k), "egtea") for k in (1, 2, 3)},
-    "ek100": (*_ek100(), "ek100"),
-}
+def runs_in(data: Path = DATA) -> dict:
+    """name -> (config, the equivalent command, the annotation folder it needs), with the
+    annotation folders under ``data``."""
+    return {"synthetic": (DemoConfig(), "kdstore demo demo-out", None),
+            **{f"egtea-{k}": (*_egtea(k, data), "egtea") for k in (1, 2, 3)},
+            "ek100": (*_ek100(data), "ek100")}
+
+
+RUNS = runs_in()
 # the size the test suite runs (tests/test_demo.py)
 TINY = DemoConfig(synthetic=SyntheticConfig(n_videos=24, seed=3, shared_stages=8, corpus_size=30),
                   teacher_overrides={**DemoConfig().teacher_overrides, "corpus_examples": 100},
@@ -87,8 +90,7 @@ def rows_of(name: str, summary: dict, seconds: float, command: str, out_dir) -> 
 def run(tiny: bool = False, out_dir=None, runs=None, work=None, data: Path = DATA) -> list[dict]:
     """Run the demos (``runs``: names of RUNS; tiny: one small synthetic demo) with the annotation
     folders under ``data``; returns their rows."""
-    all_runs = {**RUNS, **{f"egtea-{k}": (*_egtea(k, Path(data)), "egtea") for k in (1, 2, 3)},
-                "ek100": (*_ek100(Path(data)), "ek100")}
+    all_runs = runs_in(Path(data))
     todo = {"tiny": (TINY, "(tiny)", None)} if tiny else {k: all_runs[k] for k in runs or all_runs}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
