@@ -65,7 +65,8 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> AbstractC
 @contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
     """(rank, world size) of this process; under torchrun the process group is started on
-    entry (unless the caller started it) and destroyed on exit."""
+    entry (unless the caller started it), and on exit every rank waits for the others before
+    the group is destroyed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         yield 0, 1
@@ -79,6 +80,9 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     try:
         yield dist.get_rank(), dist.get_world_size()
+        # no rank leaves (tearing down its connections, or reaped by torchrun) while a peer
+        # still works: rank 0 evaluates, checkpoints and commits after the others are done
+        dist.barrier()
     finally:
         if owned:
             dist.destroy_process_group()

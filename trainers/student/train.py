@@ -409,7 +409,9 @@ def train_student(
         recipe = StudentRecipe(store, features, run_dir, cfg, teacher, train_split, eval_split, str(dev), progress,
                                train_videos, rank, world)
         recipe.setup()
-        return recipe.train(stop_after_epochs)
+        metrics = recipe.train(stop_after_epochs)
+        del recipe  # its DDP reducer holds the process group: freed before the group ends
+    return metrics
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

@@ -314,8 +314,6 @@ def build_video_features(
         report = _report(name, rank, all_gather_json(local, dev) if world > 1 else [local])
         if rank == 0 and writer.staged():
             _commit(writer, report, backbone, fps, world)
-        if world > 1:
-            torch.distributed.barrier()  # no rank exits (and is reaped by torchrun) before the commit
     report.seconds = time.perf_counter() - t_start
     return report
 
