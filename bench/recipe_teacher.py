@@ -166,6 +166,24 @@ def run(variants=("scratch", "recipe"), seeds=(0,), split: int = 1, tiny: bool =
     return rows
 
 
+def summary(rows: list[dict], metrics: tuple[str, ...]) -> str:
+    """A markdown table of the evaluate rows: per variant the mean over its seeds ± half their range."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["stage"].startswith("evaluate"):
+            args = json.loads(r["config"])["args"]
+            name = args[args.index("-p") + 1].rsplit("_s", 1)[0] if "-p" in args else r["stage"].split("-")[1]
+            groups.setdefault(name, []).append(r)
+    lines = [f"| teacher | seeds | {' | '.join(metrics)} |", "|---|---|" + "---|" * len(metrics)]
+    for name, rs in groups.items():
+        cells = []
+        for k in metrics:
+            v = [float(r[k]) for r in rs]
+            cells.append(f"{sum(v) / len(v):.2f}" + (f" ± {(max(v) - min(v)) / 2:.2f}" if len(v) > 1 else ""))
+        lines.append(f"| {name} | {len(rs)} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", choices=VARIANTS, help="teacher variant (repeatable; default scratch, recipe)")
@@ -184,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = json.loads(r["config"])
         print(r["stage"], " ".join(cfg["args"][:4]), {k: r[k] for k in ("median_s", "cpu_s", "peak_rss_mib", *METRICS, *EPIC_CELLS)
                                                       if k in r})
+    print(summary(rows, setup_for(a.dataset, a.split, a.tiny).metrics))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.recipe_teacher import run
+from bench.recipe_teacher import METRICS, run, summary
 
 
 @pytest.mark.slow
@@ -25,3 +25,12 @@ def test_recipe_teacher_bench_tiny(tmp_path):
     assert (tmp_path / "work" / "recipes.txt").read_text().count("<v>") > 10
     recipe_build = json.loads(saved[4]["config"])["args"]
     assert "--corpus" in recipe_build and "--init-from" in json.loads(saved[7]["config"])["args"]
+    table = summary(rows, METRICS).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| scratch", "| recipe", "| scratch-lm", "| 2gram", "| 3gram"]
+    assert table[2].split(" | ")[2] == f"{float(saved[3]['top1']):.2f}"
+
+
+def test_summary_is_the_mean_and_half_range_over_seeds():
+    rows = [{"stage": "evaluate", "config": json.dumps({"args": ["evaluate", "S", "-p", f"recipe_s{s}"]}), "top1": v}
+            for s, v in ((0, 20.0), (1, 23.0))]
+    assert summary(rows, ("top1",)).splitlines()[2] == "| recipe | 2 | 21.50 ± 1.50 |"
