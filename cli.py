@@ -308,6 +308,9 @@ def evaluate(
     history: str = typer.Option("gappy", help="Baseline histories: gappy or complete."),
     write: Optional[str] = typer.Option(None, help="Store the baseline's predictions as this group (kind baseline)."),
     overwrite: bool = typer.Option(False, help="Replace an existing group given by --write."),
+    folds: int = typer.Option(0, help="With --write: also store the training split's rows, each predicted by the n-gram"
+                              " of the other folds of videos (build-teacher's folds for the same --folds and --seed)."),
+    seed: int = typer.Option(0, help="Seed of --folds' assignment of videos."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     marginals: str = typer.Option("exact", help="Verb/noun scores of groups without their own heads: 'exact' sums of the"
                                   " action probabilities, or 'rulstm' (RULSTM's marginalize: a class no action uses gets"
@@ -332,7 +335,8 @@ def evaluate(
         label, m = predictions, evaluate_group(s, predictions, split, marginals=marginals)
     else:
         label = write or f"{order}-gram"
-        m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite, marginals=marginals)
+        m = evaluate_ngram(s, train_split, split, order, history, write=write, overwrite=overwrite, marginals=marginals,
+                           folds=folds, seed=seed)
     if predictions:
         from trainers.teacher.fit_check import group_fit_warning
 
@@ -581,6 +585,8 @@ def ensemble(
     predictions: list[str] = typer.Option(..., "--predictions", "-p", help="A member prediction group (repeat, two or more)."),
     name: str = typer.Option(..., "--name", help="Prediction group to write (teacher/<name>)."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated member weights, e.g. 2,1,1 (default equal)."),
+    fit: bool = typer.Option(False, help="Fit the weights: maximum likelihood on the members' out-of-fold training rows"
+                             " (K-fold teachers, n-grams written with --folds)."),
     overwrite: bool = typer.Option(False, help="Replace an existing group of that name."),
 ) -> None:
     """Write the weighted average of prediction groups as a new group (a KD teacher; evaluate, report, query).
@@ -597,9 +603,14 @@ def ensemble(
         w = [float(x) for x in weights.split(",")] if weights else None
     except ValueError:
         raise typer.BadParameter(f"--weights {weights!r}: expected comma-separated numbers") from None
-    g = write_ensemble(Store.open(store), predictions, name, weights=w, overwrite=overwrite)
+    g = write_ensemble(Store.open(store), predictions, name, weights=w, overwrite=overwrite, fit=fit)
     mix = ", ".join(f"{m} {x:.3f}" for m, x in zip(predictions, g.config["ensemble"]["weights"]))
     console.print(f"teacher/{name}: {len(g)} UIDs, kind {g.kind}, probability average of {mix}", highlight=False)
+    if fit:
+        f = g.config["ensemble"]["fit"]
+        nll = ", ".join(f"{m} {x:.4f}" for m, x in zip(predictions, f["member_nll"]))
+        console.print(f"weights fitted on {f['rows']} out-of-fold rows of {f['split']}: NLL {f['nll']:.4f} (members: {nll})",
+                      highlight=False)
 
 
 @app.command()

@@ -146,3 +146,74 @@ def test_cli_ensemble_evaluate_query(es):
     assert r.exit_code == 0 and json.loads(r.output)["predictions"] == "e"
     r = runner.invoke(app, ["ensemble", str(es.path), "-p", "a", "-p", "b", "--weights", "1,x", "--name", "f"])
     assert r.exit_code != 0 and "comma-separated numbers" in r.output
+
+
+# --- weights fitted on out-of-fold training rows -------------------------------------------
+
+OOF = {"train_split": "training1", "folds": 5, "eval_splits": ["validation1"]}
+
+
+def test_em_reaches_the_likelihood_maximum():
+    """EM's weights against a brute-force search of the (concave) mean log-likelihood."""
+    from kdstore.ensemble import em_weights, mixture_nll
+
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(6), size=(3, 400))[..., 0]  # [3, n] label probabilities of three members
+    p[0] *= 1.8  # one member is better
+    log_p = np.log(np.clip(p, 1e-9, 1))
+    grid = [np.array([a, b, 1 - a - b]) for a in np.linspace(0, 1, 101) for b in np.linspace(0, 1, 101) if a + b <= 1 + 1e-12]
+    nll = [float(-np.mean(np.log(np.clip(w, 0, None) @ np.exp(log_p)))) for w in grid]  # transcription of the objective
+    w = em_weights(log_p)
+    assert abs(w.sum() - 1) < 1e-12 and (w >= 0).all()
+    assert mixture_nll(log_p, w) <= min(nll) + 1e-9
+    np.testing.assert_allclose(w, grid[int(np.argmin(nll))], atol=0.011)
+    # two members, one useless: its weight goes to 0, and the fit never loses to the better member alone
+    two = np.stack([log_p[0], np.full(400, np.log(1e-6))])
+    w2 = em_weights(two)
+    assert w2[1] < 1e-3 and mixture_nll(two, w2) <= mixture_nll(two, np.array([1.0, 0.0])) + 1e-9
+
+
+def test_fitted_weights_read_only_out_of_fold_training_rows(es):
+    train = es.seg.rows_in("training1")
+    for n in ("a", "b"):
+        es.store.write_predictions(f"{n}-oof", es.seg.uid, es.logits[n], config=OOF)
+    g = write_ensemble(es.store, ["a-oof", "b-oof"], "fit", fit=True)
+    fit = g.config["ensemble"]["fit"]
+    assert fit["split"] == "training1" and fit["rows"] == len(es.seg.rows_in("training1", labelled=True))
+    w = g.config["ensemble"]["weights"]
+    assert w[0] > w[1] and abs(sum(w) - 1) < 1e-12  # member a (signal 3) is the better one
+    assert fit["nll"] <= min(fit["member_nll"]) + 1e-9
+    # the evaluation split's predictions do not move the weights
+    noisy = es.logits["b"].copy()
+    noisy[es.seg.rows_in("validation1")] = np.random.default_rng(1).normal(size=noisy[es.seg.rows_in("validation1")].shape)
+    es.store.write_predictions("b-oof", es.seg.uid, noisy.astype(np.float32), config=OOF, overwrite=True)
+    again = write_ensemble(es.store, ["a-oof", "b-oof"], "fit2", fit=True)
+    assert again.config["ensemble"]["weights"] == w
+    # ... the training rows do
+    noisy[train] = es.logits["a"][train] * 2
+    es.store.write_predictions("b-oof", es.seg.uid, noisy.astype(np.float32), config=OOF, overwrite=True)
+    assert write_ensemble(es.store, ["a-oof", "b-oof"], "fit3", fit=True).config["ensemble"]["weights"] != w
+
+
+def test_fit_refusals(es):
+    es.store.write_predictions("a-oof", es.seg.uid, es.logits["a"], config=OOF)
+    es.store.write_predictions("b-in", es.seg.uid, es.logits["b"], config={**OOF, "folds": 1})
+    es.store.write_predictions("b-2", es.seg.uid, es.logits["b"], config={**OOF, "train_split": "validation1", "eval_splits": []})
+    with pytest.raises(ConfigError, match=r"teacher/b-in holds no out-of-fold training predictions \(folds 1\)"):
+        write_ensemble(es.store, ["a-oof", "b-in"], "e", fit=True)
+    with pytest.raises(ConfigError, match="teacher/a holds no out-of-fold"):
+        write_ensemble(es.store, ["a-oof", "a"], "e", fit=True)
+    with pytest.raises(ConfigError, match="trained on different splits"):
+        write_ensemble(es.store, ["a-oof", "b-2"], "e", fit=True)
+    with pytest.raises(ConfigError, match="weights or fit them, not both"):
+        write_ensemble(es.store, ["a-oof", "b-in"], "e", weights=[1, 1], fit=True)
+    assert "e" not in Store.open(es.path).groups()
+
+
+def test_cli_ensemble_fit(es):
+    for n in ("a", "b"):
+        es.store.write_predictions(f"{n}-oof", es.seg.uid, es.logits[n], config=OOF)
+    r = CliRunner().invoke(app, ["ensemble", str(es.path), "-p", "a-oof", "-p", "b-oof", "--fit", "--name", "e"])
+    assert r.exit_code == 0, r.output
+    n = len(es.seg.rows_in("training1", labelled=True))
+    assert f"weights fitted on {n} out-of-fold rows of training1" in " ".join(r.output.split())

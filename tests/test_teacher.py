@@ -18,7 +18,8 @@ from kdstore.tables import SegmentTable
 from kdstore.errors import ConfigError, DataError, KDStoreError, MissingError
 from kdstore.store import Store
 from trainers.config import ConfigProblems, field_help, field_names, make, parse_set
-from trainers.teacher.build import assign_folds, build_teacher, make_model
+from trainers.teacher.build import build_teacher, make_model
+from trainers.teacher.folds import assign_folds
 from trainers.teacher.config import PRESETS, TeacherConfig, preset
 from trainers.teacher.corpus import STOP_VERBS, history_corpus, history_texts, read_corpus
 from trainers.teacher.finetune import Thinning, class_weights, predict

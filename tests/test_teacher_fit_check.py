@@ -11,7 +11,8 @@ from conftest import annotation_store as new_store
 from typer.testing import CliRunner
 
 from kdstore.store import Store
-from trainers.teacher.build import CollapsedTeacherWarning, assign_folds, build_teacher
+from trainers.teacher.build import CollapsedTeacherWarning, build_teacher
+from trainers.teacher.folds import assign_folds
 from trainers.teacher.config import preset
 from trainers.teacher.fit_check import fit_check, group_fit_warning, ngram_top1, prior_top1
 from trainers.teacher.ngram import NGram, action_histories

@@ -72,6 +72,7 @@ from kdstore.store import Store
 
 from .config import PretrainConfig, TeacherConfig
 from .corpus import corpus_sequences, history_corpus, history_texts
+from .folds import assign_folds
 from .device import stage_devices
 from .finetune import Examples, Thinning, finetune, predict
 from .fit_check import fit_check, fit_warning
@@ -108,22 +109,6 @@ class CollapsedTeacherWarning(UserWarning):
 def work_dir_for(store: Store, name: str) -> Path:
     """The default work dir of teacher ``name``: ``<store>.teacher-work/<name>``."""
     return Path(f"{store.path}.teacher-work") / name
-
-
-def assign_folds(videos: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """[n] fold of each row: whole videos go to the fold with the fewest rows so far,
-    largest videos first (ties in a seeded random order)."""
-    uniq, counts = np.unique(videos, return_counts=True)
-    if len(uniq) < k:
-        raise ConfigError(f"{k} folds need at least {k} videos in the training split, found {len(uniq)}")
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    order = order[np.argsort(-counts[order], kind="stable")]
-    sizes, fold_of = np.zeros(k, np.int64), {}
-    for i in order:
-        f = int(np.argmin(sizes))
-        fold_of[uniq[i]] = f
-        sizes[f] += counts[i]
-    return np.array([fold_of[v] for v in videos], dtype=np.int64)
 
 
 @dataclass

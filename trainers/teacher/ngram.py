@@ -87,6 +87,22 @@ def ngram_baseline(
     return model.predict(action_histories(segments, np.asarray(rows), width, mode, split))
 
 
+def ngram_out_of_fold(
+    segments: SegmentTable, num_actions: int, train_split: str, rows: np.ndarray, folds: np.ndarray, order: int = 3,
+    mode: str = "gappy",
+) -> np.ndarray:
+    """[len(rows), A] probabilities of ``train_split``'s labelled ``rows``, each row's from the n-gram
+    fitted on the rows of the other folds (``folds [n]``, whole videos): like a K-fold teacher's
+    training predictions, none comes from a model that counted the row's video."""
+    width = max(order - 1, 1)
+    contexts, targets = action_histories(segments, rows, width, mode, train_split), segments.action[rows]  # [n, width], [n]
+    out = np.empty((len(rows), num_actions))  # [n, A]
+    for k in np.unique(folds):
+        held = folds == k
+        out[held] = NGram(num_actions, order).fit(contexts[~held], targets[~held]).predict(contexts[held])
+    return out
+
+
 def action_histories(
     segments: SegmentTable, rows: np.ndarray, hist_len: int, mode: str = "gappy", split: str | None = None
 ) -> np.ndarray:
