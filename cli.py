@@ -594,7 +594,8 @@ def ensemble(
     The members' probabilities are averaged (a mixture), not their logits: members of different
     kinds and logit scales then count by their beliefs, not by their scale. The group stores the
     log of the mixture as its logits, with its own top-K and log-sum-exps. Members must predict
-    the same segments over the store's classes.
+    the same segments over the store's classes. ``--fit`` chooses the weights by maximum likelihood
+    on the members' out-of-fold training rows (K-fold teachers, n-grams written with ``--folds``).
     """
     from kdstore.ensemble import write_ensemble
     from kdstore.store import Store
