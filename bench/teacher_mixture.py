@@ -32,6 +32,7 @@ METRICS = ("top1", "top5", "mean_top1_recall", "mean_top5_recall")
 EPIC_CELLS = ("verb_mean_top5_recall", "noun_mean_top5_recall", "unseen_verb_mean_top5_recall",
               "unseen_noun_mean_top5_recall", "unseen_action_mean_top5_recall", "tail_verb_mean_top5_recall",
               "tail_noun_mean_top5_recall", "tail_action_mean_top5_recall")
+EXTRA = ("many_shot_top5_recall", *EPIC_CELLS)  # EK55's and EK100's, where the store has them
 MIXTURES = {"mix2": ("ngram2",), "mix23": ("ngram2", "ngram3")}
 
 
@@ -81,7 +82,7 @@ def run(store: Store, teacher: str, split: str, out_dir=None, tiny: bool = False
     """The mixtures on ``split``, one CSV row per group; returns the groups' metrics."""
     rows = mixtures(store, teacher, split)
     for name, m in rows.items():
-        keep = {k: m[k] for k in (*METRICS, *EPIC_CELLS, "oof_nll") if m.get(k) is not None}
+        keep = {k: m[k] for k in (*METRICS, *EXTRA, "oof_nll") if m.get(k) is not None}
         append_row("teacher_mixture", {"store": str(store.path), "teacher": teacher, "split": split, "tiny": tiny},
                    {"group": name, **keep, **({"weights": " ".join(f"{x:.4f}" for x in m["weights"])} if "weights" in m else {})},
                    out_dir)
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         store, teacher, split = tiny_store(Path(tmp)) if a.tiny else (Store.open(a.store), a.teacher, None)
         split = a.split or split or store.default_splits()[1]
         rows = run(store, teacher, split, a.out_dir, a.tiny)
-        epic = all(rows[teacher].get(k) is not None for k in EPIC_CELLS)
-        print(table(rows, METRICS + (EPIC_CELLS if epic else ())))
+        print(table(rows, METRICS + tuple(k for k in EXTRA if rows[teacher].get(k) is not None)))
 
 
 if __name__ == "__main__":
