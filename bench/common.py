@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# `kdstore evaluate --json` keys: the four every dataset has, and EK100's other class-mean
+# top-5 recall cells (action overall is mean_top5_recall)
+METRICS = ("top1", "top5", "mean_top1_recall", "mean_top5_recall")
+EPIC_CELLS = ("verb_mean_top5_recall", "noun_mean_top5_recall",
+              *(f"{subset}_{task}_mean_top5_recall" for subset in ("unseen", "tail") for task in ("verb", "noun", "action")))
 
 
 def machine() -> dict:

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import append_row  # noqa: E402
+from bench.common import EPIC_CELLS, METRICS, append_row  # noqa: E402
 from bench.epic import run_stage  # noqa: E402
 from bench.teacher_build import minilm_checkpoint  # noqa: E402
 from kdstore.rulstm import read_classes  # noqa: E402
@@ -51,9 +51,6 @@ from kdstore.synthetic import SyntheticConfig, generate_annotations  # noqa: E40
 
 DATA = ROOT.parent / "shared/data"
 VARIANTS = ("scratch", "recipe", "scratch-lm", "minilm", "minilm-recipe")
-METRICS = ("top1", "top5", "mean_top1_recall", "mean_top5_recall")
-EPIC_CELLS = ("verb_mean_top5_recall", "noun_mean_top5_recall", "mean_top5_recall",  # evaluate --json keys
-              *(f"{subset}_{task}_mean_top5_recall" for subset in ("unseen", "tail") for task in ("verb", "noun", "action")))
 MINILM_BUILD = ("--preset", "egtea-cpu", "--device", "cpu", "--epochs", "2", "--max-len", "32")
 EPIC_MLM = ("--set", "pretrain_epochs=5", "--set", "pretrain_lr=1e-3")
 MINILM_EK100 = ("--preset", "egtea-cpu", "--device", "cpu", *(a for kv in (
@@ -94,7 +91,7 @@ def setup_for(dataset: str, split: int, tiny: bool) -> Setup:
         return Setup("tiny", "training1", "validation1", TINY_BUILD, TINY_BUILD, TINY_LM, METRICS)
     if dataset == "ek100":
         return Setup("ek100", "training", "validation", ("--preset", "epic-cpu", *EPIC_MLM), MINILM_EK100, EPIC_LM,
-                     METRICS + EPIC_CELLS[:2] + EPIC_CELLS[3:])
+                     METRICS + EPIC_CELLS)
     return Setup("egtea", f"training{split}", f"validation{split}", ("--preset", "egtea-scratch"), MINILM_BUILD,
                  SCRATCH_LM, METRICS)
 

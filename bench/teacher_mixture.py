@@ -23,15 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import append_row  # noqa: E402
+from bench.common import EPIC_CELLS, METRICS, append_row  # noqa: E402
 from kdstore.ensemble import write_ensemble  # noqa: E402
 from kdstore.evaluation import evaluate_group  # noqa: E402
 from kdstore.store import Store  # noqa: E402
 
-METRICS = ("top1", "top5", "mean_top1_recall", "mean_top5_recall")
-EPIC_CELLS = ("verb_mean_top5_recall", "noun_mean_top5_recall", "unseen_verb_mean_top5_recall",
-              "unseen_noun_mean_top5_recall", "unseen_action_mean_top5_recall", "tail_verb_mean_top5_recall",
-              "tail_noun_mean_top5_recall", "tail_action_mean_top5_recall")
 EXTRA = ("many_shot_top5_recall", *EPIC_CELLS)  # EK55's and EK100's, where the store has them
 MIXTURES = {"mix2": ("ngram2",), "mix23": ("ngram2", "ngram3")}
 

@@ -42,13 +42,19 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def ensemble_logits(logits: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    """``log(sum_m w_m softmax(z_m))`` [B, A] float64 from the members' logits [B, A] and weights summing to 1
-    (a weight may be 0: a fitted member that adds nothing)."""
+def _log_mixture(log_p: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``log w_m + log_p[m]`` [M, ...], ``log sum_m w_m p[m]`` [...]) from the members' log-probabilities
+    ``log_p [M, ...]`` and weights [M] summing to 1 (a weight may be 0: a fitted member that adds nothing)."""
+    w = np.asarray(weights, np.float64).reshape(-1, *([1] * (log_p.ndim - 1)))
     with np.errstate(divide="ignore"):
-        stacked = np.stack([np.log(w) + _log_softmax(np.asarray(z, np.float64)) for z, w in zip(logits, weights)])  # [M, B, A]
-    m = stacked.max(axis=0)  # [B, A], finite: every member's log-softmax is finite
-    return m + np.log(np.exp(stacked - m).sum(axis=0))
+        joint = np.log(w) + log_p  # [M, ...]
+    top = joint.max(axis=0)  # finite: every member with w > 0 gives a finite log-probability
+    return joint, top + np.log(np.exp(joint - top).sum(axis=0))
+
+
+def ensemble_logits(logits: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """``log(sum_m w_m softmax(z_m))`` [B, A] float64 from the members' logits [B, A] and weights summing to 1."""
+    return _log_mixture(np.stack([_log_softmax(np.asarray(z, np.float64)) for z in logits]), weights)[1]  # [B, A]
 
 
 def em_weights(log_p: np.ndarray) -> np.ndarray:
@@ -56,11 +62,8 @@ def em_weights(log_p: np.ndarray) -> np.ndarray:
     ``log_p [M, n]``: each member's log-probability of each row's label. EM from equal weights."""
     w = np.full(len(log_p), 1.0 / len(log_p))
     for _ in range(EM_STEPS):
-        with np.errstate(divide="ignore"):
-            joint = np.log(w)[:, None] + log_p  # [M, n]
-        top = joint.max(axis=0)  # [n]
-        resp = np.exp(joint - top)  # [M, n]
-        new = (resp / resp.sum(axis=0)).mean(axis=1)  # [M] mean responsibility
+        joint, mix = _log_mixture(log_p, w)  # [M, n], [n]
+        new = np.exp(joint - mix).mean(axis=1)  # [M] mean responsibility
         done = np.abs(new - w).max() < EM_TOL
         w = new
         if done:
@@ -70,10 +73,7 @@ def em_weights(log_p: np.ndarray) -> np.ndarray:
 
 def mixture_nll(log_p: np.ndarray, w: np.ndarray) -> float:
     """Mean negative log-likelihood of the mixture ``w`` of ``log_p [M, n]``."""
-    with np.errstate(divide="ignore"):
-        joint = np.log(np.asarray(w, np.float64))[:, None] + log_p  # [M, n]
-    top = joint.max(axis=0)
-    return float(-np.mean(top + np.log(np.exp(joint - top).sum(axis=0))))
+    return float(-np.mean(_log_mixture(log_p, w)[1]))
 
 
 def label_log_probs(store: Store, groups: Sequence[Predictions], rows: np.ndarray, chunk: int = 1024) -> np.ndarray:

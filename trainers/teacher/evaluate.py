@@ -52,7 +52,7 @@ def evaluate_ngram(
     probs = ngram_baseline(seg, store.classes.num_actions, train_split, rows, order, mode, split=split)  # [n, A]
     # the scores a written group stores (float64 log-probabilities: float32 would reorder
     # near-equal verb marginals), so that these metrics are those of `evaluate -p` and of an export
-    logits = np.log(probs + 1e-12)  # [n, A]
+    logits = _log_probs(probs)  # [n, A]
     metrics = {**split_metrics(store, {"logits": logits}, rows, rows, split, marginals), "unlabelled": unlabelled}
     if write:
         config = {"model": f"interpolated {order}-gram (Witten-Bell, add-1 unigram)", "order": order,
@@ -78,8 +78,13 @@ def _out_of_fold(store: Store, train_split: str, eval_rows: np.ndarray, order: i
     rows = rows[~np.isin(rows, eval_rows)]  # [n]
     probs = ngram_out_of_fold(seg, store.classes.num_actions, train_split, rows, assign_folds(seg.video[rows], folds, seed),
                               order, mode)  # [n, A]
+    return rows, _log_probs(probs)
+
+
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    """``log(probs + 1e-12)``, in place: [n, A] float64 is 2 GB on EK100's training split."""
     probs += 1e-12
-    return rows, np.log(probs, out=probs)  # in place: [n, A] float64 is 2 GB on EK100's training split
+    return np.log(probs, out=probs)
 
 
 def _training_partner(store: Store, split: str) -> str:
